@@ -1,0 +1,272 @@
+"""Pure-PyTorch reference of Sparse-X attention: the executable form of SPEC.md.
+
+Every fast path (Triton prefill, decode, chunked prefill) must match this function. It is written
+for clarity, not speed: each document is processed on its own, queries in tiles, and for each tile
+the four key sets (sink, local window, stride, top-k blocks) are evaluated literally as predicates
+on (query position, key position) pairs. Memory is bounded by the tile (``[Hq, tile, keys]``), never
+``[Tq, Tk]`` for the whole sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...config import SparseXConfig
+from .documents import Document, split_documents
+
+# Elements of one [Hq, tile, keys] score tile: bounds the reference's working memory (~64 MiB fp32).
+TILE_ELEMENTS = 1 << 24
+
+
+@dataclass
+class SparseXStats:
+    """What the fidelity metrics need, returned by ``return_stats=True``.
+
+    Attributes:
+        selected_blocks: ``[B, Hkv, Tq, topk]`` long, the top-k block indices chosen for every query
+            (block ``b`` holds document positions ``b*block_size ... (b+1)*block_size - 1``), sorted by
+            score, ``-1`` where fewer than ``topk`` blocks were eligible.
+        mass_kept: ``[B, Hq, Tq]`` float, the share of the dense causal softmax mass on ``S(i)``.
+        oracle_mass: ``[B, Hq, Tq]`` float, the same for the best possible ``topk`` blocks per head
+            (chosen from the dense scores among the same eligible blocks).
+        valid: ``[B, Tq]`` bool, False for padding query rows (whose stats are NaN).
+    """
+
+    selected_blocks: torch.Tensor
+    mass_kept: torch.Tensor
+    oracle_mass: torch.Tensor
+    valid: torch.Tensor
+
+
+def block_summaries(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-block min, max and mean of the keys of the complete blocks: ``k [Hkv, n, D]`` ->
+    three ``[Hkv, n // block_size, D]`` tensors."""
+    hkv, n, d = k.shape
+    nb = n // block_size
+    kb = k[:, : nb * block_size].reshape(hkv, nb, block_size, d)
+    return kb.amin(2), kb.amax(2), kb.mean(2)
+
+
+def block_scores(q: torch.Tensor, summaries, score: str) -> torch.Tensor:
+    """Selection score of every block for every query, shared by the GQA group (max over its heads).
+
+    Args:
+        q: ``[Hkv, G, m, D]`` queries.
+        summaries: ``(kmin, kmax, kmean)``, each ``[Hkv, nb, D]``.
+        score: ``"minmax"`` or ``"mean"``.
+    Returns:
+        ``[Hkv, m, nb]``.
+    """
+    kmin, kmax, kmean = summaries
+    if score == "minmax":
+        # sum_d max(q_d*kmin_d, q_d*kmax_d) = q+ . kmax + q- . kmin
+        s = q.clamp(min=0) @ kmax[:, None].transpose(-1, -2) + q.clamp(max=0) @ kmin[:, None].transpose(-1, -2)
+    elif score == "mean":
+        s = q @ kmean[:, None].transpose(-1, -2)
+    else:
+        raise ValueError(f"unknown score {score!r}")
+    return s.amax(1)
+
+
+def _top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best finite scores along the last dim (ties: lower block first), -1 if fewer."""
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    ok = torch.gather(scores, -1, order) > -math.inf
+    return torch.where(ok, order, torch.full_like(order, -1))
+
+
+def select_blocks(q, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
+    """Top-k block indices per query: ``[Hkv, m, topk]`` (-1 where fewer blocks are eligible).
+
+    ``eligible [m, nb]`` marks, per query, the complete causal blocks not fully covered by sink or local.
+    """
+    neg = torch.tensor(-math.inf, dtype=q.dtype, device=q.device)
+    if cfg.score == "hybrid":
+        first = (cfg.topk + 1) // 2
+        s_mm = torch.where(eligible, block_scores(q, summaries, "minmax"), neg)
+        sel_mm = _top_blocks(s_mm, first)
+        s_mean = torch.where(eligible, block_scores(q, summaries, "mean"), neg)
+        taken = torch.zeros_like(s_mean, dtype=torch.bool)
+        taken.scatter_(-1, sel_mm.clamp(min=0), sel_mm >= 0)
+        sel_mean = _top_blocks(s_mean.masked_fill(taken, -math.inf), cfg.topk - first)
+        return torch.cat([sel_mm, sel_mean], -1)
+    s = torch.where(eligible, block_scores(q, summaries, cfg.score), neg)
+    return _top_blocks(s, cfg.topk)
+
+
+def eligible_blocks(p: torch.Tensor, nb: int, cfg: SparseXConfig, sliding_window: int | None) -> torch.Tensor:
+    """``[m, nb]``: block ``b`` is complete and causal for query position ``p`` and not fully covered
+    by sink or local (it meets the uncovered interval ``[sink_tokens, p - window]``)."""
+    b = torch.arange(nb, device=p.device)
+    start, end = b * cfg.block_size, b * cfg.block_size + cfg.block_size - 1
+    p = p[:, None]
+    lo, hi = cfg.sink_tokens, p - cfg.window
+    ok = (end <= p) & (start <= hi) & (end >= lo)
+    if sliding_window is not None:
+        ok &= end > p - sliding_window
+    return ok
+
+
+def _masked_softmax_av(logits, mask, v):
+    """softmax over the keys where ``mask`` holds, times ``v``; rows with no key give zeros.
+    Returns (output, row_nonempty)."""
+    nonempty = mask.any(-1, keepdim=True)
+    p = torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+    p = torch.where(nonempty, p, torch.zeros_like(p))
+    return p @ v, nonempty
+
+
+def _attend_tile(q, k, v, p, cfg, scale, sliding_window, dense, mix_weights, summaries, want_stats):
+    """One query tile of one document.
+
+    q ``[Hkv, G, m, D]`` (positions ``p [m]``), k/v ``[Hkv, n, D]`` with ``n = p.max() + 1``.
+    Returns output ``[Hkv, G, m, D]`` and, if asked, (selected ``[Hkv, m, topk]``, kept, oracle ``[Hkv, G, m]``).
+    """
+    hkv, g, m, _ = q.shape
+    n = k.shape[1]
+    j = torch.arange(n, device=q.device)
+    pc = p[:, None]
+    causal = j <= pc  # [m, n]
+    if sliding_window is not None:
+        causal &= (pc - j) < sliding_window
+    logits = (q @ k[:, None].transpose(-1, -2)) * scale  # [Hkv, G, m, n]
+
+    selected = None
+    if dense:
+        base = causal
+        topk_mask = torch.zeros_like(causal)[None]
+    else:
+        sink = j < cfg.sink_tokens
+        local = j > pc - cfg.window
+        stride = (j % cfg.stride == 0) if cfg.stride > 0 else torch.zeros_like(sink)
+        base = causal & (sink | local | stride)
+        nb = n // cfg.block_size  # complete blocks visible to this tile
+        topk_mask = torch.zeros(hkv, m, n, dtype=torch.bool, device=q.device)
+        if cfg.topk > 0 and nb > 0:
+            eligible = eligible_blocks(p, nb, cfg, sliding_window)
+            summ = tuple(s[:, :nb] for s in summaries)
+            selected = select_blocks(q, summ, eligible, cfg)  # [Hkv, m, topk]
+            chosen = torch.zeros(hkv, m, nb + 1, dtype=torch.bool, device=q.device)  # column nb: "none"
+            chosen.scatter_(-1, torch.where(selected >= 0, selected, nb), True)
+            key_block = (j // cfg.block_size).clamp(max=nb)  # keys of the partial tail block -> "none"
+            topk_mask = chosen.gather(-1, key_block.expand(hkv, m, n)) & (key_block < nb) & causal
+        elif cfg.topk > 0:
+            selected = torch.full((hkv, m, cfg.topk), -1, dtype=torch.long, device=q.device)
+    member = base[None] | topk_mask  # [Hkv, m, n]
+
+    if cfg.combine == "union" or dense:
+        out, _ = _masked_softmax_av(logits, member[:, None], v[:, None])
+    else:
+        local_set = causal & ((j < cfg.sink_tokens) | (j > pc - cfg.window))
+        stride_set = base & ~local_set
+        global_set = topk_mask & ~(local_set | stride_set)[None]
+        out = 0
+        norm = 0
+        for idx, branch in enumerate((local_set[None].expand_as(topk_mask), stride_set[None].expand_as(topk_mask), global_set)):
+            o_b, nonempty = _masked_softmax_av(logits, branch[:, None], v[:, None])
+            w = mix_weights[..., idx].reshape(hkv, g, 1, 1) * nonempty
+            out = out + w * o_b
+            norm = norm + w
+        out = out / norm
+
+    if not want_stats:
+        return out, None
+    with torch.no_grad():
+        dense_p = torch.softmax(logits.masked_fill(~causal, -math.inf), dim=-1)
+        kept = (dense_p * member[:, None]).sum(-1)
+        oracle = (dense_p * base).sum(-1)
+        if cfg.topk > 0 and not dense and n // cfg.block_size > 0:
+            nb = n // cfg.block_size
+            rest = (dense_p * ~base)[..., : nb * cfg.block_size].reshape(hkv, g, m, nb, cfg.block_size).sum(-1)
+            rest = rest.masked_fill(~eligible_blocks(p, nb, cfg, sliding_window), 0.0)
+            oracle = oracle + rest.topk(min(cfg.topk, nb), dim=-1).values.sum(-1)
+    return out, (selected, kept, oracle)
+
+
+def _resolve_mix_weights(cfg, mix_weights, hq, device, dtype):
+    if mix_weights is None:
+        mix_weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma])
+    mix_weights = torch.as_tensor(mix_weights).to(device=device, dtype=dtype)
+    if mix_weights.shape not in ((3,), (hq, 3)):
+        raise ValueError(f"mix_weights must have shape [3] or [Hq, 3] = [{hq}, 3], got {tuple(mix_weights.shape)}.")
+    return mix_weights.expand(hq, 3)
+
+
+def sparsex_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SparseXConfig,
+    *,
+    scale: float,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    dense: bool = False,
+    mix_weights: torch.Tensor | None = None,
+    return_stats: bool = False,
+    tile_elements: int = TILE_ELEMENTS,
+):
+    """Reference Sparse-X attention (inputs already validated by :func:`sparsex_attention`).
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` with ``Hq = G * Hkv`` and ``Tq <= Tk``.
+        attention_mask: optional ``[B, Tk]`` padding mask; cu_seqlens_q / cu_seqlens_k: packed layout.
+        sliding_window: keys at distance ``>= sliding_window`` are invisible (Mistral), or ``None``.
+        dense: compute dense causal attention with the same layout handling (dense layers, fallback).
+        mix_weights: ``[3]`` or ``[Hq, 3]`` weights of ``combine="mix"`` (default: alpha, beta, gamma).
+    Returns:
+        ``[B, Hq, Tq, D]`` in ``q.dtype`` (and :class:`SparseXStats` if ``return_stats``).
+    """
+    bsz, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    weights = _resolve_mix_weights(config, mix_weights, hq, q.device, cdtype) if config.combine == "mix" else None
+
+    out = q.new_zeros(bsz, hq, tq, d, dtype=cdtype)
+    if return_stats:
+        topk = config.topk
+        sel_all = torch.full((bsz, hkv, tq, topk), -1, dtype=torch.long, device=q.device)
+        kept_all = torch.full((bsz, hq, tq), math.nan, dtype=cdtype, device=q.device)
+        oracle_all = kept_all.clone()
+        valid = torch.zeros(bsz, tq, dtype=torch.bool, device=q.device)
+
+    docs: list[Document] = split_documents(bsz, tq, tk, q.device, attention_mask, cu_seqlens_q, cu_seqlens_k)
+    for doc in docs:
+        kd = k[doc.batch].index_select(1, doc.k_cols).to(cdtype)  # [Hkv, n, D]
+        vd = v[doc.batch].index_select(1, doc.k_cols).to(cdtype)
+        qd = q[doc.batch].index_select(1, doc.q_rows).to(cdtype).reshape(hkv, g, -1, d)  # [Hkv, G, m, D]
+        summaries = block_summaries(kd, config.block_size)
+        m, n = doc.q_pos.numel(), kd.shape[1]
+        tile = max(1, min(m, tile_elements // max(1, hq * n)))
+        outs, stats = [], []
+        for t0 in range(0, m, tile):
+            p = doc.q_pos[t0 : t0 + tile]
+            nt = int(p[-1]) + 1  # positions ascend: the last query sees the most keys
+            o, st = _attend_tile(
+                qd[:, :, t0 : t0 + tile], kd[:, :nt], vd[:, :nt], p, config, scale,
+                sliding_window, dense, weights, summaries, return_stats,
+            )
+            outs.append(o)
+            stats.append(st)
+        od = torch.cat(outs, 2).reshape(hq, m, d)
+        # (x[b][:, rows] rather than x[b, :, rows], which would put the indexed dim first)
+        out[doc.batch][:, doc.q_rows] = od
+        if return_stats:
+            rows = doc.q_rows
+            valid[doc.batch][rows] = True
+            kept_all[doc.batch][:, rows] = torch.cat([s[1] for s in stats], 2).reshape(hq, m).to(cdtype)
+            oracle_all[doc.batch][:, rows] = torch.cat([s[2] for s in stats], 2).reshape(hq, m).to(cdtype)
+            if topk > 0 and not dense:
+                sel_all[doc.batch][:, rows] = torch.cat([s[0] for s in stats], 1)
+
+    out = out.to(q.dtype)
+    if return_stats:
+        return out, SparseXStats(sel_all, kept_all.float(), oracle_all.float(), valid)
+    return out

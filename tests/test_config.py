@@ -1,0 +1,56 @@
+import pytest
+
+from sparsex_hf import SparseXConfig
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("window", -1, "window"),
+        ("window", 0, ">= 1"),
+        ("block_size", 48, "power of two"),
+        ("block_size", 0, "power of two"),
+        ("block_size", 8192, "[1, 4096]"),
+        ("topk", -1, "topk"),
+        ("stride", -2, "stride"),
+        ("sink_tokens", -3, "sink_tokens"),
+        ("dense_below", -1, "dense_below"),
+        ("combine", "sum", "union"),
+        ("score", "l2", "minmax"),
+        ("backend", "cuda", "triton"),
+        ("alpha", 0.0, "alpha"),
+        ("gamma", -1.0, "gamma"),
+        ("dense_layers", [-1], "layer indices"),
+        ("window", 2.5, "integer"),
+        ("respect_sliding_window", "yes", "True or False"),
+    ],
+)
+def test_invalid_field_names_field_and_range(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        SparseXConfig(**{field: value})
+    assert f"SparseXConfig.{field}=" in str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_round_trip_and_replace():
+    cfg = SparseXConfig(window=128, topk=3, dense_layers=[2, 0, 2], combine="mix", gamma=0.5)
+    assert cfg.dense_layers == (0, 2)
+    data = cfg.to_dict()
+    assert data["dense_layers"] == [0, 2]
+    assert SparseXConfig.from_dict(data) == cfg
+    assert SparseXConfig.from_any(None) == SparseXConfig()
+    assert cfg.replace(window=64).window == 64
+    with pytest.raises(ValueError, match="window"):
+        cfg.replace(window=0)
+
+
+def test_unknown_field_is_rejected_with_the_allowed_list():
+    with pytest.raises(ValueError, match="allowed fields"):
+        SparseXConfig.from_dict({"windw": 5})
+
+
+def test_keys_per_query_matches_spec_budget():
+    # SPEC 'Complexity': window + T/stride + topk*B + sink at 1M tokens is about 8.7K keys
+    cfg = SparseXConfig()
+    assert cfg.keys_per_query(1 << 20) == 64 + 4096 + (1 << 20) // 256 + 1 + 512
+    assert cfg.keys_per_query(1000) == 1000
