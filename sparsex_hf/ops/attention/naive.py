@@ -210,7 +210,7 @@ def sparsex_attention_naive(
     dense: bool = False,
     mix_weights: torch.Tensor | None = None,
     return_stats: bool = False,
-    tile_elements: int = TILE_ELEMENTS,
+    tile_elements: int | None = None,
 ):
     """Reference Sparse-X attention (inputs already validated by :func:`sparsex_attention`).
 
@@ -220,12 +220,14 @@ def sparsex_attention_naive(
         sliding_window: keys at distance ``>= sliding_window`` are invisible (Mistral), or ``None``.
         dense: compute dense causal attention with the same layout handling (dense layers, fallback).
         mix_weights: ``[3]`` or ``[Hq, 3]`` weights of ``combine="mix"`` (default: alpha, beta, gamma).
+        tile_elements: size of one ``[Hq, tile, keys]`` score tile (default ``TILE_ELEMENTS``).
     Returns:
         ``[B, Hq, Tq, D]`` in ``q.dtype`` (and :class:`SparseXStats` if ``return_stats``).
     """
     bsz, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     g = hq // hkv
+    tile_elements = TILE_ELEMENTS if tile_elements is None else tile_elements
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     weights = _resolve_mix_weights(config, mix_weights, hq, q.device, cdtype) if config.combine == "mix" else None
 
