@@ -265,3 +265,18 @@ def test_no_quadratic_tensor_at_8k(monkeypatch):
         with _MaxNumel() as control:  # the instrument does catch a quadratic mask
             dense(ids, attention_mask=mask, logits_to_keep=1)
         assert control.max_numel >= t * t
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_full_budget_logits_match_sdpa_on_gpu(model_type):
+    dense, sparse = _pair(model_type)
+    dense, sparse = dense.cuda(), sparse.cuda()
+    ids, mask = _left_padded(length=300, pad=41)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        a = dense(ids, attention_mask=mask).logits
+        b = sparse(ids, attention_mask=mask).logits
+    assert (a - b)[mask.bool()].abs().max() <= 1e-4
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(dense.generate(ids, **kw), sparse.generate(ids, **kw))
