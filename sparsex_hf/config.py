@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 COMBINE_MODES = ("union", "mix")
 SELECTION_SCORES = ("minmax", "mean", "hybrid")
+SELECT_QUERIES = ("each", "mean")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -38,6 +39,11 @@ class SparseXConfig:
         score: block score used for selection: ``"minmax"`` (Quest bound
             ``sum_d max(q_d*kmin_d, q_d*kmax_d)``), ``"mean"`` (``q . mean(K_b)``) or ``"hybrid"``
             (half of the blocks by ``minmax``, the rest by ``mean``).
+        select_tile: consecutive query positions (aligned to the sequence start, ``p // select_tile``)
+            that share one selection score; 1 = every query scores blocks alone (a power of two in [1, 256]).
+        select_query: with ``select_tile > 1``, ``"each"`` scores every query and takes the max over the
+            tile, ``"mean"`` scores the tile's mean query (``1/select_tile`` of the selection work).
+            Either way the shared score looks at queries after ``p`` inside its tile (see README).
         dense_layers: layer indices that keep dense causal attention (e.g. ``(0,)``).
         dense_below: inputs with at most this many keys use dense causal attention (0 = never).
             Logged once at INFO when it triggers.
@@ -57,6 +63,8 @@ class SparseXConfig:
     beta: float = 1.0
     gamma: float = 1.0
     score: str = "minmax"
+    select_tile: int = 1
+    select_query: str = "each"
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     dense_below: int = 0
     respect_sliding_window: bool = True
@@ -66,12 +74,16 @@ class SparseXConfig:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"SparseXConfig.{name}={getattr(self, name)!r} is invalid: allowed is {allowed}.")
 
-        for name in ("block_size", "sink_tokens", "window", "stride", "topk", "dense_below"):
+        for name in ("block_size", "sink_tokens", "window", "stride", "topk", "dense_below", "select_tile"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad(name, "an integer")
         if not (_is_power_of_two(self.block_size) and self.block_size <= 4096):
             raise bad("block_size", "a power of two in [1, 4096]")
+        if not (_is_power_of_two(self.select_tile) and self.select_tile <= 256):
+            raise bad("select_tile", "a power of two in [1, 256]")
+        if self.select_query not in SELECT_QUERIES:
+            raise bad("select_query", f"one of {SELECT_QUERIES}")
         if self.sink_tokens < 0:
             raise bad("sink_tokens", "an integer >= 0")
         if self.window < 1:

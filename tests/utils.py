@@ -82,10 +82,14 @@ def brute_force(q, k, v, cfg: SparseXConfig, scale=None, attention_mask=None, cu
             q_cols = [tk - tq + r for r in q_rows]
         kd, vd = k[b][:, cols], v[b][:, cols]
         n = len(cols)
-        for r, c in zip(q_rows, q_cols):
-            p = cols.index(c)
+        positions = [cols.index(c) for c in q_cols]
+        for r, p in zip(q_rows, positions):
+            # queries sharing the selection: the group's heads, and the present queries of p's tile
+            mates = [rr for rr, pp in zip(q_rows, positions) if pp // cfg.select_tile == p // cfg.select_tile]
             for h in range(hkv):
-                sink, local, stride, topk, _ = brute_force_key_set(p, n, kd[h], q[b, h * g : (h + 1) * g, r], cfg, sliding_window)
+                qt = q[b, h * g : (h + 1) * g][:, mates]  # [G, tile queries, D]
+                qg = qt.mean(1) if cfg.select_query == "mean" else qt.reshape(-1, d)
+                sink, local, stride, topk, _ = brute_force_key_set(p, n, kd[h], qg, cfg, sliding_window)
                 for gi in range(g):
                     hh = h * g + gi
                     logits = (kd[h] @ q[b, hh, r]) * scale

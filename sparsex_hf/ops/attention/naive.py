@@ -79,7 +79,29 @@ def _top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(ok, order, torch.full_like(order, -1))
 
 
-def select_blocks(q, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
+def shared_scores(q: torch.Tensor, p: torch.Tensor, summaries, kind: str, cfg: SparseXConfig) -> torch.Tensor:
+    """Selection scores ``[Hkv, m, nb]`` for queries ``q [Hkv, G, m, D]`` at positions ``p [m]``.
+
+    Shared by the GQA group (max over its heads) and, when ``select_tile > 1``, by the queries of one
+    selection tile ``p // select_tile``: the max of their scores (``select_query="each"``) or the score of
+    their mean query (``"mean"``). Only the queries in ``q`` count, so callers pass whole tiles.
+    """
+    if cfg.select_tile == 1:
+        return block_scores(q, summaries, kind)
+    _, inv = torch.unique_consecutive(p // cfg.select_tile, return_inverse=True)
+    n_tiles = int(inv[-1]) + 1
+    if cfg.select_query == "mean":
+        hkv, g, m, d = q.shape
+        total = q.new_zeros(hkv, g, n_tiles, d).index_add_(2, inv, q)
+        count = torch.bincount(inv, minlength=n_tiles).to(q.dtype)
+        return block_scores(total / count[:, None], summaries, kind)[:, inv]
+    s = block_scores(q, summaries, kind)  # [Hkv, m, nb]
+    tile = s.new_full((s.shape[0], n_tiles, s.shape[2]), -math.inf)
+    tile.scatter_reduce_(1, inv[None, :, None].expand_as(s), s, "amax")
+    return tile[:, inv]
+
+
+def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
     """Top-k block indices per query: ``[Hkv, m, topk]`` (-1 where fewer blocks are eligible).
 
     ``eligible [m, nb]`` marks, per query, the complete causal blocks not fully covered by sink or local.
@@ -87,15 +109,34 @@ def select_blocks(q, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -> t
     neg = torch.tensor(-math.inf, dtype=q.dtype, device=q.device)
     if cfg.score == "hybrid":
         first = (cfg.topk + 1) // 2
-        s_mm = torch.where(eligible, block_scores(q, summaries, "minmax"), neg)
+        s_mm = torch.where(eligible, shared_scores(q, p, summaries, "minmax", cfg), neg)
         sel_mm = _top_blocks(s_mm, first)
-        s_mean = torch.where(eligible, block_scores(q, summaries, "mean"), neg)
+        s_mean = torch.where(eligible, shared_scores(q, p, summaries, "mean", cfg), neg)
         taken = torch.zeros_like(s_mean, dtype=torch.bool)
         taken.scatter_(-1, sel_mm.clamp(min=0), sel_mm >= 0)
         sel_mean = _top_blocks(s_mean.masked_fill(taken, -math.inf), cfg.topk - first)
         return torch.cat([sel_mm, sel_mean], -1)
-    s = torch.where(eligible, block_scores(q, summaries, cfg.score), neg)
+    s = torch.where(eligible, shared_scores(q, p, summaries, cfg.score, cfg), neg)
     return _top_blocks(s, cfg.topk)
+
+
+def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_elements: int) -> torch.Tensor:
+    """Selection stage for one document: ``q [Hkv, G, m, D]``, ``p [m]`` (consecutive positions) ->
+    ``[Hkv, m, topk]``. Queries are processed in chunks of whole selection tiles (bounded memory)."""
+    hkv, g, m, _ = q.shape
+    nb = summaries[0].shape[1]
+    out = torch.full((hkv, m, cfg.topk), -1, dtype=torch.long, device=q.device)
+    if nb == 0 or cfg.topk == 0 or m == 0:
+        return out
+    tile = cfg.select_tile
+    chunk = max(tile, (tile_elements // max(1, hkv * g * nb)) // tile * tile)
+    first = (tile - int(p[0]) % tile) % tile  # queries before the first tile boundary
+    starts = ([0] if first else []) + list(range(first, m, chunk))
+    for a, b in zip(starts, starts[1:] + [m]):
+        eligible = eligible_blocks(p[a:b], nb, cfg, sliding_window)
+        sel = select_blocks(q[:, :, a:b], p[a:b], summaries, eligible, cfg)  # fewer columns if nb < topk
+        out[:, a:b, : sel.shape[-1]] = sel
+    return out
 
 
 def eligible_blocks(p: torch.Tensor, nb: int, cfg: SparseXConfig, sliding_window: int | None) -> torch.Tensor:
@@ -120,11 +161,12 @@ def _masked_softmax_av(logits, mask, v):
     return p @ v, nonempty
 
 
-def _attend_tile(q, k, v, p, cfg, scale, sliding_window, dense, mix_weights, summaries, want_stats):
-    """One query tile of one document.
+def _attend_tile(q, k, v, p, selected, cfg, scale, sliding_window, dense, mix_weights, want_stats):
+    """Attention stage for one query tile of one document.
 
-    q ``[Hkv, G, m, D]`` (positions ``p [m]``), k/v ``[Hkv, n, D]`` with ``n = p.max() + 1``.
-    Returns output ``[Hkv, G, m, D]`` and, if asked, (selected ``[Hkv, m, topk]``, kept, oracle ``[Hkv, G, m]``).
+    q ``[Hkv, G, m, D]`` (positions ``p [m]``), k/v ``[Hkv, n, D]`` with ``n = p.max() + 1``, the
+    tile's selected blocks ``[Hkv, m, topk]``. Returns output ``[Hkv, G, m, D]`` and, if asked,
+    (kept, oracle), each ``[Hkv, G, m]``.
     """
     hkv, g, m, _ = q.shape
     n = k.shape[1]
@@ -135,7 +177,6 @@ def _attend_tile(q, k, v, p, cfg, scale, sliding_window, dense, mix_weights, sum
         causal &= (pc - j) < sliding_window
     logits = (q @ k[:, None].transpose(-1, -2)) * scale  # [Hkv, G, m, n]
 
-    selected = None
     if dense:
         base = causal
         topk_mask = torch.zeros_like(causal)[None]
@@ -147,15 +188,10 @@ def _attend_tile(q, k, v, p, cfg, scale, sliding_window, dense, mix_weights, sum
         nb = n // cfg.block_size  # complete blocks visible to this tile
         topk_mask = torch.zeros(hkv, m, n, dtype=torch.bool, device=q.device)
         if cfg.topk > 0 and nb > 0:
-            eligible = eligible_blocks(p, nb, cfg, sliding_window)
-            summ = tuple(s[:, :nb] for s in summaries)
-            selected = select_blocks(q, summ, eligible, cfg)  # [Hkv, m, topk]
             chosen = torch.zeros(hkv, m, nb + 1, dtype=torch.bool, device=q.device)  # column nb: "none"
             chosen.scatter_(-1, torch.where(selected >= 0, selected, nb), True)
             key_block = (j // cfg.block_size).clamp(max=nb)  # keys of the partial tail block -> "none"
             topk_mask = chosen.gather(-1, key_block.expand(hkv, m, n)) & (key_block < nb) & causal
-        elif cfg.topk > 0:
-            selected = torch.full((hkv, m, cfg.topk), -1, dtype=torch.long, device=q.device)
     member = base[None] | topk_mask  # [Hkv, m, n]
 
     if cfg.combine == "union" or dense:
@@ -184,7 +220,7 @@ def _attend_tile(q, k, v, p, cfg, scale, sliding_window, dense, mix_weights, sum
             rest = (dense_p * ~base)[..., : nb * cfg.block_size].reshape(hkv, g, m, nb, cfg.block_size).sum(-1)
             rest = rest.masked_fill(~eligible_blocks(p, nb, cfg, sliding_window), 0.0)
             oracle = oracle + rest.topk(min(cfg.topk, nb), dim=-1).values.sum(-1)
-    return out, (selected, kept, oracle)
+    return out, (kept, oracle)
 
 
 def _resolve_mix_weights(cfg, mix_weights, hq, device, dtype):
@@ -244,16 +280,20 @@ def sparsex_attention_naive(
         kd = k[doc.batch].index_select(1, doc.k_cols).to(cdtype)  # [Hkv, n, D]
         vd = v[doc.batch].index_select(1, doc.k_cols).to(cdtype)
         qd = q[doc.batch].index_select(1, doc.q_rows).to(cdtype).reshape(hkv, g, -1, d)  # [Hkv, G, m, D]
-        summaries = block_summaries(kd, config.block_size)
         m, n = doc.q_pos.numel(), kd.shape[1]
+        if dense:
+            selected = torch.full((hkv, m, config.topk), -1, dtype=torch.long, device=q.device)
+        else:
+            summaries = block_summaries(kd, config.block_size)
+            selected = select_document(qd, doc.q_pos, summaries, config, sliding_window, tile_elements)
         tile = max(1, min(m, tile_elements // max(1, hq * n)))
         outs, stats = [], []
         for t0 in range(0, m, tile):
             p = doc.q_pos[t0 : t0 + tile]
             nt = int(p[-1]) + 1  # positions ascend: the last query sees the most keys
             o, st = _attend_tile(
-                qd[:, :, t0 : t0 + tile], kd[:, :nt], vd[:, :nt], p, config, scale,
-                sliding_window, dense, weights, summaries, return_stats,
+                qd[:, :, t0 : t0 + tile], kd[:, :nt], vd[:, :nt], p, selected[:, t0 : t0 + tile], config, scale,
+                sliding_window, dense, weights, return_stats,
             )
             outs.append(o)
             stats.append(st)
@@ -263,10 +303,9 @@ def sparsex_attention_naive(
         if return_stats:
             rows = doc.q_rows
             valid[doc.batch][rows] = True
-            kept_all[doc.batch][:, rows] = torch.cat([s[1] for s in stats], 2).reshape(hq, m).to(cdtype)
-            oracle_all[doc.batch][:, rows] = torch.cat([s[2] for s in stats], 2).reshape(hq, m).to(cdtype)
-            if topk > 0 and not dense:
-                sel_all[doc.batch][:, rows] = torch.cat([s[0] for s in stats], 1)
+            kept_all[doc.batch][:, rows] = torch.cat([s[0] for s in stats], 2).reshape(hq, m).to(cdtype)
+            oracle_all[doc.batch][:, rows] = torch.cat([s[1] for s in stats], 2).reshape(hq, m).to(cdtype)
+            sel_all[doc.batch][:, rows] = selected
 
     out = out.to(q.dtype)
     if return_stats:
