@@ -9,7 +9,7 @@ import torch
 from sparsex_hf import SparseXConfig
 
 
-def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: SparseXConfig, sliding_window=None):
+def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: SparseXConfig, sliding_window=None, tile_positions=None):
     """S(i) built literally from SPEC.md for one query at position ``p`` of a document with ``n`` keys.
 
     k: ``[n, D]`` keys of one KV head; qg: ``[G, D]`` the group's queries (selection is shared).
@@ -20,15 +20,16 @@ def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: 
     sink = {j for j in range(n) if j < cfg.sink_tokens and visible(j)}
     local = {j for j in range(n) if p - cfg.window < j <= p and visible(j)}
     stride = {j for j in range(n) if cfg.stride and j % cfg.stride == 0 and visible(j)}
-    covered = {j for j in range(n) if j < cfg.sink_tokens or p - cfg.window < j}
-    candidates = []
-    for b in range(n // B):
+
+    def candidate(b, pp):
         keys = range(b * B, (b + 1) * B)
-        if (b + 1) * B - 1 > p or all(j in covered for j in keys):
-            continue
-        if sliding_window is not None and not any(visible(j) for j in keys):
-            continue
-        candidates.append(b)
+        covered = lambda j: j < cfg.sink_tokens or pp - cfg.window < j  # noqa: E731
+        if (b + 1) * B - 1 > pp or all(covered(j) for j in keys):
+            return False
+        return sliding_window is None or any(pp - j < sliding_window for j in keys)
+
+    # a selection tile shares one top-k: its blocks must be candidates for every query of the tile
+    candidates = [b for b in range(n // B) if all(candidate(b, pp) for pp in (tile_positions or [p]))]
 
     blocks = k[: (n // B) * B].reshape(n // B, B, k.shape[-1])
     # literal scores, max over the group's heads: sum_d max(q_d*kmin_d, q_d*kmax_d) and q . mean(K_b)
@@ -89,7 +90,8 @@ def brute_force(q, k, v, cfg: SparseXConfig, scale=None, attention_mask=None, cu
             for h in range(hkv):
                 qt = q[b, h * g : (h + 1) * g][:, mates]  # [G, tile queries, D]
                 qg = qt.mean(1) if cfg.select_query == "mean" else qt.reshape(-1, d)
-                sink, local, stride, topk, _ = brute_force_key_set(p, n, kd[h], qg, cfg, sliding_window)
+                mate_pos = [pp for pp in positions if pp // cfg.select_tile == p // cfg.select_tile]
+                sink, local, stride, topk, _ = brute_force_key_set(p, n, kd[h], qg, cfg, sliding_window, mate_pos)
                 for gi in range(g):
                     hh = h * g + gi
                     logits = (kd[h] @ q[b, hh, r]) * scale

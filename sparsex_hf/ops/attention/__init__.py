@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping
 
 import torch
@@ -26,9 +27,16 @@ def log_once(message: str) -> None:
         logger.info(message)
 
 
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def triton_available(device: torch.device) -> bool:
-    """Whether the Triton backend can run on ``device`` (the kernels ship with the Triton-prefill work)."""
-    return False
+    """The Triton kernels run on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1`` (tests)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -37,15 +45,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_available(device):
             raise NotImplementedError(
-                "backend='triton' is not available in this version of sparsex_hf (the Triton kernels are not "
-                "built yet); use backend='torch' (the reference, any device) or backend='auto'."
+                f"backend='triton' runs on CUDA devices (or the CPU with TRITON_INTERPRET=1), not on {device.type}; "
+                "use backend='torch' (the reference, any device) or backend='auto'."
             )
         return "triton"
     if backend == "auto":
-        if triton_available(device):
-            return "triton"
-        log_once(f"sparsex: backend='auto' uses the PyTorch reference on {device.type} (no Triton kernels here).")
-        return "torch"
+        return "triton" if device.type == "cuda" else "torch"
     raise ValueError(f"backend={backend!r} is invalid: allowed are 'auto', 'torch', 'triton'.")
 
 
@@ -69,6 +74,20 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) (GQA).")
     if tq > tk:
         raise ValueError(f"more queries ({tq}) than keys ({tk}): queries are the last Tq of the Tk positions.")
+
+
+def _check_triton(q: torch.Tensor, cfg: SparseXConfig, return_stats: bool) -> None:
+    d = q.shape[-1]
+    if d not in TRITON_HEAD_DIMS:
+        raise ValueError(f"backend='triton' supports head_dim in {TRITON_HEAD_DIMS}, got {d}; use backend='torch'.")
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports {[str(t) for t in TRITON_DTYPES]}, got {q.dtype}; use backend='torch'.")
+    if cfg.block_size not in TRITON_BLOCK_SIZES:
+        raise ValueError(
+            f"backend='triton' supports block_size in {TRITON_BLOCK_SIZES}, got {cfg.block_size}; use backend='torch'."
+        )
+    if return_stats:
+        raise ValueError("return_stats=True (fidelity metrics) is computed by backend='torch' only.")
 
 
 def sparsex_attention(
@@ -122,7 +141,14 @@ def sparsex_attention(
         log_once(f"sparsex: inputs of at most dense_below={cfg.dense_below} keys use dense causal attention.")
         dense = True
     backend = resolve_backend(backend or cfg.backend, q.device)
-    # only the reference exists so far; resolve_backend refuses "triton" until the kernels land
+    if backend == "triton":
+        _check_triton(q, cfg, return_stats)
+        from .triton_ops import sparsex_attention_triton
+
+        return sparsex_attention_triton(
+            q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens, sliding_window=sliding_window, dense=dense, mix_weights=mix_weights,
+        )
     return sparsex_attention_naive(
         q, k, v, cfg, scale=scale, attention_mask=attention_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,

@@ -134,6 +134,11 @@ def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_el
     starts = ([0] if first else []) + list(range(first, m, chunk))
     for a, b in zip(starts, starts[1:] + [m]):
         eligible = eligible_blocks(p[a:b], nb, cfg, sliding_window)
+        if tile > 1:  # a tile shares one top-k: blocks eligible for all its queries (its first and last)
+            _, inv = torch.unique_consecutive(p[a:b] // tile, return_inverse=True)
+            shared = torch.ones(int(inv[-1]) + 1, nb, dtype=torch.bool, device=q.device)
+            shared = shared.long().scatter_reduce(0, inv[:, None].expand(-1, nb), eligible.long(), "amin").bool()
+            eligible = shared[inv]
         sel = select_blocks(q[:, :, a:b], p[a:b], summaries, eligible, cfg)  # fewer columns if nb < topk
         out[:, a:b, : sel.shape[-1]] = sel
     return out

@@ -1,0 +1,161 @@
+"""Selection stage on the GPU: block summaries, block scores (Triton), top-k per selection tile.
+
+Scores follow ``naive.shared_scores``: the min/max bound ``q+ . kmax + q- . kmin`` (two matrix
+products) or ``q . kmean``, max over the GQA group's heads and, with ``select_tile > 1`` and
+``select_query="each"``, over the tile's queries, all fused in one kernel; ``select_query="mean"``
+scores the tile's mean query. Scores of a chunk of tiles are written once ``[Hkv, tiles, nb]`` (fp32),
+masked by eligibility and reduced by ``torch.topk``; chunks bound the memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import SparseXConfig
+from .layout import KernelLayout
+
+SCORE_BYTES = 1 << 30  # scores of one chunk of selection tiles
+
+
+@triton.jit
+def _block_score_kernel(
+    Q, KA, KB, S,
+    s_qh, s_qr, s_kh, s_kb, s_sh, s_sr,
+    R, NB,
+    G: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, RED: tl.constexpr,
+    MINMAX: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_r, i_b, i_kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_r = i_r * BQ + tl.arange(0, BQ)
+    o_b = i_b * BNB + tl.arange(0, BNB)
+    o_d = tl.arange(0, D)
+    m_r, m_b = o_r < R, o_b < NB
+    p_k = i_kh * s_kh + o_b[:, None] * s_kb + o_d[None, :]
+    b_ka = tl.load(KA + p_k, mask=m_b[:, None], other=0.0)
+    if MINMAX:
+        b_kb = tl.load(KB + p_k, mask=m_b[:, None], other=0.0)
+    best = tl.full([BQ, BNB], float("-inf"), tl.float32)
+    for g in tl.static_range(G):
+        b_q = tl.load(Q + (i_kh * G + g) * s_qh + o_r[:, None] * s_qr + o_d[None, :], mask=m_r[:, None], other=0.0)
+        if MINMAX:
+            zero = tl.zeros_like(b_q)
+            if IEEE:
+                s = tl.dot(tl.maximum(b_q, zero), tl.trans(b_ka), input_precision="ieee")
+                s += tl.dot(tl.minimum(b_q, zero), tl.trans(b_kb), input_precision="ieee")
+            else:
+                s = tl.dot(tl.maximum(b_q, zero), tl.trans(b_ka))
+                s += tl.dot(tl.minimum(b_q, zero), tl.trans(b_kb))
+        else:
+            if IEEE:
+                s = tl.dot(b_q, tl.trans(b_ka), input_precision="ieee")
+            else:
+                s = tl.dot(b_q, tl.trans(b_ka))
+        best = tl.maximum(best, s)
+    if RED > 1:
+        best = tl.max(tl.reshape(best, [BQ // RED, RED, BNB]), axis=1)
+    o_out = i_r * (BQ // RED) + tl.arange(0, BQ // RED)
+    m_out = o_out < R // RED
+    tl.store(S + i_kh * s_sh + o_out[:, None] * s_sr + o_b[None, :], best, mask=m_out[:, None] & m_b[None, :])
+
+
+def block_scores_triton(qr: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor | None, group: int, reduce: int) -> torch.Tensor:
+    """``qr [Hq, R, D]`` (``R`` a multiple of ``reduce``), ``ka/kb [Hkv, nb, D]`` (kmax/kmin, or kmean and
+    None) -> scores ``[Hkv, R // reduce, nb]`` fp32: max over the ``group`` heads of a KV head and over
+    each run of ``reduce`` consecutive rows."""
+    hq, r, d = qr.shape
+    hkv, nb, _ = ka.shape
+    out = torch.empty(hkv, r // reduce, nb, device=qr.device, dtype=torch.float32)
+    if r == 0 or nb == 0:
+        return out
+    bq = max(32, reduce)
+    bnb = 64
+    kb_ = ka if kb is None else kb
+    grid = (triton.cdiv(r, bq), triton.cdiv(nb, bnb), hkv)
+    _block_score_kernel[grid](
+        qr, ka, kb_, out,
+        qr.stride(0), qr.stride(1), ka.stride(0), ka.stride(1), out.stride(0), out.stride(1),
+        r, nb,
+        G=group, D=d, BQ=bq, BNB=bnb, RED=reduce, MINMAX=kb is not None, IEEE=qr.dtype == torch.float32,
+        num_warps=4 if bq <= 64 else 8,
+    )
+    return out
+
+
+def _eligible(p_first, p_last, nb, cfg, sliding_window, device):
+    """``[tiles, nb]``: blocks eligible for the first and the last query of each tile (naive.eligible_blocks)."""
+    b = torch.arange(nb, device=device)
+    start, end = b * cfg.block_size, b * cfg.block_size + cfg.block_size - 1
+    ok = torch.ones(p_first.numel(), nb, dtype=torch.bool, device=device)
+    for p in (p_first[:, None], p_last[:, None]):
+        ok &= (end <= p) & (start <= p - cfg.window) & (end >= cfg.sink_tokens)
+        if sliding_window is not None:
+            ok &= end > p - sliding_window
+    return ok
+
+
+def _top(scores, k):
+    k = min(k, scores.shape[-1])
+    val, idx = torch.topk(scores, k, dim=-1)
+    return torch.where(val > -math.inf, idx, torch.full_like(idx, -1))
+
+
+def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding_window=None) -> torch.Tensor:
+    """Top-k blocks of every query row: ``[B, Hkv, Tq, topk]`` int32, -1 where none (rows of no document too)."""
+    bsz, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    bs, tile = cfg.block_size, cfg.select_tile
+    sel = torch.full((bsz, hkv, tq, cfg.topk), -1, dtype=torch.int32, device=q.device)
+    if cfg.topk == 0:
+        return sel
+    for b, q_row0, k_col0, m, n in layout.docs:
+        nb = n // bs
+        if nb == 0:
+            continue
+        kd = k[b, :, k_col0 : k_col0 + nb * bs].unflatten(1, (nb, bs))
+        kmax, kmin = kd.amax(2).contiguous(), kd.amin(2).contiguous()
+        kmean = kd.float().mean(2).to(k.dtype).contiguous() if cfg.score in ("mean", "hybrid") else None
+        qd = q[b, :, q_row0 : q_row0 + m]  # [Hq, m, D], positions n-m .. n-1
+        first = n - m
+        # selection tiles of this document (aligned to its start): rows [lo, hi) of qd
+        t_ids = torch.arange(first // tile, (n - 1) // tile + 1, device=q.device)
+        lo = torch.clamp(t_ids * tile, min=first) - first
+        hi = torch.clamp((t_ids + 1) * tile, max=n) - first
+        per_tile = max(1, SCORE_BYTES // (4 * hkv * nb))
+        for c0 in range(0, t_ids.numel(), per_tile):
+            c_lo, c_hi = lo[c0 : c0 + per_tile], hi[c0 : c0 + per_tile]
+            nt = c_lo.numel()
+            if tile == 1:
+                rows, reduce = qd[:, int(c_lo[0]) : int(c_lo[0]) + nt], 1
+            elif cfg.select_query == "mean":
+                idx = torch.arange(int(c_lo[0]), int(c_hi[-1]), device=q.device)
+                owner = torch.bucketize(idx, c_hi, right=True)
+                total = torch.zeros(hq, nt, d, device=q.device, dtype=torch.float32)
+                total.index_add_(1, owner, qd[:, idx].float())
+                rows, reduce = (total / (c_hi - c_lo)[None, :, None]).to(q.dtype), 1
+            else:  # every query of a tile, padded to `tile` rows by repeating the tile's first query
+                slot = torch.arange(tile, device=q.device)
+                idx = torch.where(slot[None] < (c_hi - c_lo)[:, None], c_lo[:, None] + slot[None], c_lo[:, None])
+                rows, reduce = qd[:, idx.flatten()], tile
+            rows = rows.contiguous()
+            ok = _eligible(c_lo + first, c_hi - 1 + first, nb, cfg, sliding_window, q.device)
+            neg = torch.tensor(-math.inf, device=q.device)
+            if cfg.score == "hybrid":
+                s_mm = torch.where(ok, block_scores_triton(rows, kmax, kmin, g, reduce), neg)
+                top_mm = _top(s_mm, (cfg.topk + 1) // 2)
+                s_mean = torch.where(ok, block_scores_triton(rows, kmean, None, g, reduce), neg)
+                s_mean.scatter_(-1, top_mm.clamp(min=0).long(), torch.where(top_mm >= 0, neg, s_mean.gather(-1, top_mm.clamp(min=0).long())))
+                top = torch.cat([top_mm, _top(s_mean, cfg.topk - (cfg.topk + 1) // 2)], -1)
+            else:
+                ka, kb = (kmax, kmin) if cfg.score == "minmax" else (kmean, None)
+                top = _top(torch.where(ok, block_scores_triton(rows, ka, kb, g, reduce), neg), cfg.topk)
+            # broadcast each tile's choice to its rows
+            counts = (c_hi - c_lo)
+            row_sel = top.repeat_interleave(counts, dim=1)  # [Hkv, rows, <=topk]
+            r0 = q_row0 + int(c_lo[0])
+            sel[b, :, r0 : r0 + row_sel.shape[1], : row_sel.shape[2]] = row_sel.to(torch.int32)
+    return sel

@@ -1,0 +1,128 @@
+"""The Triton backend as ``torch.library`` custom ops (with fake implementations and autograd), so
+``torch.compile`` traces through Sparse-X attention. Host-side layout work (documents, tiles, the per-tile
+union of selected blocks) happens inside the ops."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...config import SparseXConfig
+from .layout import kernel_layout
+from .prefill import BLOCK_M, attend, attend_backward, tile_union
+from .select import select_blocks_triton
+
+
+def _layout(q, k, attention_mask, cu_q, cu_k):
+    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, BLOCK_M, attention_mask, cu_q, cu_k)
+
+
+@torch.library.custom_op("sparsex::select", mutates_args=())
+def select_op(
+    q: torch.Tensor, k: torch.Tensor, attention_mask: Optional[torch.Tensor], cu_q: Optional[torch.Tensor],
+    cu_k: Optional[torch.Tensor], block_size: int, sink: int, window: int, stride: int, topk: int, score: str,
+    select_tile: int, select_query: str, sliding_window: int,
+) -> torch.Tensor:
+    """Top-k block indices ``[B, Hkv, Tq, topk]`` int32 (-1 = none)."""
+    cfg = SparseXConfig(block_size=block_size, sink_tokens=sink, window=window, stride=stride, topk=topk,
+                        score=score, select_tile=select_tile, select_query=select_query)
+    layout = _layout(q, k, attention_mask, cu_q, cu_k)
+    return select_blocks_triton(q, k, layout, cfg, sliding_window or None)
+
+
+@select_op.register_fake
+def _(q, k, attention_mask, cu_q, cu_k, block_size, sink, window, stride, topk, score, select_tile, select_query, sliding_window):
+    return q.new_empty((q.shape[0], k.shape[1], q.shape[2], topk), dtype=torch.int32)
+
+
+def _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile):
+    layout = _layout(q, k, attention_mask, cu_q, cu_k)
+    union, count = tile_union(sel, layout, window, block_size, select_tile)
+    return layout, union, count
+
+
+@torch.library.custom_op("sparsex::attend", mutates_args=())
+def attend_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, attention_mask: Optional[torch.Tensor],
+    cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], scale: float, block_size: int, sink: int,
+    window: int, stride: int, sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention over the given selection: ``(o [B, Hq, Tq, D], lse [B, Hq, Tq] fp32)``."""
+    layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile)
+    return attend(q, k, v, sel, layout, union, count, scale=scale, sink=sink, window=window, stride=stride,
+                  sliding_window=sliding_window or None, block_size=block_size, flags=(use_local, use_stride, use_topk))
+
+
+@attend_op.register_fake
+def _(q, k, v, sel, attention_mask, cu_q, cu_k, scale, block_size, sink, window, stride, sliding_window, select_tile,
+      use_local, use_stride, use_topk):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sparsex::attend_backward", mutates_args=())
+def attend_backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    sel: torch.Tensor, attention_mask: Optional[torch.Tensor], cu_q: Optional[torch.Tensor],
+    cu_k: Optional[torch.Tensor], scale: float, block_size: int, sink: int, window: int, stride: int,
+    sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile)
+    return attend_backward(q, k, v, o, lse, do.contiguous(), sel, layout, union, count, scale=scale, sink=sink,
+                           window=window, stride=stride, sliding_window=sliding_window or None,
+                           block_size=block_size, flags=(use_local, use_stride, use_topk))
+
+
+@attend_backward_op.register_fake
+def _(q, k, v, o, lse, do, sel, attention_mask, cu_q, cu_k, scale, block_size, sink, window, stride, sliding_window,
+      select_tile, use_local, use_stride, use_topk):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_ATTEND_ARGS = ("attention_mask", "cu_q", "cu_k", "scale", "block_size", "sink", "window", "stride",
+                "sliding_window", "select_tile", "use_local", "use_stride", "use_topk")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, sel = inputs[:4]
+    ctx.save_for_backward(q, k, v, sel, output[0], output[1])
+    ctx.args = inputs[4:]
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, sel, o, lse = ctx.saved_tensors
+    dq, dk, dv = attend_backward_op(q, k, v, o, lse, do, sel, *ctx.args)
+    return (dq, dk, dv) + (None,) * (1 + len(_ATTEND_ARGS))
+
+
+attend_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_mask=None, cu_seqlens_q=None,
+                             cu_seqlens_k=None, sliding_window=None, dense=False, mix_weights=None):
+    """Sparse-X with the Triton kernels; same contract as ``naive.sparsex_attention_naive``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    tk = k.shape[2]
+    if dense:  # dense causal through the same kernels: the window covers everything
+        cfg = cfg.replace(window=tk + 1, topk=0, stride=0, sink_tokens=0, combine="union")
+    sw = int(sliding_window or 0)
+    if cfg.topk > 0:
+        sel = select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens_k, cfg.block_size,
+                        cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk, cfg.score, cfg.select_tile,
+                        cfg.select_query, sw)
+    else:
+        sel = q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32)
+    common = (attention_mask, cu_seqlens_q, cu_seqlens_k, float(scale), cfg.block_size, cfg.sink_tokens,
+              cfg.window, cfg.stride, sw, cfg.select_tile)
+    if cfg.combine == "union":
+        return attend_op(q, k, v, sel, *common, True, True, True)[0]
+    hq = q.shape[1]
+    weights = mix_weights if mix_weights is not None else torch.tensor([cfg.alpha, cfg.beta, cfg.gamma])
+    weights = torch.as_tensor(weights).to(device=q.device, dtype=torch.float32).expand(hq, 3)
+    out, norm = 0.0, 0.0
+    for i, flags in enumerate(((True, False, False), (False, True, False), (False, False, True))):
+        o_b, lse_b = attend_op(q, k, v, sel, *common, *flags)
+        w = weights[:, i].view(1, hq, 1, 1) * (lse_b > float("-inf")).unsqueeze(-1)
+        out = out + w * o_b.float()
+        norm = norm + w
+    return (out / torch.where(norm > 0, norm, 1.0)).to(q.dtype)
