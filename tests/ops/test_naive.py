@@ -124,14 +124,17 @@ def test_packed_documents_are_independent():
     torch.testing.assert_close(out, brute_force(q, k, v, cfg, cu_seqlens=cu), atol=1e-10, rtol=1e-10)
 
 
-def test_packed_chunk_with_separate_query_boundaries():
-    cfg = SparseXConfig(**SPARSE_SMALL)
+@pytest.mark.parametrize("select_tile, first_rows", [(1, (150, 270)), (64, (128, 244))])
+def test_packed_chunk_with_separate_query_boundaries(select_tile, first_rows):
+    """A chunked prefill equals one pass when chunks start on selection-tile boundaries (any row if 1)."""
+    cfg = SparseXConfig(**SPARSE_SMALL, select_tile=select_tile)
     q, k, v = random_qkv(1, 4, 2, 300, 300, 64, seed=7)
     cu_k = torch.tensor([0, 180, 300])
     full = sparsex_attention(q, k, v, cfg, cu_seqlens=cu_k)
-    # the last 30 queries of each document, as a chunked prefill would pass them
-    rows = torch.cat([torch.arange(150, 180), torch.arange(270, 300)])
-    out = sparsex_attention(q[:, :, rows], k, v, cfg, cu_seqlens=cu_k, cu_seqlens_q=torch.tensor([0, 30, 60]))
+    a, b = first_rows  # document 0 from row a (position a), document 1 from row b (position b - 180)
+    rows = torch.cat([torch.arange(a, 180), torch.arange(b, 300)])
+    cu_q = torch.tensor([0, 180 - a, 180 - a + 300 - b])
+    out = sparsex_attention(q[:, :, rows], k, v, cfg, cu_seqlens=cu_k, cu_seqlens_q=cu_q)
     torch.testing.assert_close(out, full[:, :, rows], atol=1e-12, rtol=0)
 
 
@@ -215,7 +218,6 @@ def test_tiles_do_not_change_the_result():
         (dict(attention_mask=torch.ones(1, 1, 4, 4)), ValueError, "2-D padding mask"),
         (dict(cu_seqlens=torch.tensor([0, 3])), ValueError, "end at the sequence length 4"),
         (dict(cu_seqlens=torch.tensor([0, 2, 4]), attention_mask=torch.ones(1, 4)), ValueError, "not both"),
-        (dict(backend="triton"), NotImplementedError, "backend='torch'"),
         (dict(backend="cuda"), ValueError, "allowed"),
         (dict(sliding_window=0), ValueError, "sliding_window"),
     ],
@@ -228,6 +230,16 @@ def test_bad_input_gets_a_clear_error(kwargs, error, match):
         k = k.to(q.dtype)
     with pytest.raises(error, match=match):
         sparsex_attention(q, k, k.clone(), SparseXConfig(**SPARSE_SMALL), **args)
+
+
+def test_triton_backend_off_gpu_is_refused(monkeypatch):
+    from sparsex_hf.ops.attention import resolve_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        resolve_backend("triton", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
 @pytest.mark.gpu

@@ -112,9 +112,10 @@ def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -
         s_mm = torch.where(eligible, shared_scores(q, p, summaries, "minmax", cfg), neg)
         sel_mm = _top_blocks(s_mm, first)
         s_mean = torch.where(eligible, shared_scores(q, p, summaries, "mean", cfg), neg)
-        taken = torch.zeros_like(s_mean, dtype=torch.bool)
-        taken.scatter_(-1, sel_mm.clamp(min=0), sel_mm >= 0)
-        sel_mean = _top_blocks(s_mean.masked_fill(taken, -math.inf), cfg.topk - first)
+        nb = s_mean.shape[-1]
+        taken = torch.zeros(*s_mean.shape[:-1], nb + 1, dtype=torch.bool, device=q.device)  # column nb: empty slots
+        taken.scatter_(-1, torch.where(sel_mm >= 0, sel_mm, nb), True)
+        sel_mean = _top_blocks(s_mean.masked_fill(taken[..., :nb], -math.inf), cfg.topk - first)
         return torch.cat([sel_mm, sel_mean], -1)
     s = torch.where(eligible, shared_scores(q, p, summaries, cfg.score, cfg), neg)
     return _top_blocks(s, cfg.topk)
@@ -151,7 +152,7 @@ def eligible_blocks(p: torch.Tensor, nb: int, cfg: SparseXConfig, sliding_window
     start, end = b * cfg.block_size, b * cfg.block_size + cfg.block_size - 1
     p = p[:, None]
     lo, hi = cfg.sink_tokens, p - cfg.window
-    ok = (end <= p) & (start <= hi) & (end >= lo)
+    ok = (end <= p) & (start <= hi) & (end >= lo) & (lo <= hi)
     if sliding_window is not None:
         ok &= end > p - sliding_window
     return ok

@@ -18,7 +18,6 @@ import triton.language as tl
 from ...config import SparseXConfig
 from .layout import KernelLayout
 
-SCORE_BYTES = 1 << 30  # scores of one chunk of selection tiles
 
 
 @triton.jit
@@ -91,7 +90,7 @@ def _eligible(p_first, p_last, nb, cfg, sliding_window, device):
     start, end = b * cfg.block_size, b * cfg.block_size + cfg.block_size - 1
     ok = torch.ones(p_first.numel(), nb, dtype=torch.bool, device=device)
     for p in (p_first[:, None], p_last[:, None]):
-        ok &= (end <= p) & (start <= p - cfg.window) & (end >= cfg.sink_tokens)
+        ok &= (end <= p) & (start <= p - cfg.window) & (end >= cfg.sink_tokens) & (cfg.sink_tokens <= p - cfg.window)
         if sliding_window is not None:
             ok &= end > p - sliding_window
     return ok
@@ -103,8 +102,25 @@ def _top(scores, k):
     return torch.where(val > -math.inf, idx, torch.full_like(idx, -1))
 
 
+def _tile_means(qd: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tile: int) -> torch.Tensor:
+    """Mean query of each selection tile: ``qd [Hq, m, D]``, consecutive tiles ``[lo, hi)`` of which only
+    the first and the last may be partial -> ``[Hq, tiles, D]`` in fp32."""
+    a, b = int(lo[0]), int(hi[-1])
+    if lo.numel() == 1:
+        return qd[:, a:b].float().mean(1, keepdim=True)
+    head_end, tail_start = int(hi[0]), int(lo[-1])  # tiles in between are full and aligned
+    parts = [qd[:, a:head_end].float().mean(1, keepdim=True)]
+    if tail_start > head_end:
+        parts.append(qd[:, head_end:tail_start].unflatten(1, (-1, tile)).mean(2, dtype=torch.float32))
+    parts.append(qd[:, tail_start:b].float().mean(1, keepdim=True))
+    return torch.cat(parts, 1)
+
+
 def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding_window=None) -> torch.Tensor:
-    """Top-k blocks of every query row: ``[B, Hkv, Tq, topk]`` int32, -1 where none (rows of no document too)."""
+    """Top-k blocks of every query row: ``[B, Hkv, Tq, topk]`` int32, -1 where none (rows of no document too).
+
+    Work is chunked by selection tiles so that scores and query copies of one chunk stay within
+    ``max(64 MiB, q bytes / 16)``."""
     bsz, hq, tq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -112,50 +128,52 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding
     sel = torch.full((bsz, hkv, tq, cfg.topk), -1, dtype=torch.int32, device=q.device)
     if cfg.topk == 0:
         return sel
+    budget = max(64 << 20, q.numel() * q.element_size() // 16)
+    neg = torch.tensor(-math.inf, device=q.device)
     for b, q_row0, k_col0, m, n in layout.docs:
         nb = n // bs
         if nb == 0:
             continue
         kd = k[b, :, k_col0 : k_col0 + nb * bs].unflatten(1, (nb, bs))
         kmax, kmin = kd.amax(2).contiguous(), kd.amin(2).contiguous()
-        kmean = kd.float().mean(2).to(k.dtype).contiguous() if cfg.score in ("mean", "hybrid") else None
+        kmean = kd.mean(2, dtype=torch.float32).to(k.dtype).contiguous() if cfg.score in ("mean", "hybrid") else None
         qd = q[b, :, q_row0 : q_row0 + m]  # [Hq, m, D], positions n-m .. n-1
         first = n - m
         # selection tiles of this document (aligned to its start): rows [lo, hi) of qd
-        t_ids = torch.arange(first // tile, (n - 1) // tile + 1, device=q.device)
+        t_ids = torch.arange(first // tile, (n - 1) // tile + 1)
         lo = torch.clamp(t_ids * tile, min=first) - first
         hi = torch.clamp((t_ids + 1) * tile, max=n) - first
-        per_tile = max(1, SCORE_BYTES // (4 * hkv * nb))
-        for c0 in range(0, t_ids.numel(), per_tile):
-            c_lo, c_hi = lo[c0 : c0 + per_tile], hi[c0 : c0 + per_tile]
+        rows_per_tile = tile if (tile > 1 and cfg.select_query == "each") else 1
+        per_chunk = max(1, budget // max(4 * hkv * nb, 4 * hq * d * rows_per_tile))
+        for c0 in range(0, t_ids.numel(), per_chunk):
+            c_lo, c_hi = lo[c0 : c0 + per_chunk], hi[c0 : c0 + per_chunk]
             nt = c_lo.numel()
             if tile == 1:
                 rows, reduce = qd[:, int(c_lo[0]) : int(c_lo[0]) + nt], 1
             elif cfg.select_query == "mean":
-                idx = torch.arange(int(c_lo[0]), int(c_hi[-1]), device=q.device)
-                owner = torch.bucketize(idx, c_hi, right=True)
-                total = torch.zeros(hq, nt, d, device=q.device, dtype=torch.float32)
-                total.index_add_(1, owner, qd[:, idx].float())
-                rows, reduce = (total / (c_hi - c_lo)[None, :, None]).to(q.dtype), 1
+                rows, reduce = _tile_means(qd, c_lo, c_hi, tile).to(q.dtype), 1
             else:  # every query of a tile, padded to `tile` rows by repeating the tile's first query
-                slot = torch.arange(tile, device=q.device)
+                slot = torch.arange(tile)
                 idx = torch.where(slot[None] < (c_hi - c_lo)[:, None], c_lo[:, None] + slot[None], c_lo[:, None])
-                rows, reduce = qd[:, idx.flatten()], tile
+                rows, reduce = qd[:, idx.flatten().to(q.device)], tile
             rows = rows.contiguous()
-            ok = _eligible(c_lo + first, c_hi - 1 + first, nb, cfg, sliding_window, q.device)
-            neg = torch.tensor(-math.inf, device=q.device)
+            ok = _eligible((c_lo + first).to(q.device), (c_hi - 1 + first).to(q.device), nb, cfg, sliding_window, q.device)
             if cfg.score == "hybrid":
                 s_mm = torch.where(ok, block_scores_triton(rows, kmax, kmin, g, reduce), neg)
                 top_mm = _top(s_mm, (cfg.topk + 1) // 2)
                 s_mean = torch.where(ok, block_scores_triton(rows, kmean, None, g, reduce), neg)
-                s_mean.scatter_(-1, top_mm.clamp(min=0).long(), torch.where(top_mm >= 0, neg, s_mean.gather(-1, top_mm.clamp(min=0).long())))
+                taken = torch.zeros(*s_mean.shape[:-1], nb + 1, dtype=torch.bool, device=q.device)  # nb: empty slots
+                taken.scatter_(-1, torch.where(top_mm >= 0, top_mm, nb).long(), True)
+                s_mean = s_mean.masked_fill(taken[..., :nb], -math.inf)
                 top = torch.cat([top_mm, _top(s_mean, cfg.topk - (cfg.topk + 1) // 2)], -1)
             else:
                 ka, kb = (kmax, kmin) if cfg.score == "minmax" else (kmean, None)
                 top = _top(torch.where(ok, block_scores_triton(rows, ka, kb, g, reduce), neg), cfg.topk)
-            # broadcast each tile's choice to its rows
-            counts = (c_hi - c_lo)
-            row_sel = top.repeat_interleave(counts, dim=1)  # [Hkv, rows, <=topk]
+            # each tile's choice, for each of its rows
             r0 = q_row0 + int(c_lo[0])
+            if tile == 1:
+                row_sel = top
+            else:
+                row_sel = top.repeat_interleave((c_hi - c_lo).to(q.device), dim=1, output_size=int(c_hi[-1] - c_lo[0]))
             sel[b, :, r0 : r0 + row_sel.shape[1], : row_sel.shape[2]] = row_sel.to(torch.int32)
     return sel
