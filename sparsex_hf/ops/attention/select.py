@@ -42,12 +42,14 @@ def _block_score_kernel(
         b_q = tl.load(Q + (i_kh * G + g) * s_qh + o_r[:, None] * s_qr + o_d[None, :], mask=m_r[:, None], other=0.0)
         if MINMAX:
             zero = tl.zeros_like(b_q)
+            q_pos = tl.maximum(b_q, zero).to(b_ka.dtype)  # (maximum promotes bf16 to fp32 on the GPU)
+            q_neg = tl.minimum(b_q, zero).to(b_ka.dtype)
             if IEEE:
-                s = tl.dot(tl.maximum(b_q, zero), tl.trans(b_ka), input_precision="ieee")
-                s += tl.dot(tl.minimum(b_q, zero), tl.trans(b_kb), input_precision="ieee")
+                s = tl.dot(q_pos, tl.trans(b_ka), input_precision="ieee")
+                s += tl.dot(q_neg, tl.trans(b_kb), input_precision="ieee")
             else:
-                s = tl.dot(tl.maximum(b_q, zero), tl.trans(b_ka))
-                s += tl.dot(tl.minimum(b_q, zero), tl.trans(b_kb))
+                s = tl.dot(q_pos, tl.trans(b_ka))
+                s += tl.dot(q_neg, tl.trans(b_kb))
         else:
             if IEEE:
                 s = tl.dot(b_q, tl.trans(b_ka), input_precision="ieee")
