@@ -23,6 +23,7 @@ class KernelLayout:
     docs: list[tuple[int, int, int, int, int]]
     tiles: torch.Tensor
     padded: bool  # some query rows belong to no document (their output is zero)
+    block_m: int
 
 
 def kernel_documents(bsz, tq, tk, attention_mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
@@ -90,4 +91,4 @@ def kernel_layout(bsz, tq, tk, device, block_m, attention_mask=None, cu_seqlens_
         ], -1))
     tiles = torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.int64)
     padded = sum(d[3] for d in docs) != bsz * tq
-    return KernelLayout(docs, tiles.to(device=device, dtype=torch.int32), padded)
+    return KernelLayout(docs, tiles.to(device=device, dtype=torch.int32), padded, block_m)

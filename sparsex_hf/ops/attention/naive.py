@@ -253,6 +253,7 @@ def sparsex_attention_naive(
     mix_weights: torch.Tensor | None = None,
     return_stats: bool = False,
     tile_elements: int | None = None,
+    selected: torch.Tensor | None = None,
 ):
     """Reference Sparse-X attention (inputs already validated by :func:`sparsex_attention`).
 
@@ -263,6 +264,8 @@ def sparsex_attention_naive(
         dense: compute dense causal attention with the same layout handling (dense layers, fallback).
         mix_weights: ``[3]`` or ``[Hq, 3]`` weights of ``combine="mix"`` (default: alpha, beta, gamma).
         tile_elements: size of one ``[Hq, tile, keys]`` score tile (default ``TILE_ELEMENTS``).
+        selected: optional ``[B, Hkv, Tq, topk]`` blocks to use instead of the selection stage (tests of
+            the attention stage given another implementation's selection).
     Returns:
         ``[B, Hq, Tq, D]`` in ``q.dtype`` (and :class:`SparseXStats` if ``return_stats``).
     """
@@ -288,17 +291,19 @@ def sparsex_attention_naive(
         qd = q[doc.batch].index_select(1, doc.q_rows).to(cdtype).reshape(hkv, g, -1, d)  # [Hkv, G, m, D]
         m, n = doc.q_pos.numel(), kd.shape[1]
         if dense:
-            selected = torch.full((hkv, m, config.topk), -1, dtype=torch.long, device=q.device)
+            doc_sel = torch.full((hkv, m, config.topk), -1, dtype=torch.long, device=q.device)
+        elif selected is not None:
+            doc_sel = selected[doc.batch][:, doc.q_rows].long()
         else:
             summaries = block_summaries(kd, config.block_size)
-            selected = select_document(qd, doc.q_pos, summaries, config, sliding_window, tile_elements)
+            doc_sel = select_document(qd, doc.q_pos, summaries, config, sliding_window, tile_elements)
         tile = max(1, min(m, tile_elements // max(1, hq * n)))
         outs, stats = [], []
         for t0 in range(0, m, tile):
             p = doc.q_pos[t0 : t0 + tile]
             nt = int(p[-1]) + 1  # positions ascend: the last query sees the most keys
             o, st = _attend_tile(
-                qd[:, :, t0 : t0 + tile], kd[:, :nt], vd[:, :nt], p, selected[:, t0 : t0 + tile], config, scale,
+                qd[:, :, t0 : t0 + tile], kd[:, :nt], vd[:, :nt], p, doc_sel[:, t0 : t0 + tile], config, scale,
                 sliding_window, dense, weights, return_stats,
             )
             outs.append(o)
@@ -311,7 +316,7 @@ def sparsex_attention_naive(
             valid[doc.batch][rows] = True
             kept_all[doc.batch][:, rows] = torch.cat([s[0] for s in stats], 2).reshape(hq, m).to(cdtype)
             oracle_all[doc.batch][:, rows] = torch.cat([s[1] for s in stats], 2).reshape(hq, m).to(cdtype)
-            sel_all[doc.batch][:, rows] = selected
+            sel_all[doc.batch][:, rows] = doc_sel
 
     out = out.to(q.dtype)
     if return_stats:

@@ -25,7 +25,15 @@ import triton.language as tl
 
 from .layout import KernelLayout
 
-BLOCK_M = 64
+def block_m() -> int:
+    """Query rows per program (``SPARSEX_BLOCK_M`` to experiment; a power of two >= 16)."""
+    return int(os.environ.get("SPARSEX_BLOCK_M", "128"))
+
+
+def _launch_options(backward: bool, d: int) -> dict:
+    warps = int(os.environ.get("SPARSEX_WARPS", "8" if d > 64 or block_m() > 64 else "4"))
+    stages = int(os.environ.get("SPARSEX_BWD_STAGES" if backward else "SPARSEX_STAGES", "2" if backward else "3"))
+    return dict(num_warps=warps, num_stages=stages)
 
 
 @triton.jit
@@ -39,14 +47,17 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
-           D: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr):
-    """One chunk of keys ``j`` (mask ``m_k``) for the rows of a tile (``member [BM, BN]``)."""
+           D: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr = True):
+    """One chunk of keys ``j`` (mask ``m_k``) for the rows of a tile (``member [BM, BN]``; ``MASKED=False``:
+    every key is a member of every row, no mask arithmetic)."""
     o_d = tl.arange(0, D)
     b_k = tl.load(p_k + j[:, None].to(tl.int64) * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
     b_v = tl.load(p_v + j[:, None].to(tl.int64) * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
     s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale
     if BACKWARD:
-        p = tl.where(member, tl.exp2(s - b_lse[:, None]), 0.0)
+        p = tl.exp2(s - b_lse[:, None])
+        if MASKED:
+            p = tl.where(member, p, 0.0)
         dp = _dot(b_do, tl.trans(b_v), IEEE)
         ds = p * (dp - b_delta[:, None])
         b_dq += _dot(ds.to(b_k.dtype), b_k, IEEE)
@@ -56,7 +67,8 @@ def _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
         tl.atomic_add(p_dv + off, dv, mask=m_k[:, None], sem="relaxed")
         tl.atomic_add(p_dk + off, dk, mask=m_k[:, None], sem="relaxed")
     else:
-        s = tl.where(member, s, float("-inf"))
+        if MASKED:
+            s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(b_m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(b_m - m_safe)
@@ -65,6 +77,32 @@ def _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
         b_acc = b_acc * alpha[:, None] + _dot(p.to(b_v.dtype), b_v, IEEE)
         b_m = m_new
     return b_m, b_l, b_acc, b_dq
+
+
+@triton.jit
+def _window_chunk(js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+                  s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
+                  BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, USE_LOCAL: tl.constexpr,
+                  USE_STRIDE: tl.constexpr, USE_TOPK: tl.constexpr, HAS_SW: tl.constexpr, BACKWARD: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """A chunk of the window range with per-row membership: local | sink | stride | selected, causal."""
+    j = js + tl.arange(0, BN)
+    m_k = j <= p_last
+    local = (j[None, :] > (pos - window)[:, None]) | (j < sink)[None, :]
+    strided = has_stride & (j % stride_safe == 0)
+    member = tl.zeros([BM, BN], dtype=tl.int1)
+    if USE_LOCAL:
+        member |= local
+    if USE_STRIDE:
+        member |= strided[None, :] & ~local
+    if USE_TOPK:
+        in_sel = tl.sum((b_sel == js // BN).to(tl.int32), 1) > 0
+        member |= in_sel[:, None] & ~local & ~strided[None, :]
+    member &= (j[None, :] <= pos[:, None]) & m_r[:, None] & m_k[None, :]
+    if HAS_SW:
+        member &= (pos[:, None] - j[None, :]) < sliding
+    return _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
+                  b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
 
 
 @triton.jit
@@ -167,25 +205,32 @@ def _sparsex_kernel(
                 member &= (pos[:, None] - j[None, :]) < sliding
             b_m, b_l, b_acc, b_dq = _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
-    # A: the window range, per-row membership
-    for js in range(lo, p_last + 1, BN):
-        j = js + o_n
-        m_k = j <= p_last
-        local = (j[None, :] > (pos - window)[:, None]) | (j < sink)[None, :]
-        strided = has_stride & (j % stride_safe == 0)
-        member = tl.zeros([BM, BN], dtype=tl.int1)
-        if USE_LOCAL:
-            member |= local
-        if USE_STRIDE:
-            member |= strided[None, :] & ~local
-        if USE_TOPK:
-            in_sel = tl.sum((b_sel == js // BN).to(tl.int32), 1) > 0
-            member |= in_sel[:, None] & ~local & ~strided[None, :]
-        member &= (j[None, :] <= pos[:, None]) & m_r[:, None] & m_k[None, :]
-        if HAS_SW:
-            member &= (pos[:, None] - j[None, :]) < sliding
-        b_m, b_l, b_acc, b_dq = _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
-                                       b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
+    # A: the window range [lo, p_last]. Chunks in [full_lo, full_hi) lie in every row's window and are causal
+    # for every row: with the local set on, all their keys are members (no mask); without it, none are.
+    end = p_last + 1
+    full_lo = (tl.maximum(p_last - window + 1, 0) + BN - 1) // BN * BN
+    full_hi = (p0 + 1) // BN * BN
+    if HAS_SW:
+        full_hi = full_lo  # the sliding window cuts into the window: mask everything
+    has_full = full_lo < full_hi
+    m1_end = tl.where(has_full, full_lo, end)
+    m2_start = tl.where(has_full, full_hi, end)
+    for js in range(lo, m1_end, BN):
+        b_m, b_l, b_acc, b_dq = _window_chunk(
+            js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+            s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
+            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE)
+    if USE_LOCAL:
+        for js in range(full_lo, tl.maximum(full_hi, full_lo), BN):
+            j = js + o_n
+            b_m, b_l, b_acc, b_dq = _chunk(b_q, p_k, p_v, j, j >= 0, m_r[:, None], s_kt, s_vt, qk_scale, scale,
+                                           b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD,
+                                           IEEE, MASKED=False)
+    for js in range(m2_start, end, BN):
+        b_m, b_l, b_acc, b_dq = _window_chunk(
+            js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+            s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
+            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE)
 
     if BACKWARD:
         tl.store(DQ + q_off, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_r[:, None])
@@ -206,7 +251,7 @@ def tile_union(sel: torch.Tensor, layout: KernelLayout, window: int, block_size:
     window range ``lo``: ``union [n_tiles, Hkv, U]`` int32 and ``count [n_tiles, Hkv]`` int32."""
     tiles = layout.tiles.long()
     n_tiles, hkv, topk = tiles.shape[0], sel.shape[1], sel.shape[3]
-    bm = BLOCK_M
+    bm = layout.block_m
     per_tile = topk * max(1, -(-bm // select_tile))
     if select_tile >= bm:  # one selection for the whole kernel tile: its first row says it
         rows = tiles[:, 1:2]
@@ -276,8 +321,7 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
         v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1),
         sel.stride(0), sel.stride(1), sel.stride(2), union.stride(0), union.stride(1),
         hq, hkv, tk, scale, sink, window, stride, sliding_window or 0,
-        G=hq // hkv, D=d, BM=BLOCK_M, BN=block_size, TOPK=topk, TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
+        G=hq // hkv, D=d, BM=layout.block_m, BN=block_size, TOPK=topk, TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
         USE_LOCAL=flags[0], USE_STRIDE=flags[1], USE_TOPK=flags[2] and topk > 0, HAS_SW=sliding_window is not None,
-        BACKWARD=backward, IEEE=q.dtype == torch.float32,
-        num_warps=4 if d <= 64 else 8, num_stages=2,
+        BACKWARD=backward, IEEE=q.dtype == torch.float32, **_launch_options(backward, d),
     )

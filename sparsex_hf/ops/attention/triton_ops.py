@@ -10,12 +10,12 @@ import torch
 
 from ...config import SparseXConfig
 from .layout import kernel_layout
-from .prefill import BLOCK_M, attend, attend_backward, tile_union
+from .prefill import attend, attend_backward, block_m, tile_union
 from .select import select_blocks_triton
 
 
 def _layout(q, k, attention_mask, cu_q, cu_k):
-    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, BLOCK_M, attention_mask, cu_q, cu_k)
+    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, block_m(), attention_mask, cu_q, cu_k)
 
 
 @torch.library.custom_op("sparsex::select", mutates_args=())
