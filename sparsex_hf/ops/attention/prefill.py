@@ -25,15 +25,22 @@ import triton.language as tl
 
 from .layout import KernelLayout
 
-def block_m() -> int:
-    """Query rows per program (``SPARSEX_BLOCK_M`` to experiment; a power of two >= 16)."""
-    return int(os.environ.get("SPARSEX_BLOCK_M", "128"))
+# Tile shapes measured on the H200 at 128K (benchmarks/NOTES.md): the forward is fastest with 64-row
+# tiles and 4 warps, the backward (atomics into dK, dV) with 128-row tiles and 8 warps. Each pass builds its
+# own layout, so they can differ. SPARSEX_BLOCK_M / _WARPS / _STAGES / _BWD_STAGES override for sweeps.
+FWD_TILE = dict(block_m=64, num_warps=4, num_stages=2)
+BWD_TILE = dict(block_m=128, num_warps=8, num_stages=3)
 
 
-def _launch_options(backward: bool, d: int) -> dict:
-    warps = int(os.environ.get("SPARSEX_WARPS", "8" if d > 64 or block_m() > 64 else "4"))
-    stages = int(os.environ.get("SPARSEX_BWD_STAGES" if backward else "SPARSEX_STAGES", "2" if backward else "3"))
-    return dict(num_warps=warps, num_stages=stages)
+def block_m(backward: bool = False) -> int:
+    """Query rows per program (a power of two >= 16)."""
+    return int(os.environ.get("SPARSEX_BLOCK_M", (BWD_TILE if backward else FWD_TILE)["block_m"]))
+
+
+def _launch_options(backward: bool) -> dict:
+    tile = BWD_TILE if backward else FWD_TILE
+    return dict(num_warps=int(os.environ.get("SPARSEX_WARPS", tile["num_warps"])),
+                num_stages=int(os.environ.get("SPARSEX_BWD_STAGES" if backward else "SPARSEX_STAGES", tile["num_stages"])))
 
 
 @triton.jit
@@ -323,5 +330,5 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
         hq, hkv, tk, scale, sink, window, stride, sliding_window or 0,
         G=hq // hkv, D=d, BM=layout.block_m, BN=block_size, TOPK=topk, TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
         USE_LOCAL=flags[0], USE_STRIDE=flags[1], USE_TOPK=flags[2] and topk > 0, HAS_SW=sliding_window is not None,
-        BACKWARD=backward, IEEE=q.dtype == torch.float32, **_launch_options(backward, d),
+        BACKWARD=backward, IEEE=q.dtype == torch.float32, **_launch_options(backward),
     )

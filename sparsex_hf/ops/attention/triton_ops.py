@@ -14,8 +14,8 @@ from .prefill import attend, attend_backward, block_m, tile_union
 from .select import select_blocks_triton
 
 
-def _layout(q, k, attention_mask, cu_q, cu_k):
-    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, block_m(), attention_mask, cu_q, cu_k)
+def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
+    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, block_m(backward), attention_mask, cu_q, cu_k)
 
 
 @torch.library.custom_op("sparsex::select", mutates_args=())
@@ -36,8 +36,8 @@ def _(q, k, attention_mask, cu_q, cu_k, block_size, sink, window, stride, topk, 
     return q.new_empty((q.shape[0], k.shape[1], q.shape[2], topk), dtype=torch.int32)
 
 
-def _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile):
-    layout = _layout(q, k, attention_mask, cu_q, cu_k)
+def _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, backward=False):
+    layout = _layout(q, k, attention_mask, cu_q, cu_k, backward)
     union, count = tile_union(sel, layout, window, block_size, select_tile)
     return layout, union, count
 
@@ -67,7 +67,7 @@ def attend_backward_op(
     cu_k: Optional[torch.Tensor], scale: float, block_size: int, sink: int, window: int, stride: int,
     sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile)
+    layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, True)
     return attend_backward(q, k, v, o, lse, do.contiguous(), sel, layout, union, count, scale=scale, sink=sink,
                            window=window, stride=stride, sliding_window=sliding_window or None,
                            block_size=block_size, flags=(use_local, use_stride, use_topk))
