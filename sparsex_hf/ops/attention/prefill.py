@@ -121,7 +121,7 @@ def _sparsex_kernel(
     USE_LOCAL: tl.constexpr, USE_STRIDE: tl.constexpr, USE_TOPK: tl.constexpr, HAS_SW: tl.constexpr,
     BACKWARD: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # offsets reach past 2**31 at 10M tokens: index in int64
     i_t, i_h = pid // HQ, pid % HQ
     i_kh = i_h // G
     i_b = tl.load(TILES + i_t * 5).to(tl.int64)
@@ -199,11 +199,11 @@ def _sparsex_kernel(
                                                b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
     # D: selected blocks below the window range (the union of the tile's rows, sorted)
     if USE_TOPK:
-        u_off = i_t.to(tl.int64) * s_ut + i_kh * s_uh
-        n_u = tl.load(UCOUNT + i_t.to(tl.int64) * HKV + i_kh)
+        u_off = i_t * s_ut + i_kh * s_uh
+        n_u = tl.load(UCOUNT + i_t * HKV + i_kh)
         for u in range(0, n_u):
             blk = tl.load(UNION + u_off + u)
-            j = blk * BN + o_n
+            j = blk.to(tl.int64) * BN + o_n
             m_k = j >= 0
             in_sel = tl.sum((b_sel == blk).to(tl.int32), 1) > 0
             keep = (j >= sink) & ((stride == 0) | (j % stride_safe != 0))

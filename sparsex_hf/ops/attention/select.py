@@ -28,7 +28,7 @@ def _block_score_kernel(
     G: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, RED: tl.constexpr,
     MINMAX: tl.constexpr, IEEE: tl.constexpr,
 ):
-    i_r, i_b, i_kh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_r, i_b, i_kh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     o_r = i_r * BQ + tl.arange(0, BQ)
     o_b = i_b * BNB + tl.arange(0, BNB)
     o_d = tl.arange(0, D)
