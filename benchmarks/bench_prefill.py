@@ -115,11 +115,15 @@ def main():
 
         keys = attended_keys(t, cfg)
         flops = 4 * hq * d * keys
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
         fwd = lambda: sparsex_attention(q, k, v, cfg, backend="triton")  # noqa: E731
         ms = bench(fwd, rep, runs)
-        peak = torch.cuda.max_memory_allocated() - base + (q.numel() + 2 * k.numel()) * 2  # + q, k, v
+        # peak of one plain call (do_bench's 256 MB cache-flush buffer must not count), plus q, k, v
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base + (q.numel() + 2 * k.numel()) * 2
         record("sparsex", "fwd", t, hq, hkv, d, ms, flops, peak, qkvo, f"{keys / t:.0f} keys/query")
         sel = lambda: select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride,  # noqa: E731
                                 cfg.topk, cfg.score, cfg.select_tile, cfg.select_query, 0)
