@@ -13,10 +13,10 @@ name, versions and date; a plot is drawn from the CSV rows of this run.
 
 from __future__ import annotations
 
+
 import argparse
 import csv
 import datetime
-import math
 import os
 import time
 
@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import sparsex_hf
 from sparsex_hf import SparseXConfig, sparsex_attention
 from sparsex_hf.ops.attention.triton_ops import select_op
+from _common import append_csv
 
 HEADLINE = dict(window=4096, stride=256, topk=8, block_size=64, sink_tokens=64)
 
@@ -79,7 +80,19 @@ def main():
     ap.add_argument("--config", default="", help="SparseXConfig overrides, e.g. select_tile=1,topk=16")
     ap.add_argument("--tag", default="headline")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--report", nargs="+", metavar="TAG", help="no timing: table and plot from the CSV rows of these tags")
     args = ap.parse_args()
+    if args.report:
+        with open(os.path.join(args.out_dir, "prefill.csv")) as f:
+            rows = [r for r in csv.DictReader(f) if r["tag"] in args.report]
+        for r in rows:
+            for key in ("tokens", "hq", "hkv"):
+                r[key] = int(r[key])
+            r["ms"] = float(r["ms"])
+        global _written
+        _written = len(rows)  # nothing new to append
+        write(rows, args.out_dir)
+        return
 
     cfg = SparseXConfig(**HEADLINE)
     for kv in filter(None, args.config.split(",")):
@@ -165,7 +178,7 @@ def main():
 
                 record(name, "fwd+bwd", t, hq, hkv, d, bench(dense_bwd, rep, runs), 3.5 * dense_flops, 0, qkvo)
                 del qg, kg, vg, do
-        del kr, vr
+        kr = vr = None  # free before the next length
         write(rows, args.out_dir, final=False)
     for t in args.flex:  # last: its compilation is the slowest part of the run
         hq, hkv = args.heads
@@ -212,12 +225,7 @@ def write(rows, out_dir, final=True):
     global _written
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "prefill.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows[_written:])
+    append_csv(path, rows[_written:])
     _written = len(rows)
     if not final:
         return

@@ -9,8 +9,8 @@ passed (one pad token) so that SDPA builds its real [B, 1, T, T] mask, as it doe
 
 from __future__ import annotations
 
+
 import argparse
-import csv
 import datetime
 import multiprocessing as mp
 import os
@@ -18,6 +18,7 @@ import platform
 import resource
 import sys
 import time
+from _common import append_csv
 
 
 def _run(impl: str, length: int, queue) -> None:
@@ -67,13 +68,7 @@ def main() -> None:
             )
             rows.append(row)
             print(row, flush=True)
-    new = not os.path.exists(args.out)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ offline: source files of installed Python packages, cut to --tokens tokens.
 
 from __future__ import annotations
 
+
 import argparse
-import csv
 import datetime
 import importlib.util
 import inspect
@@ -21,6 +21,7 @@ import torch
 
 import sparsex_hf
 import sparsex_hf.integration as integration
+from _common import append_csv
 
 VARIANTS = {
     "per-query minmax": dict(select_tile=1, score="minmax"),
@@ -95,12 +96,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
     integration.sparsex_attention = original
-    new = not os.path.exists(args.out)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ kernels read at launch (SPARSEX_BLOCK_M, SPARSEX_WARPS, SPARSEX_STAGES, SPARSEX_
 
 from __future__ import annotations
 
+
 import argparse
-import csv
 import datetime
 import os
 
@@ -16,6 +16,7 @@ import torch
 import triton
 
 from sparsex_hf import SparseXConfig, sparsex_attention
+from _common import append_csv
 
 HEADLINE = dict(window=4096, stride=256, topk=8, block_size=64, sink_tokens=64)
 
@@ -51,12 +52,7 @@ def main():
         print(row, flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "sweep.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(path, rows)
 
 
 if __name__ == "__main__":
