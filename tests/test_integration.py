@@ -294,3 +294,21 @@ def test_torch_compile_model_on_gpu():
         full = dense(ids).logits
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     assert (eager - full).abs().max() > 1e-3  # the Triton path really is sparse here
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_cached_decode_steps_equal_the_full_forward_with_per_query_selection(model_type):
+    _, sparse = _pair(model_type)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    ids = torch.randint(3, 256, (1, 700))
+    n = 690
+    with torch.no_grad():
+        full = sparse(ids).logits
+        out = sparse(ids[:, :n], use_cache=True)
+        cache = out.past_key_values
+        steps = []
+        for t in range(n, ids.shape[1]):
+            out = sparse(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, n:], atol=1e-4, rtol=1e-4)
