@@ -24,6 +24,7 @@ CONFIGS = {
     "tile64-hybrid": dict(SPARSE_SMALL, select_tile=64, score="hybrid"),
     "tile16-mean-nostride": dict(SPARSE_SMALL, select_tile=16, select_query="mean", stride=0, sink_tokens=5),
     "wide-window": dict(SPARSE_SMALL, window=160),  # chunks wholly inside every row's window (no mask)
+    "tile16-each": dict(SPARSE_SMALL, select_tile=16, select_query="each"),
 }
 
 
@@ -80,13 +81,26 @@ def test_gradients_match_reference(shape, name):
         assert _rel(a, b) < 1e-4
 
 
-def test_selection_matches_reference():
-    cfg = SparseXConfig(**SPARSE_SMALL)
-    q, k, v = _inputs(("", 2, 4, 2, 300, 300, 64), torch.float32, seed=11)
-    _, stats = sparsex_attention(q, k, v, cfg, backend="torch", return_stats=True)
+SELECTIONS = {
+    "tile64-mean": (dict(SPARSE_SMALL), {}),
+    "per-query": (dict(SPARSE_SMALL, select_tile=1), {}),
+    "tile16-each": (dict(SPARSE_SMALL, select_tile=16, select_query="each"), {}),
+    "tile32-hybrid-sink5": (dict(SPARSE_SMALL, select_tile=32, score="hybrid", sink_tokens=5, topk=5), {}),
+    "per-query-mean-sw": (dict(SPARSE_SMALL, select_tile=1, score="mean"), dict(sliding_window=150)),
+}
+
+
+@pytest.mark.parametrize("tq", [300, 77], ids=["Tq=Tk", "Tq<Tk"])
+@pytest.mark.parametrize("name", list(SELECTIONS))
+def test_selection_matches_reference(name, tq):
+    cfg, kw = SELECTIONS[name]
+    cfg = SparseXConfig(**cfg)
+    _, b, hq, hkv, _, tk, d = ("", 2, 4, 2, 0, 300, 64)
+    q, k, v = _inputs(("", b, hq, hkv, tq, tk, d), torch.float32, seed=11)
+    _, stats = sparsex_attention(q, k, v, cfg, backend="torch", return_stats=True, **kw)
     sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
-                    cfg.score, cfg.select_tile, cfg.select_query, 0)
-    # same sets (order may differ on ties)
+                    cfg.score, cfg.select_tile, cfg.select_query, kw.get("sliding_window", 0))
+    # same sets (the kernel's order is unspecified)
     assert torch.equal(sel.long().sort(-1).values, stats.selected_blocks.sort(-1).values)
 
 
