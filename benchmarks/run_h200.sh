@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs still owed, one stage per device call (each fits the 10-minute limit):
 #   bash benchmarks/run_h200.sh tests   kernel + HF tests on the GPU (GPU-gated ones included)
-#   bash benchmarks/run_h200.sh bench   the full prefill benchmark of the current code (v4: fused top-k)
+#   bash benchmarks/run_h200.sh bench   the full prefill benchmark of the current code (apply pending/v4 first to measure it)
 #   bash benchmarks/run_h200.sh flex    FlexAttention with the same pattern at 32K and 128K
 # Results go to $OUT (device tool) or benchmarks/results.
 set -uo pipefail
