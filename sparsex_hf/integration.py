@@ -72,8 +72,6 @@ def sparsex_attention_forward(
         if position_ids is not None and position_ids.shape[-1] == key.shape[2]:
             cu_k = cu_seqlens_from_position_ids(position_ids)
             cu_q = None
-    if cu_k is not None and cu_q is not None and query.shape[2] == key.shape[2] and torch.equal(cu_q.cpu(), cu_k.cpu()):
-        cu_q = None
     out = sparsex_attention(
         query, key, value, cfg,
         scale=scaling, attention_mask=attention_mask, cu_seqlens=cu_k, cu_seqlens_q=cu_q,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -159,8 +158,4 @@ def tiny_model(model_type: str, attn="sdpa", seed=0, **overrides):
 SPARSE_SMALL = dict(block_size=16, sink_tokens=16, window=64, stride=32, topk=4)
 
 
-def ceil_div(a, b):
-    return -(-a // b)
-
-
-__all__ = ["SPARSE_SMALL", "brute_force", "dense_causal", "math", "random_qkv", "tiny_config", "tiny_model"]
+__all__ = ["SPARSE_SMALL", "brute_force", "dense_causal", "random_qkv", "tiny_config", "tiny_model"]

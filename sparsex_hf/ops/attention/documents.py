@@ -43,6 +43,41 @@ def validate_cu_seqlens(cu: torch.Tensor, total: int, name: str) -> torch.Tensor
     return cu
 
 
+def packed_documents(batch_size, q_len, k_len, cu_seqlens_q, cu_seqlens_k) -> list[tuple[int, int, int, int, int]]:
+    """Documents of a packed row as ``(b, q_row0, k_col0, m, n)``: keys ``k_col0 .. +n``, queries
+    ``q_row0 .. +m`` (the document's last ``m`` positions). Documents without queries are left out."""
+    if batch_size != 1:
+        raise ValueError(f"Packed sequences (cu_seqlens) need batch size 1, got {batch_size}.")
+    cu_k = validate_cu_seqlens(cu_seqlens_k, k_len, "cu_seqlens_k").tolist()
+    if cu_seqlens_q is None:
+        if q_len != k_len:
+            raise ValueError("cu_seqlens alone needs Tq == Tk; pass cu_seqlens_q for chunked packed input.")
+        cu_q = cu_k
+    else:
+        cu_q = validate_cu_seqlens(cu_seqlens_q, q_len, "cu_seqlens_q").tolist()
+        if len(cu_q) != len(cu_k):
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of documents.")
+    docs = []
+    for d in range(len(cu_k) - 1):
+        m, n = cu_q[d + 1] - cu_q[d], cu_k[d + 1] - cu_k[d]
+        if m > n:
+            raise ValueError(f"Document {d} has more queries ({m}) than keys ({n}).")
+        if m:
+            docs.append((0, cu_q[d], cu_k[d], m, n))
+    return docs
+
+
+def check_layout_args(batch_size, k_len, attention_mask, cu_seqlens_k) -> None:
+    """Padding and packing exclude each other; a padding mask is ``[B, Tk]``."""
+    if cu_seqlens_k is not None and attention_mask is not None:
+        raise ValueError("Pass either attention_mask (padding) or cu_seqlens (packing), not both.")
+    if attention_mask is not None and (attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, k_len)):
+        raise ValueError(
+            f"attention_mask must be a 2-D padding mask [batch, kv_len] = [{batch_size}, {k_len}], "
+            f"got shape {tuple(attention_mask.shape)}. Sparse-X handles causality itself; 4-D masks are not supported."
+        )
+
+
 def split_documents(
     batch_size: int,
     q_len: int,
@@ -56,46 +91,21 @@ def split_documents(
 
     Args:
         attention_mask: optional ``[B, Tk]`` (bool or 0/1); ``False``/0 marks a padding key. Query row
-            ``r`` is key column ``Tk - Tq + r``.
+            ``r`` is key column ``Tk - Tq + r``. Real tokens need not be contiguous.
         cu_seqlens_q, cu_seqlens_k: optional packed layout (``B == 1``); document ``d`` owns key
             columns ``cu_k[d]:cu_k[d+1]`` and query rows ``cu_q[d]:cu_q[d+1]``, its last queries.
     """
+    check_layout_args(batch_size, k_len, attention_mask, cu_seqlens_k)
     offset = k_len - q_len
     arange = lambda a, b: torch.arange(a, b, device=device)  # noqa: E731
     if cu_seqlens_k is not None:
-        if attention_mask is not None:
-            raise ValueError("Pass either attention_mask (padding) or cu_seqlens (packing), not both.")
-        if batch_size != 1:
-            raise ValueError(f"Packed sequences (cu_seqlens) need batch size 1, got {batch_size}.")
-        cu_k = validate_cu_seqlens(cu_seqlens_k, k_len, "cu_seqlens_k")
-        if cu_seqlens_q is None:
-            if q_len != k_len:
-                raise ValueError("cu_seqlens alone needs Tq == Tk; pass cu_seqlens_q for chunked packed input.")
-            cu_q = cu_k
-        else:
-            cu_q = validate_cu_seqlens(cu_seqlens_q, q_len, "cu_seqlens_q")
-            if cu_q.numel() != cu_k.numel():
-                raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of documents.")
-        docs = []
-        for d in range(cu_k.numel() - 1):
-            k0, k1 = int(cu_k[d]), int(cu_k[d + 1])
-            q0, q1 = int(cu_q[d]), int(cu_q[d + 1])
-            if q1 - q0 > k1 - k0:
-                raise ValueError(f"Document {d} has more queries ({q1 - q0}) than keys ({k1 - k0}).")
-            if q1 == q0:
-                continue
-            n = k1 - k0
-            docs.append(Document(0, arange(q0, q1), arange(n - (q1 - q0), n), arange(k0, k1)))
-        return docs
-
+        return [
+            Document(b, arange(q0, q0 + m), arange(n - m, n), arange(k0, k0 + n))
+            for b, q0, k0, m, n in packed_documents(batch_size, q_len, k_len, cu_seqlens_q, cu_seqlens_k)
+        ]
     if attention_mask is None:
         return [Document(b, arange(0, q_len), arange(offset, k_len), arange(0, k_len)) for b in range(batch_size)]
 
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, k_len):
-        raise ValueError(
-            f"attention_mask must be a 2-D padding mask [batch, kv_len] = [{batch_size}, {k_len}], "
-            f"got shape {tuple(attention_mask.shape)}. Sparse-X handles causality itself; 4-D masks are not supported."
-        )
     real = attention_mask.to(device=device) != 0
     rank = real.long().cumsum(-1) - 1  # position of each real key inside its row
     docs = []

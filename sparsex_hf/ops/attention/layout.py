@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .documents import validate_cu_seqlens
+from .documents import check_layout_args, packed_documents
 
 
 @dataclass
@@ -27,36 +27,12 @@ class KernelLayout:
 
 
 def kernel_documents(bsz, tq, tk, attention_mask=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    check_layout_args(bsz, tk, attention_mask, cu_seqlens_k)
     offset = tk - tq
     if cu_seqlens_k is not None:
-        if attention_mask is not None:
-            raise ValueError("Pass either attention_mask (padding) or cu_seqlens (packing), not both.")
-        if bsz != 1:
-            raise ValueError(f"Packed sequences (cu_seqlens) need batch size 1, got {bsz}.")
-        cu_k = validate_cu_seqlens(cu_seqlens_k, tk, "cu_seqlens_k").tolist()
-        if cu_seqlens_q is None:
-            if tq != tk:
-                raise ValueError("cu_seqlens alone needs Tq == Tk; pass cu_seqlens_q for chunked packed input.")
-            cu_q = cu_k
-        else:
-            cu_q = validate_cu_seqlens(cu_seqlens_q, tq, "cu_seqlens_q").tolist()
-            if len(cu_q) != len(cu_k):
-                raise ValueError("cu_seqlens_q and cu_seqlens_k must describe the same number of documents.")
-        docs = []
-        for d in range(len(cu_k) - 1):
-            m, n = cu_q[d + 1] - cu_q[d], cu_k[d + 1] - cu_k[d]
-            if m > n:
-                raise ValueError(f"Document {d} has more queries ({m}) than keys ({n}).")
-            if m:
-                docs.append((0, cu_q[d], cu_k[d], m, n))
-        return docs
+        return packed_documents(bsz, tq, tk, cu_seqlens_q, cu_seqlens_k)
     if attention_mask is None:
         return [(b, 0, 0, tq, tk) for b in range(bsz)]
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (bsz, tk):
-        raise ValueError(
-            f"attention_mask must be a 2-D padding mask [batch, kv_len] = [{bsz}, {tk}], got shape "
-            f"{tuple(attention_mask.shape)}. Sparse-X handles causality itself; 4-D masks are not supported."
-        )
     real = attention_mask != 0
     n = real.sum(-1)
     first = real.int().argmax(-1)

@@ -10,6 +10,7 @@ import torch
 
 from ...config import SparseXConfig
 from .layout import kernel_layout
+from .naive import _resolve_mix_weights
 from .prefill import attend, attend_backward, block_m, tile_union
 from .select import select_blocks_triton
 
@@ -117,8 +118,7 @@ def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_ma
     if cfg.combine == "union":
         return attend_op(q, k, v, sel, *common, True, True, True)[0]
     hq = q.shape[1]
-    weights = mix_weights if mix_weights is not None else torch.tensor([cfg.alpha, cfg.beta, cfg.gamma])
-    weights = torch.as_tensor(weights).to(device=q.device, dtype=torch.float32).expand(hq, 3)
+    weights = _resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32)
     out, norm = 0.0, 0.0
     for i, flags in enumerate(((True, False, False), (False, True, False), (False, False, True))):
         o_b, lse_b = attend_op(q, k, v, sel, *common, *flags)
