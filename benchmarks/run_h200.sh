@@ -15,6 +15,14 @@ case "${1:-tests}" in
   bench)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 8192 32768 131072 262144 1048576 \
         --sparse-only 10485760 --tag v4 --out-dir "$out" 2>&1 | tee "$out/bench.log" | tail -12 ;;
+  ab)  # same-run A/B of the selection stage: v3 (select_v3.py: scores + torch.topk) against the fused top-k
+    cp sparsex_hf/ops/attention/select.py /tmp/select_new.py
+    cp benchmarks/pending/select_v3.py sparsex_hf/ops/attention/select.py
+    timeout 150 python3 benchmarks/bench_prefill.py --lengths 131072 --dense-max 0 --dense-bwd-max 0 --bwd-max 0 \
+        --sparse-only 1048576 --tag v3-ab --out-dir "$out" 2>&1 | tee "$out/ab_v3.log" | tail -6
+    cp /tmp/select_new.py sparsex_hf/ops/attention/select.py
+    timeout 150 python3 benchmarks/bench_prefill.py --lengths 131072 --dense-max 0 --dense-bwd-max 0 --bwd-max 0 \
+        --sparse-only 1048576 --tag v4-ab --out-dir "$out" 2>&1 | tee "$out/ab_v4.log" | tail -6 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;

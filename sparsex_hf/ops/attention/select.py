@@ -2,14 +2,12 @@
 
 Scores follow ``naive.shared_scores``: the min/max bound ``q+ . kmax + q- . kmin`` (two matrix
 products) or ``q . kmean``, max over the GQA group's heads and, with ``select_tile > 1`` and
-``select_query="each"``, over the tile's queries, all fused in one kernel; ``select_query="mean"``
-scores the tile's mean query. Scores of a chunk of tiles are written once ``[Hkv, tiles, nb]`` (fp32),
-masked by eligibility and reduced by ``torch.topk``; chunks bound the memory.
+``select_query="each"``, over the tile's queries; ``select_query="mean"`` scores the tile's mean query.
+One kernel scores the blocks, masks the ineligible ones and keeps a running top-k per row, so no score
+tensor reaches memory; chunks of tiles bound the query copies.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -21,87 +19,112 @@ from .layout import KernelLayout
 
 
 @triton.jit
-def _block_score_kernel(
-    Q, KA, KB, S,
-    s_qh, s_qr, s_kh, s_kb, s_sh, s_sr,
-    R, NB,
+def _block_topk_kernel(
+    Q, KA, KB, PF, PL, EXCL, VAL, IDX,
+    s_qh, s_qr, s_kh, s_kb, s_vh, s_vr, s_eh, s_er,
+    R, NB, block, sink, window, sliding,
     G: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, RED: tl.constexpr,
-    MINMAX: tl.constexpr, IEEE: tl.constexpr,
+    K: tl.constexpr, KP2: tl.constexpr, N_EXCL: tl.constexpr, MINMAX: tl.constexpr, HAS_SW: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    i_r, i_b, i_kh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    o_r = i_r * BQ + tl.arange(0, BQ)
-    o_b = i_b * BNB + tl.arange(0, BNB)
-    o_d = tl.arange(0, D)
-    m_r, m_b = o_r < R, o_b < NB
-    p_k = i_kh * s_kh + o_b[:, None] * s_kb + o_d[None, :]
-    b_ka = tl.load(KA + p_k, mask=m_b[:, None], other=0.0)
-    if MINMAX:
-        b_kb = tl.load(KB + p_k, mask=m_b[:, None], other=0.0)
-    best = tl.full([BQ, BNB], float("-inf"), tl.float32)
-    for g in tl.static_range(G):
-        b_q = tl.load(Q + (i_kh * G + g) * s_qh + o_r[:, None] * s_qr + o_d[None, :], mask=m_r[:, None], other=0.0)
-        if MINMAX:
-            zero = tl.zeros_like(b_q)
-            q_pos = tl.maximum(b_q, zero).to(b_ka.dtype)  # (maximum promotes bf16 to fp32 on the GPU)
-            q_neg = tl.minimum(b_q, zero).to(b_ka.dtype)
-            if IEEE:
-                s = tl.dot(q_pos, tl.trans(b_ka), input_precision="ieee")
-                s += tl.dot(q_neg, tl.trans(b_kb), input_precision="ieee")
-            else:
-                s = tl.dot(q_pos, tl.trans(b_ka))
-                s += tl.dot(q_neg, tl.trans(b_kb))
-        else:
-            if IEEE:
-                s = tl.dot(b_q, tl.trans(b_ka), input_precision="ieee")
-            else:
-                s = tl.dot(b_q, tl.trans(b_ka))
-        best = tl.maximum(best, s)
-    if RED > 1:
-        best = tl.max(tl.reshape(best, [BQ // RED, RED, BNB]), axis=1)
-    o_out = i_r * (BQ // RED) + tl.arange(0, BQ // RED)
+    """Top-K eligible blocks per score row, streaming over the blocks: no score tensor in memory.
+
+    A score row is ``RED`` consecutive query rows (max over them and over the group's ``G`` heads). Block
+    ``b`` is eligible for a row whose queries span positions ``[PF, PL]`` if it is eligible for both ends
+    (naive.eligible_blocks). Blocks are visited in increasing order and a block replaces the current
+    minimum only when strictly greater, so ties keep the lower block index, as the reference does.
+    """
+    i_r, i_kh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_q = i_r * BQ + tl.arange(0, BQ)  # query rows
+    o_out = i_r * (BQ // RED) + tl.arange(0, BQ // RED)  # score rows
     m_out = o_out < R // RED
-    tl.store(S + i_kh * s_sh + o_out[:, None] * s_sr + o_b[None, :], best, mask=m_out[:, None] & m_b[None, :])
+    o_d = tl.arange(0, D)
+    o_k = tl.arange(0, KP2)
+    pf = tl.load(PF + o_out, mask=m_out, other=0)
+    pl = tl.load(PL + o_out, mask=m_out, other=0)
+    top_v = tl.where(o_k[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BQ // RED, KP2], tl.float32)
+    top_i = tl.full([BQ // RED, KP2], -1, tl.int32)
+    for b0 in range(0, NB, BNB):
+        o_b = b0 + tl.arange(0, BNB)
+        m_b = o_b < NB
+        p_k = i_kh * s_kh + o_b[:, None] * s_kb + o_d[None, :]
+        b_ka = tl.load(KA + p_k, mask=m_b[:, None], other=0.0)
+        if MINMAX:
+            b_kb = tl.load(KB + p_k, mask=m_b[:, None], other=0.0)
+        best = tl.full([BQ, BNB], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            b_q = tl.load(Q + (i_kh * G + g) * s_qh + o_q[:, None] * s_qr + o_d[None, :], mask=(o_q < R)[:, None], other=0.0)
+            if MINMAX:
+                zero = tl.zeros_like(b_q)
+                q_pos = tl.maximum(b_q, zero).to(b_ka.dtype)  # (maximum promotes bf16 to fp32 on the GPU)
+                q_neg = tl.minimum(b_q, zero).to(b_ka.dtype)
+                if IEEE:
+                    s = tl.dot(q_pos, tl.trans(b_ka), input_precision="ieee")
+                    s += tl.dot(q_neg, tl.trans(b_kb), input_precision="ieee")
+                else:
+                    s = tl.dot(q_pos, tl.trans(b_ka))
+                    s += tl.dot(q_neg, tl.trans(b_kb))
+            else:
+                if IEEE:
+                    s = tl.dot(b_q, tl.trans(b_ka), input_precision="ieee")
+                else:
+                    s = tl.dot(b_q, tl.trans(b_ka))
+            best = tl.maximum(best, s)
+        if RED > 1:
+            best = tl.max(tl.reshape(best, [BQ // RED, RED, BNB]), axis=1)
+        b_end = o_b * block + block - 1
+        ok = (b_end[None, :] <= pf[:, None]) & ((o_b * block)[None, :] <= (pf - window)[:, None])
+        ok &= (b_end >= sink)[None, :] & (sink <= pf - window)[:, None] & m_b[None, :] & m_out[:, None]
+        if HAS_SW:
+            ok &= b_end[None, :] > (pl - sliding)[:, None]
+        for e in tl.static_range(N_EXCL):
+            ex = tl.load(EXCL + i_kh * s_eh + o_out * s_er + e, mask=m_out, other=-1)
+            ok &= o_b[None, :] != ex[:, None]
+        best = tl.where(ok, best, float("-inf"))
+        # merge: K rounds of "take the chunk's best, replace the current minimum if strictly greater"
+        for _ in tl.static_range(K):
+            c_v = tl.max(best, 1)
+            c_i = tl.argmax(best, 1)
+            cur_min = tl.min(top_v, 1)
+            slot = tl.argmin(top_v, 1)
+            take = c_v > cur_min
+            hit = take[:, None] & (o_k[None, :] == slot[:, None])
+            top_v = tl.where(hit, c_v[:, None], top_v)
+            top_i = tl.where(hit, (b0 + c_i).to(tl.int32)[:, None], top_i)
+            best = tl.where(tl.arange(0, BNB)[None, :] == c_i[:, None], float("-inf"), best)
+    top_i = tl.where(top_v > float("-inf"), top_i, -1)
+    m_st = m_out[:, None] & (o_k[None, :] < K)
+    tl.store(VAL + i_kh * s_vh + o_out[:, None] * s_vr + o_k[None, :], top_v, mask=m_st)
+    tl.store(IDX + i_kh * s_vh + o_out[:, None] * s_vr + o_k[None, :], top_i, mask=m_st)
 
 
-def block_scores_triton(qr: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor | None, group: int, reduce: int) -> torch.Tensor:
-    """``qr [Hq, R, D]`` (``R`` a multiple of ``reduce``), ``ka/kb [Hkv, nb, D]`` (kmax/kmin, or kmean and
-    None) -> scores ``[Hkv, R // reduce, nb]`` fp32: max over the ``group`` heads of a KV head and over
-    each run of ``reduce`` consecutive rows."""
+def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: int, cfg, sliding_window=None,
+                      exclude=None) -> torch.Tensor:
+    """Top-``k`` eligible blocks of every score row: ``qr [Hq, R, D]`` (``R`` a multiple of ``reduce``),
+    ``ka/kb [Hkv, nb, D]`` (kmax/kmin, or kmean and None), ``p_first/p_last [R // reduce]`` positions
+    spanned by each row, ``exclude [Hkv, R // reduce, e]`` blocks to skip (-1 = none) -> ``[Hkv, R // reduce, k]``
+    int32 block indices (-1 where fewer are eligible), unordered."""
     hq, r, d = qr.shape
     hkv, nb, _ = ka.shape
-    out = torch.empty(hkv, r // reduce, nb, device=qr.device, dtype=torch.float32)
-    if r == 0 or nb == 0:
-        return out
+    rows = r // reduce
+    kp2 = max(2, triton.next_power_of_2(k))
+    val = torch.empty(hkv, rows, kp2, device=qr.device, dtype=torch.float32)
+    idx = torch.full((hkv, rows, kp2), -1, device=qr.device, dtype=torch.int32)
+    if rows == 0 or k == 0:
+        return idx[..., :k]
+    excl = exclude if exclude is not None else idx
     bq = max(32, reduce)
-    bnb = 64
-    kb_ = ka if kb is None else kb
-    grid = (triton.cdiv(r, bq), triton.cdiv(nb, bnb), hkv)
-    _block_score_kernel[grid](
-        qr, ka, kb_, out,
-        qr.stride(0), qr.stride(1), ka.stride(0), ka.stride(1), out.stride(0), out.stride(1),
-        r, nb,
-        G=group, D=d, BQ=bq, BNB=bnb, RED=reduce, MINMAX=kb is not None, IEEE=qr.dtype == torch.float32,
+    grid = (triton.cdiv(r, bq), hkv)
+    _block_topk_kernel[grid](
+        qr, ka, ka if kb is None else kb, p_first.to(torch.int32), p_last.to(torch.int32), excl, val, idx,
+        qr.stride(0), qr.stride(1), ka.stride(0), ka.stride(1), val.stride(0), val.stride(1),
+        excl.stride(0), excl.stride(1),
+        r, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
+        G=group, D=d, BQ=bq, BNB=64, RED=reduce, K=k, KP2=kp2, N_EXCL=0 if exclude is None else exclude.shape[-1],
+        MINMAX=kb is not None, HAS_SW=sliding_window is not None, IEEE=qr.dtype == torch.float32,
         num_warps=4 if bq <= 64 else 8,
     )
-    return out
-
-
-def _eligible(p_first, p_last, nb, cfg, sliding_window, device):
-    """``[tiles, nb]``: blocks eligible for the first and the last query of each tile (naive.eligible_blocks)."""
-    b = torch.arange(nb, device=device)
-    start, end = b * cfg.block_size, b * cfg.block_size + cfg.block_size - 1
-    ok = torch.ones(p_first.numel(), nb, dtype=torch.bool, device=device)
-    for p in (p_first[:, None], p_last[:, None]):
-        ok &= (end <= p) & (start <= p - cfg.window) & (end >= cfg.sink_tokens) & (cfg.sink_tokens <= p - cfg.window)
-        if sliding_window is not None:
-            ok &= end > p - sliding_window
-    return ok
-
-
-def _top(scores, k):
-    k = min(k, scores.shape[-1])
-    val, idx = torch.topk(scores, k, dim=-1)
-    return torch.where(val > -math.inf, idx, torch.full_like(idx, -1))
+    return idx[..., :k]
 
 
 def _tile_means(qd: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tile: int) -> torch.Tensor:
@@ -131,7 +154,6 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding
     if cfg.topk == 0:
         return sel
     budget = max(64 << 20, q.numel() * q.element_size() // 16)
-    neg = torch.tensor(-math.inf, device=q.device)
     for b, q_row0, k_col0, m, n in layout.docs:
         nb = n // bs
         if nb == 0:
@@ -146,7 +168,7 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding
         lo = torch.clamp(t_ids * tile, min=first) - first
         hi = torch.clamp((t_ids + 1) * tile, max=n) - first
         rows_per_tile = tile if (tile > 1 and cfg.select_query == "each") else 1
-        per_chunk = max(1, budget // max(4 * hkv * nb, 4 * hq * d * rows_per_tile))
+        per_chunk = max(1, budget // (4 * hq * d * rows_per_tile))
         for c0 in range(0, t_ids.numel(), per_chunk):
             c_lo, c_hi = lo[c0 : c0 + per_chunk], hi[c0 : c0 + per_chunk]
             nt = c_lo.numel()
@@ -159,18 +181,15 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding
                 idx = torch.where(slot[None] < (c_hi - c_lo)[:, None], c_lo[:, None] + slot[None], c_lo[:, None])
                 rows, reduce = qd[:, idx.flatten().to(q.device)], tile
             rows = rows.contiguous()
-            ok = _eligible((c_lo + first).to(q.device), (c_hi - 1 + first).to(q.device), nb, cfg, sliding_window, q.device)
+            p_first, p_last = (c_lo + first).to(q.device), (c_hi - 1 + first).to(q.device)
+            topk_of = lambda kind, count, exclude=None: block_topk_triton(  # noqa: E731
+                rows, kmax if kind == "minmax" else kmean, kmin if kind == "minmax" else None, g, reduce,
+                p_first, p_last, count, cfg, sliding_window, exclude)
             if cfg.score == "hybrid":
-                s_mm = torch.where(ok, block_scores_triton(rows, kmax, kmin, g, reduce), neg)
-                top_mm = _top(s_mm, (cfg.topk + 1) // 2)
-                s_mean = torch.where(ok, block_scores_triton(rows, kmean, None, g, reduce), neg)
-                taken = torch.zeros(*s_mean.shape[:-1], nb + 1, dtype=torch.bool, device=q.device)  # nb: empty slots
-                taken.scatter_(-1, torch.where(top_mm >= 0, top_mm, nb).long(), True)
-                s_mean = s_mean.masked_fill(taken[..., :nb], -math.inf)
-                top = torch.cat([top_mm, _top(s_mean, cfg.topk - (cfg.topk + 1) // 2)], -1)
+                top_mm = topk_of("minmax", (cfg.topk + 1) // 2)
+                top = torch.cat([top_mm, topk_of("mean", cfg.topk - top_mm.shape[-1], top_mm.contiguous())], -1)
             else:
-                ka, kb = (kmax, kmin) if cfg.score == "minmax" else (kmean, None)
-                top = _top(torch.where(ok, block_scores_triton(rows, ka, kb, g, reduce), neg), cfg.topk)
+                top = topk_of(cfg.score, cfg.topk)
             # each tile's choice, for each of its rows
             r0 = q_row0 + int(c_lo[0])
             if tile == 1:
