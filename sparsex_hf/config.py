@@ -53,6 +53,9 @@ class SparseXConfig:
             than the window are excluded from every set, as the model was trained. ``False`` lets
             Sparse-X reach beyond it.
         backend: ``"auto"`` (by device), ``"torch"`` (the reference) or ``"triton"`` (the kernels).
+        prefill_chunk: ``generate()`` prefills a longer prompt chunk by chunk into the cache (Transformers'
+            ``prefill_chunk_size``), so activation memory stays bounded; 0 turns chunking off. Set on the
+            model's generation config by ``sparsex_hf.from_pretrained`` and ``apply_sparsex``.
     """
 
     block_size: int = 64
@@ -71,12 +74,14 @@ class SparseXConfig:
     dense_below: int = 0
     respect_sliding_window: bool = True
     backend: str = "auto"
+    prefill_chunk: int = 32768
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"SparseXConfig.{name}={getattr(self, name)!r} is invalid: allowed is {allowed}.")
 
-        for name in ("block_size", "sink_tokens", "window", "stride", "topk", "dense_below", "select_tile"):
+        for name in ("block_size", "sink_tokens", "window", "stride", "topk", "dense_below", "select_tile",
+                     "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad(name, "an integer")
@@ -94,6 +99,8 @@ class SparseXConfig:
             raise bad("stride", "an integer >= 0 (0 turns the stride off)")
         if self.topk < 0:
             raise bad("topk", "an integer >= 0 (0 turns top-k selection off)")
+        if self.prefill_chunk < 0:
+            raise bad("prefill_chunk", "an integer >= 0 (0 prefills in one pass)")
         if self.dense_below < 0:
             raise bad("dense_below", "an integer >= 0 (0 never falls back to dense)")
         if self.combine not in COMBINE_MODES:

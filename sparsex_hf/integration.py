@@ -15,7 +15,7 @@ import torch
 
 from .config import SparseXConfig
 from .ops.attention import cu_seqlens_from_position_ids, sparsex_attention
-from .patches import check_model_type
+from .patches import TYPE_DEFAULTS, check_model_type
 
 ATTN_NAME = "sparsex"
 
@@ -24,7 +24,10 @@ def get_sparsex_config(obj: Any) -> SparseXConfig:
     """The :class:`SparseXConfig` of a model, a model config, or an attention module
     (``config.sparsex``, a dict or a config; defaults when absent)."""
     config = getattr(obj, "config", obj)
-    return SparseXConfig.from_any(getattr(config, "sparsex", None))
+    stored = getattr(config, "sparsex", None)
+    if stored is None and getattr(config, "model_type", None) in TYPE_DEFAULTS:
+        return TYPE_DEFAULTS[config.model_type]
+    return SparseXConfig.from_any(stored)
 
 
 def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | None = None, **changes: Any) -> SparseXConfig:
@@ -65,6 +68,14 @@ def sparsex_attention_forward(
             f"Sparse-X received a {attention_mask.dim()}-D attention mask; it takes only a 2-D padding mask "
             "[batch, kv_len] (its mask function provides that). Do not pass prepared 4-D masks."
         )
+    layer = getattr(module, "_sparsex_layer", None)  # lent by the attention wrapper (patches/) when cached
+    if layer is not None:
+        out = _cached_attention(module, layer, query, cfg, scaling, kwargs)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+        if layer.offload_kv:  # a prefill chunk over an offloaded cache reads every past key
+            key = layer.keys.to(query.device, non_blocking=True)
+            value = layer.values.to(query.device, non_blocking=True)
     cu_k = kwargs.get("cu_seq_lens_k")
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_k is None and attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
@@ -78,6 +89,28 @@ def sparsex_attention_forward(
         layer_idx=getattr(module, "layer_idx", None), sliding_window=kwargs.get("sliding_window"),
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _cached_attention(module, layer, query, cfg: SparseXConfig, scaling, kwargs):
+    """The decode path (a few queries, the cache's block summaries), or None where the general path applies:
+    dense layers, rows whose padding is not a left prefix, prefill (more queries, or an empty past)."""
+    from .ops.attention import sparsex_decode_attention
+    from .ops.attention.decode import MAX_DECODE_QUERIES
+
+    tq = query.shape[2]
+    layer_idx = getattr(module, "layer_idx", None)
+    if (
+        layer.offsets is None
+        or tq > MAX_DECODE_QUERIES
+        or layer.get_seq_length() <= tq
+        or (layer_idx is not None and layer_idx in cfg.dense_layers)
+        or (cfg.dense_below and layer.get_seq_length() - min(layer.offsets) <= cfg.dense_below)
+        or kwargs.get("cu_seq_lens_k") is not None
+    ):
+        return None
+    return sparsex_decode_attention(
+        query, layer, cfg, scale=scaling, layer_idx=layer_idx, sliding_window=kwargs.get("sliding_window"),
+    )
 
 
 def sparsex_mask(
@@ -133,4 +166,7 @@ def from_pretrained(
         cfg = stored.replace(**dict(sparsex or {}))
     config.sparsex = cfg.to_dict()
     kwargs.setdefault("attn_implementation", ATTN_NAME)
-    return AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    if getattr(model, "generation_config", None) is not None and kwargs["attn_implementation"] == ATTN_NAME:
+        model.generation_config.prefill_chunk_size = cfg.prefill_chunk or None
+    return model

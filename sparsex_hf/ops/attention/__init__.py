@@ -156,8 +156,33 @@ def sparsex_attention(
     )
 
 
+def sparsex_decode_attention(q, layer, config=None, *, scale=None, backend=None, layer_idx=None,
+                             sliding_window=None, mix_weights=None):
+    """Sparse-X attention of a decode step: queries ``q [B, Hq, Tq, D]`` (``Tq <= MAX_DECODE_QUERIES``) of the
+    last ``Tq`` tokens cached in ``layer`` (a :class:`sparsex_hf.SparseXLayer`, keys already appended).
+    Same result as :func:`sparsex_attention` over the whole cache with ``select_tile=1``; reads the block
+    summaries and the attended keys only. Dense layers read every key (the general path)."""
+    from .decode import MAX_DECODE_QUERIES, sparsex_decode
+
+    cfg = SparseXConfig.from_any(config)
+    if q.shape[2] > MAX_DECODE_QUERIES:
+        raise ValueError(f"a decode step takes at most {MAX_DECODE_QUERIES} queries per sequence, got {q.shape[2]}.")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not cfg.respect_sliding_window:
+        sliding_window = None
+    backend = resolve_backend(backend or cfg.backend, q.device)
+    if backend == "triton":
+        _check_triton(q, cfg, False)
+        if layer.offload_kv:
+            backend = "torch"  # the offloaded cache is read by gathering on the CPU (documented)
+    return sparsex_decode(q, layer, cfg, scale=scale, sliding_window=sliding_window, mix_weights=mix_weights,
+                          backend=backend)
+
+
 __all__ = [
     "Document",
+    "sparsex_decode_attention",
     "SparseXStats",
     "block_summaries",
     "cu_seqlens_from_position_ids",

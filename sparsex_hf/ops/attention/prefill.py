@@ -203,7 +203,7 @@ def _sparsex_kernel(
         n_u = tl.load(UCOUNT + i_t * HKV + i_kh)
         for u in range(0, n_u):
             blk = tl.load(UNION + u_off + u)
-            j = blk.to(tl.int64) * BN + o_n
+            j = blk * BN + o_n  # int32 (a block index times 64 stays below 2**31); _chunk widens the address
             m_k = j >= 0
             in_sel = tl.sum((b_sel == blk).to(tl.int32), 1) > 0
             keep = (j >= sink) & ((stride == 0) | (j % stride_safe != 0))

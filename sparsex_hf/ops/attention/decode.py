@@ -1,0 +1,141 @@
+"""Sparse-X decode: a few new queries per sequence against a :class:`~sparsex_hf.cache.SparseXLayer`.
+
+Selection scores the cached block summaries (no key is read), per query (a decode step has no later
+queries to share a selection tile with) and shared by the GQA group, as ``naive.select_blocks`` does with
+``select_tile=1``. The attention stage reads only the attended keys: sink, window, the stride keys below
+the window and the selected blocks below the window, four disjoint sets whose union is SPEC's ``S(i)``.
+
+Two implementations of the attention stage: ``backend="torch"`` gathers the attended keys (any device;
+the offloaded cache gathers on the CPU and copies only those keys to the GPU) and ``backend="triton"``
+reads them in place from the cache with one split-K kernel (``decode_kernel.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...config import SparseXConfig
+from .naive import _resolve_mix_weights, eligible_blocks, select_blocks
+
+# A decode step is at most this many new queries per sequence; longer inputs take the prefill path.
+MAX_DECODE_QUERIES = 16
+
+
+def decode_positions(layer, tq: int, device) -> torch.Tensor:
+    """Document positions ``[B, Tq]`` of the last ``Tq`` cached tokens of each row."""
+    n = torch.tensor([layer.get_seq_length() - off for off in layer.offsets], device=device)
+    return n[:, None] - tq + torch.arange(tq, device=device)[None, :]
+
+
+def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXConfig, sliding_window) -> torch.Tensor:
+    """Top-k blocks ``[B, Hkv, Tq, topk]`` (long, -1 where fewer are eligible) of queries ``q [B, Hq, Tq, D]``
+    at document positions ``pos [B, Tq]`` from the summaries ``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]``."""
+    bsz, hq, tq, d = q.shape
+    kmin = summaries[0]
+    hkv, nb = kmin.shape[1], kmin.shape[2]
+    out = torch.full((bsz, hkv, tq, cfg.topk), -1, dtype=torch.long, device=q.device)
+    if nb == 0 or cfg.topk == 0:
+        return out
+    eligible = eligible_blocks(pos.flatten(), nb, cfg, sliding_window).view(bsz, 1, tq, nb)
+    eligible = eligible.expand(bsz, hkv, tq, nb).flatten(0, 1)
+    qf = q.float().reshape(bsz * hkv, hq // hkv, tq, d)
+    summ = tuple(s.float().flatten(0, 1) for s in summaries)
+    sel = select_blocks(qf, None, summ, eligible, cfg.replace(select_tile=1))
+    out[..., : sel.shape[-1]] = sel.view(bsz, hkv, tq, -1)
+    return out
+
+
+def key_sets(pos: torch.Tensor, sel: torch.Tensor, cfg: SparseXConfig, sliding_window, n_max: int):
+    """The attended keys of each query as padded index lists.
+
+    Returns ``idx [B, Hkv, Tq, NK]`` document positions, ``valid`` (same shape) and ``part`` ``[NK]``
+    (0: sink or window, 1: stride, 2: selected) for the ``mix`` combine. Disjoint by construction."""
+    bsz, hkv, tq, k = sel.shape
+    dev = pos.device
+    p = pos[:, :, None]  # [B, Tq, 1]
+    w = min(cfg.window, n_max)
+    s = min(cfg.sink_tokens, n_max)
+    j_sink = torch.arange(s, device=dev).expand(bsz, tq, s)
+    ok_sink = j_sink <= p
+    j_win = p - w + 1 + torch.arange(w, device=dev)
+    ok_win = (j_win >= s) & (j_win >= 0) & (j_win >= p - cfg.window + 1) & (j_win <= p)
+    if cfg.stride > 0:
+        r = -(-n_max // cfg.stride)
+        j_str = (torch.arange(r, device=dev) * cfg.stride).expand(bsz, tq, r)
+        ok_str = (j_str >= cfg.sink_tokens) & (j_str <= p - cfg.window) & (j_str <= p)
+    else:
+        r = 0
+        j_str = ok_str = torch.zeros(bsz, tq, 0, dtype=torch.long, device=dev)
+    base = torch.cat([j_sink, j_win, j_str], -1)
+    ok_base = torch.cat([ok_sink, ok_win, ok_str.bool()], -1)
+    bs = cfg.block_size
+    j_top = (sel[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)  # [B, Hkv, Tq, K*bs]
+    pp = pos[:, None, :, None]
+    ok_top = (sel[..., None] >= 0).expand(-1, -1, -1, -1, bs).flatten(-2)
+    ok_top = ok_top & (j_top >= cfg.sink_tokens) & (j_top <= pp - cfg.window) & (j_top <= pp)
+    if cfg.stride > 0:
+        ok_top &= j_top % cfg.stride != 0
+    idx = torch.cat([base[:, None].expand(-1, hkv, -1, -1), j_top], -1)
+    valid = torch.cat([ok_base[:, None].expand(-1, hkv, -1, -1), ok_top], -1)
+    if sliding_window is not None:
+        valid &= (pos[:, None, :, None] - idx) < sliding_window
+    part = torch.cat([torch.zeros(s + w, dtype=torch.long), torch.ones(r, dtype=torch.long),
+                      torch.full((k * bs,), 2, dtype=torch.long)]).to(dev)
+    return idx, valid, part
+
+
+def decode_attention_torch(q, layer, pos, sel, cfg: SparseXConfig, scale: float, sliding_window, mix_weights=None):
+    """Attention stage by gathering the attended keys: ``[B, Hq, Tq, D]``."""
+    bsz, hq, tq, d = q.shape
+    kbuf, vbuf = layer.keys, layer.values  # [B, Hkv, L, D] (CPU when offloaded)
+    hkv = kbuf.shape[1]
+    g = hq // hkv
+    n_max = max(layer.get_seq_length() - off for off in layer.offsets)
+    idx, valid, part = key_sets(pos, sel, cfg, sliding_window, n_max)
+    offs = torch.tensor(layer.offsets, device=q.device)[:, None, None, None]
+    cache_idx = (idx + offs).clamp(0, layer.get_seq_length() - 1)
+    nk = idx.shape[-1]
+    flat = cache_idx.reshape(bsz, hkv, tq * nk, 1).to(kbuf.device)
+    kg = torch.gather(kbuf, 2, flat.expand(-1, -1, -1, d)).to(q.device, non_blocking=True)
+    vg = torch.gather(vbuf, 2, flat.expand(-1, -1, -1, vbuf.shape[-1])).to(q.device, non_blocking=True)
+    kg = kg.view(bsz, hkv, tq, nk, d).float()
+    vg = vg.view(bsz, hkv, tq, nk, -1).float()
+    qg = q.float().view(bsz, hkv, g, tq, d)
+    logits = torch.einsum("bhgtd,bhtnd->bhgtn", qg, kg) * scale
+    valid = valid[:, :, None]  # [B, Hkv, 1, Tq, NK]
+
+    def softmax_av(mask):
+        nonempty = mask.any(-1, keepdim=True)
+        p = torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
+        p = torch.where(nonempty, p, torch.zeros_like(p))
+        return torch.einsum("bhgtn,bhtnd->bhgtd", p, vg), nonempty
+
+    if cfg.combine == "union":
+        out, _ = softmax_av(valid)
+    else:
+        weights = _resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32).view(hkv, g, 3)
+        out = norm = 0
+        for i in range(3):
+            o_b, nonempty = softmax_av(valid & (part == i))
+            wb = weights[None, :, :, None, None, i] * nonempty
+            out = out + wb * o_b
+            norm = norm + wb
+        out = out / norm
+    return out.reshape(bsz, hq, tq, -1).to(q.dtype)
+
+
+def sparsex_decode(q: torch.Tensor, layer, cfg: SparseXConfig, *, scale: float, sliding_window=None,
+                   mix_weights=None, backend: str = "torch") -> torch.Tensor:
+    """Sparse-X attention of the last ``Tq`` cached tokens' queries ``q [B, Hq, Tq, D]`` over ``layer``
+    (whose keys already include them): selection from the summaries, then the attention stage."""
+    tq = q.shape[2]
+    pos = decode_positions(layer, tq, q.device)
+    summaries = layer.summaries(cfg.block_size)
+    sel = decode_select(q, pos, summaries, cfg, sliding_window)
+    if backend == "triton":
+        from .decode_kernel import decode_attention_triton
+
+        return decode_attention_triton(q, layer, pos, sel, cfg, scale, sliding_window, mix_weights)
+    return decode_attention_torch(q, layer, pos, sel, cfg, scale, sliding_window, mix_weights)
