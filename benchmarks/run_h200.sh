@@ -23,6 +23,12 @@ case "${1:-tests}" in
     cp /tmp/select_new.py sparsex_hf/ops/attention/select.py
     timeout 150 python3 benchmarks/bench_prefill.py --lengths 131072 --dense-max 0 --dense-bwd-max 0 --bwd-max 0 \
         --sparse-only 1048576 --tag v4-ab --out-dir "$out" 2>&1 | tee "$out/ab_v4.log" | tail -6 ;;
+  cache)  # issue 4 on the GPU: decode/cache tests, the end-to-end benchmark, and the int32 block-offset A/B
+    timeout 170 python3 -m pytest tests/ops/test_decode.py tests/test_cache.py tests/test_integration.py -q \
+        -p no:cacheprovider -rs -x 2>&1 | tee "$out/pytest_cache_gpu.log" | tail -5
+    timeout 300 python3 benchmarks/bench_e2e.py --out-dir "$out" 2>&1 | tee "$out/bench_e2e.log" | tail -30
+    timeout 100 python3 benchmarks/bench_prefill.py --lengths 131072 --dense-max 0 --dense-bwd-max 0 --bwd-max 0 \
+        --sparse-only 1048576 --tag v5-ab --out-dir "$out" 2>&1 | tee "$out/ab_v5.log" | tail -4 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;

@@ -21,7 +21,20 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["SparseXCache", "SparseXLayer", "upgrade_layer"]
+__all__ = ["CACHE_KWARG", "SparseXCache", "SparseXLayer", "upgrade_layer"]
+
+
+def _cache_kwarg() -> str:
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+# the name under which a model's forward and generate() take the cache: "cache" (Transformers >= 5.2x) or
+# "past_key_values" (5.17)
+CACHE_KWARG = _cache_kwarg()
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 
 import sparsex_hf
 from sparsex_hf import SparseXCache, SparseXLayer, apply_sparsex, revert_sparsex
+from sparsex_hf.cache import CACHE_KWARG
 from sparsex_hf.ops.attention import decode as decode_mod
 from sparsex_hf.patches import attention_class
 from utils import SPARSE_SMALL, tiny_model
@@ -91,12 +92,12 @@ def test_crop_then_continue_equals_the_whole_sequence():
     ids = torch.randint(3, 256, (1, 400))
     cache = SparseXCache(sparse.config)
     with torch.no_grad():
-        sparse(ids[:, :380], cache=cache, use_cache=True)
+        sparse(ids[:, :380], **{CACHE_KWARG: cache}, use_cache=True)
         cache.crop(-30)  # drop 30 tokens, then feed different ones
         alt = torch.randint(3, 256, (1, 50))
         steps = []
         for t in range(50):
-            steps.append(sparse(alt[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
+            steps.append(sparse(alt[:, t : t + 1], **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1])
         full = sparse(torch.cat([ids[:, :350], alt], 1)).logits[:, 350:]
     assert all(isinstance(layer, SparseXLayer) for layer in cache.layers)
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
@@ -126,7 +127,7 @@ def test_explicit_offloaded_cache_gives_the_same_tokens():
     kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     a = sparse.generate(ids, **kw)
     cache = SparseXCache(sparse.config, offload=True)
-    b = sparse.generate(ids, cache=cache, **kw)
+    b = sparse.generate(ids, **{CACHE_KWARG: cache}, **kw)
     assert torch.equal(a, b)
     assert all(layer.offload_kv and layer.keys.device.type == "cpu" for layer in cache.layers)
 

@@ -1,0 +1,243 @@
+"""End-to-end long-context inference with a Llama-3.2-1B-shaped model (random weights): Sparse-X vs SDPA.
+
+Model: 16 layers, hidden 2048, 32 query / 8 KV heads, head dim 64, MLP 8192, vocab 128256, bf16, random
+initialisation (no weights can be downloaded). Sparse-X runs its default config (window 4096, stride 256,
+top-8 blocks of 64, sink 64, selection tile 64) and chunked prefill (32K).
+
+Measured, each with CUDA events:
+
+* ``prefill``: ``generate(max_new_tokens=1)`` from a random prompt of T tokens (prefill + one step), and
+  its peak memory; SDPA where ``--dense-prefill-max`` allows (dense 1M would take minutes of GPU time).
+* ``decode``: tokens/s of greedy decode steps (``model(next_token, cache=...)``) with a cache of T tokens,
+  batch 1 and 8, median of the steps. The cache is filled with random keys/values (a decode step's cost
+  depends on the cache size, not on its contents); SDPA uses Transformers' default ``DynamicCache``.
+* ``attn``: one layer's attention alone for one new token per sequence against a cache of T tokens:
+  Sparse-X (selection from the summaries + the Triton split-K kernel) and SDPA (``enable_gqa``; every
+  backend that runs, the fastest reported).
+
+    python benchmarks/bench_e2e.py --out-dir benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sparsex_hf
+from sparsex_hf import SparseXCache, SparseXConfig, SparseXLayer
+from sparsex_hf.cache import CACHE_KWARG
+from sparsex_hf.ops.attention import sparsex_decode_attention
+from _common import append_csv
+
+SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=1 << 24,
+             rope_theta=500000.0, tie_word_embeddings=True)
+
+
+def build(attn: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPE)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    if attn == "sparsex":
+        sparsex_hf.apply_sparsex(model)
+    return model
+
+
+def events(fn, reps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        out.append(s.elapsed_time(e))
+    return out
+
+
+def filled_cache(model, attn: str, bsz: int, t: int):
+    """A cache of ``t`` random keys/values per layer (offsets 0: no padding)."""
+    from transformers import DynamicCache
+
+    n_layers = model.config.num_hidden_layers
+    cache = SparseXCache(model.config) if attn == "sparsex" else DynamicCache(config=model.config)
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    for i in range(n_layers):
+        k = torch.randn(bsz, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(bsz, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        layer = cache.layers[i]
+        if attn == "sparsex":
+            layer.set_offsets(None, bsz, t)
+        layer.update(k, v)
+        del k, v
+        if attn == "sparsex":
+            layer.summaries(64)
+    return cache
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[32768, 131072, 1048576])
+    ap.add_argument("--dense-prefill-max", type=int, default=131072)
+    ap.add_argument("--decode", type=int, nargs="*", default=[32768, 131072, 1048576])
+    ap.add_argument("--decode-batch8-max", type=int, default=131072, help="batch 8 caches beyond this do not fit")
+    ap.add_argument("--attn", type=int, nargs="*", default=[131072, 1048576])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--tag", default="e2e")
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, transformers=transformers.__version__, sparsex=sparsex_hf.__version__,
+                tag=args.tag)
+    path = os.path.join(args.out_dir, "e2e.csv")
+
+    def record(impl, what, tokens, batch, ms, peak_gb="", note=""):
+        row = dict(meta, impl=impl, what=what, tokens=tokens, batch=batch, ms=round(ms, 3),
+                   tok_per_s=round(batch * 1000 / ms, 2) if what == "decode" else "", peak_gb=peak_gb, note=note)
+        append_csv(path, [row])
+        print(f"{impl:>8} {what:>8} T={tokens:>8} B={batch} {ms:10.3f} ms {row['tok_per_s']} tok/s "
+              f"peak {peak_gb} GB {note}", flush=True)
+
+    # attention alone: one decode step of one layer
+    cfg = SparseXConfig()
+    for t in args.attn:
+        layer = SparseXLayer()
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        k = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        layer.set_offsets(None, 1, t)
+        layer.update(k, v)
+        layer.summaries(64)
+        q = torch.randn(1, 32, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        sparse = lambda: sparsex_decode_attention(q, layer, cfg, backend="triton")  # noqa: E731
+        ms = float(np.median(events(sparse, 200, 10)))
+        record("sparsex", "attn", t, 1, ms, note="selection + split-K kernel")
+        best = None
+        for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                         ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+            if name == "math" and t > 131072:
+                continue
+            try:
+                def dense():
+                    with sdpa_kernel(be):
+                        return F.scaled_dot_product_attention(q, layer.keys, layer.values, enable_gqa=True)
+
+                ms_d = float(np.median(events(dense, 50, 3)))
+            except Exception as e:  # a backend that refuses these shapes
+                print(f"sdpa {name}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            record(f"sdpa_{name}", "attn", t, 1, ms_d)
+            best = ms_d if best is None else min(best, ms_d)
+        if best is not None:
+            print(f"attention step at {t}: {best / ms:.1f}x the fastest SDPA backend")
+        del k, v, layer
+        torch.cuda.empty_cache()
+
+    for attn in ("sparsex", "sdpa"):
+        model = build(attn)
+        for t in args.decode:
+            for bsz in (1, 8):
+                if bsz == 8 and t > args.decode_batch8_max:
+                    continue
+                torch.cuda.empty_cache()
+                cache = filled_cache(model, attn, bsz, t)
+                tok = torch.randint(3, 1000, (bsz, 1), device="cuda")
+
+                @torch.no_grad()
+                def step():
+                    out = model(tok, **{CACHE_KWARG: cache}, use_cache=True)
+                    return out.logits[:, -1].argmax(-1)
+
+                times = events(step, args.steps, 2)
+                record(attn, "decode", t, bsz, float(np.median(times)))
+                del cache
+        for t in args.prefill:
+            if attn == "sdpa" and t > args.dense_prefill_max:
+                continue
+            torch.cuda.empty_cache()
+            ids = torch.randint(3, 1000, (1, t), device="cuda")
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+            with torch.no_grad():
+                ms = events(lambda: model.generate(ids, max_new_tokens=1, do_sample=False), 1, 0)[0]
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            chunk = model.generation_config.prefill_chunk_size
+            record(attn, "prefill", t, 1, ms, peak, f"chunk {chunk}" if chunk else "one pass")
+            print(f"  (wall {time.time() - t0:.1f}s)")
+        del model
+        torch.cuda.empty_cache()
+    report(path, args.tag, args.out_dir)
+
+
+def report(path, tag, out_dir):
+    import csv
+
+    rows = [r for r in csv.DictReader(open(path)) if r["tag"] == tag]
+    by = {(r["impl"], r["what"], int(r["tokens"]), int(r["batch"])): float(r["ms"]) for r in rows}
+    lines = ["| context | Sparse-X prefill | SDPA prefill | speed-up | Sparse-X decode B=1 | SDPA decode B=1 | speed-up | "
+             "Sparse-X decode B=8 | SDPA decode B=8 | speed-up |", "|---" * 10 + "|"]
+    for t in sorted({int(r["tokens"]) for r in rows if r["what"] in ("prefill", "decode")}):
+        def f(impl, what, b=1, rate=False):
+            ms = by.get((impl, what, t, b))
+            if ms is None:
+                return None, "-"
+            return ms, (f"{b * 1000 / ms:.1f} tok/s" if rate else f"{ms / 1000:.2f} s")
+
+        cells = []
+        for what, b, rate in (("prefill", 1, False), ("decode", 1, True), ("decode", 8, True)):
+            (a, sa), (d, sd) = f("sparsex", what, b, rate), f("sdpa", what, b, rate)
+            ratio = f"{d / a:.1f}x" if a and d else "-"
+            cells += [sa, sd, ratio]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(out_dir, "e2e_table.md"), "w") as fh:
+        fh.write(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for impl in ("sparsex", "sdpa"):
+            pts = sorted((int(r["tokens"]), float(r["ms"]) / 1000) for r in rows if r["impl"] == impl and r["what"] == "prefill")
+            if pts:
+                axes[0].plot(*zip(*pts), "o-", label=impl)
+            for b in (1, 8):
+                pts = sorted((int(r["tokens"]), float(r["tok_per_s"])) for r in rows
+                             if r["impl"] == impl and r["what"] == "decode" and int(r["batch"]) == b)
+                if pts:
+                    axes[1].plot(*zip(*pts), "o-" if b == 1 else "s--", label=f"{impl} B={b}")
+        for ax, title, unit in ((axes[0], "prefill (1B-shaped model)", "s"), (axes[1], "decode", "tokens/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context tokens")
+            ax.set_ylabel(unit)
+            ax.set_title(title)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "e2e.png"), dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
