@@ -129,6 +129,11 @@ def main():
         sparse = lambda: sparsex_decode_attention(q, layer, cfg, backend="triton")  # noqa: E731
         ms = float(np.median(events(sparse, 200, 10)))
         record("sparsex", "attn", t, 1, ms, note="selection + split-K kernel")
+        from sparsex_hf.ops.attention.decode import decode_positions, decode_select
+
+        pos = decode_positions(layer, 1, q.device)
+        sel_only = lambda: decode_select(q, pos, layer.summaries(64), cfg, None)  # noqa: E731
+        record("sparsex", "attn_select", t, 1, float(np.median(events(sel_only, 200, 10))), note="selection alone")
         best = None
         for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
@@ -168,6 +173,8 @@ def main():
                 times = events(step, args.steps, 2)
                 record(attn, "decode", t, bsz, float(np.median(times)))
                 del cache
+        with torch.no_grad():  # compile / warm up before timing
+            model.generate(torch.randint(3, 1000, (1, 4096), device="cuda"), max_new_tokens=1, do_sample=False)
         for t in args.prefill:
             if attn == "sdpa" and t > args.dense_prefill_max:
                 continue

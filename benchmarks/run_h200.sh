@@ -29,6 +29,11 @@ case "${1:-tests}" in
     timeout 300 python3 benchmarks/bench_e2e.py --out-dir "$out" 2>&1 | tee "$out/bench_e2e.log" | tail -30
     timeout 100 python3 benchmarks/bench_prefill.py --lengths 131072 --dense-max 0 --dense-bwd-max 0 --bwd-max 0 \
         --sparse-only 1048576 --tag v5-ab --out-dir "$out" 2>&1 | tee "$out/ab_v5.log" | tail -4 ;;
+  cache2)  # after the decode overhead fixes: GPU tests of the decode path, then attention step / decode / warm prefill
+    timeout 200 python3 -m pytest tests/ops/test_decode.py tests/test_cache.py -q -p no:cacheprovider -rs \
+        2>&1 | tee "$out/pytest_cache_gpu.log" | tail -5
+    timeout 300 python3 benchmarks/bench_e2e.py --prefill 32768 131072 --decode 32768 1048576 --tag e2e-2 \
+        --out-dir "$out" 2>&1 | grep -v Warn | tee "$out/bench_e2e2.log" | tail -30 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;

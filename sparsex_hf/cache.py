@@ -59,6 +59,7 @@ class SparseXLayer(DynamicLayer):
     def _init_sparsex(self, offload: bool = False) -> None:
         self.offload_kv = offload
         self.offsets: list[int] | None = None
+        self._off_t = None  # device copy of offsets, dropped whenever they change
         self.counts: list[int] = []
         self.block_size: int | None = None
         self.kmin = self.kmax = self.kmean = None
@@ -129,7 +130,15 @@ class SparseXLayer(DynamicLayer):
                 return False
             self.offsets = [int(x) for x in pad.tolist()]
         self.counts = [0] * batch_size
+        self._off_t = None
         return True
+
+    def offsets_tensor(self, device) -> torch.Tensor:
+        """``offsets`` as an int64 tensor on ``device`` (kept, so a decode step copies nothing from the host)."""
+        t = getattr(self, "_off_t", None)
+        if t is None or t.device != torch.device(device):
+            t = self._off_t = torch.tensor(self.offsets, dtype=torch.long, device=device)
+        return t
 
     def summaries(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]`` in the key dtype on the compute device, up to date
@@ -196,6 +205,7 @@ class SparseXLayer(DynamicLayer):
             self.kmin, self.kmax, self.kmean = self.kmin[didx], self.kmax[didx], self.kmean[didx]
         if self.offsets is not None:
             self.offsets = [self.offsets[i] for i in host]
+            self._off_t = None
             self.counts = [self.counts[i] for i in host] if self.counts else self.counts
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -9,6 +9,7 @@ from sparsex_hf.ops.attention.naive import block_summaries
 from utils import SPARSE_SMALL, random_qkv
 
 BACKENDS = ["torch", "triton"]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _layer(k, v, mask=None, offload=False):
@@ -19,8 +20,8 @@ def _layer(k, v, mask=None, offload=False):
 
 
 def _case(b=2, hq=4, hkv=2, t=300, tq=1, d=32, pad=(0, 37), dtype=torch.float32, seed=0):
-    q, k, v = random_qkv(b, hq, hkv, t, t, d, dtype=dtype, seed=seed)
-    mask = torch.ones(b, t, dtype=torch.bool)
+    q, k, v = (x.to(DEV) for x in random_qkv(b, hq, hkv, t, t, d, dtype=dtype, seed=seed))
+    mask = torch.ones(b, t, dtype=torch.bool, device=DEV)
     for i, p in enumerate(pad[:b]):
         mask[i, :p] = False
     return q, k, v, mask
@@ -55,7 +56,7 @@ def test_decode_scores_match_reference(backend, score):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_mix_and_sliding_window(backend):
     cfg = SparseXConfig(**SPARSE_SMALL, combine="mix", alpha=1.0, beta=0.5, gamma=2.0)
-    _check(cfg, backend, t=280, tq=2, mix=torch.rand(4, 3) + 0.1)
+    _check(cfg, backend, t=280, tq=2, mix=torch.rand(4, 3, device=DEV) + 0.1)
     _check(SparseXConfig(**SPARSE_SMALL), backend, t=280, sliding_window=150)
 
 
@@ -92,7 +93,7 @@ def test_decode_reads_only_its_keys():
     pos = decode_positions(layer, 1, q.device)
     sel = decode_select(q[:, :, -1:], pos, layer.summaries(16), cfg, None)
     p = int(pos[0, 0])
-    keep = torch.zeros(400, dtype=torch.bool)
+    keep = torch.zeros(400, dtype=torch.bool, device=DEV)
     keep[:16] = True
     keep[p - 63 :] = True
     keep[::32] = True

@@ -25,7 +25,7 @@ MAX_DECODE_QUERIES = 16
 
 def decode_positions(layer, tq: int, device) -> torch.Tensor:
     """Document positions ``[B, Tq]`` of the last ``Tq`` cached tokens of each row."""
-    n = torch.tensor([layer.get_seq_length() - off for off in layer.offsets], device=device)
+    n = layer.get_seq_length() - layer.offsets_tensor(device)
     return n[:, None] - tq + torch.arange(tq, device=device)[None, :]
 
 
@@ -94,7 +94,7 @@ def decode_attention_torch(q, layer, pos, sel, cfg: SparseXConfig, scale: float,
     g = hq // hkv
     n_max = max(layer.get_seq_length() - off for off in layer.offsets)
     idx, valid, part = key_sets(pos, sel, cfg, sliding_window, n_max)
-    offs = torch.tensor(layer.offsets, device=q.device)[:, None, None, None]
+    offs = layer.offsets_tensor(q.device)[:, None, None, None]
     cache_idx = (idx + offs).clamp(0, layer.get_seq_length() - 1)
     nk = idx.shape[-1]
     flat = cache_idx.reshape(bsz, hkv, tq * nk, 1).to(kbuf.device)

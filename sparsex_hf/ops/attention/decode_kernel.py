@@ -18,6 +18,8 @@ only the local / stride / selected keys) and weights the branch outputs as the r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -142,11 +144,16 @@ def _decode_kernel(
     tl.store(OP + (out + o_r)[:, None] * D + o_d[None, :], b_acc)
 
 
-def _splits(layer, cfg, tq: int, programs: int) -> int:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(layer, cfg, tq: int, programs: int, device) -> int:
     n_max = max(layer.get_seq_length() - off for off in layer.offsets)
     chunks = (min(cfg.window, n_max) + cfg.sink_tokens + (n_max // cfg.stride if cfg.stride else 0)) // cfg.block_size
     chunks += tq * cfg.topk + 2
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
     want = max(1, (2 * sms) // max(1, programs))
     return int(max(1, min(want, chunks // 4, 64)))
 
@@ -157,10 +164,11 @@ def _run(q, layer, sel, cfg, scale, sliding_window, branch: int):
     hkv = k.shape[1]
     g = hq // hkv
     bm = max(16, triton.next_power_of_2(g * tq))
-    nsplit = _splits(layer, cfg, tq, bsz * hkv)
+    nsplit = _splits(layer, cfg, tq, bsz * hkv, q.device)
     dev = q.device
-    off = torch.tensor(layer.offsets, dtype=torch.int32, device=dev)
-    ndoc = torch.tensor([layer.get_seq_length() - o for o in layer.offsets], dtype=torch.int32, device=dev)
+    off64 = layer.offsets_tensor(dev)
+    off = off64.to(torch.int32)
+    ndoc = (layer.get_seq_length() - off64).to(torch.int32)
     sel32 = sel.to(torch.int32).contiguous()
     qc = q.contiguous()
     op = torch.empty(bsz * hkv, nsplit, bm, d, dtype=torch.float32, device=dev)
