@@ -34,6 +34,10 @@ case "${1:-tests}" in
         2>&1 | tee "$out/pytest_cache_gpu.log" | tail -5
     timeout 300 python3 benchmarks/bench_e2e.py --prefill 32768 131072 --decode 32768 1048576 --tag e2e-2 \
         --out-dir "$out" 2>&1 | grep -v Warn | tee "$out/bench_e2e2.log" | tail -30 ;;
+  attn)  # attention-only decode step after the topk change
+    timeout 120 python3 -m pytest tests/ops/test_decode.py -q -p no:cacheprovider 2>&1 | tail -2
+    timeout 200 python3 benchmarks/bench_e2e.py --prefill --decode 1048576 --tag e2e-3 --out-dir "$out" 2>&1 \
+        | grep -v Warn | tee "$out/bench_e2e3.log" | tail -14 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;

@@ -17,7 +17,7 @@ import math
 import torch
 
 from ...config import SparseXConfig
-from .naive import _resolve_mix_weights, eligible_blocks, select_blocks
+from .naive import _resolve_mix_weights, block_scores, eligible_blocks, select_blocks
 
 # A decode step is at most this many new queries per sequence; longer inputs take the prefill path.
 MAX_DECODE_QUERIES = 16
@@ -42,7 +42,13 @@ def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXCon
     eligible = eligible.expand(bsz, hkv, tq, nb).flatten(0, 1)
     qf = q.float().reshape(bsz * hkv, hq // hkv, tq, d)
     summ = tuple(s.float().flatten(0, 1) for s in summaries)
-    sel = select_blocks(qf, None, summ, eligible, cfg.replace(select_tile=1))
+    if q.is_cuda and cfg.score != "hybrid":
+        # torch.topk instead of the reference's stable sort (1 ms at 1M context): equal unless two blocks tie
+        scores = torch.where(eligible, block_scores(qf, summ, cfg.score), float("-inf"))
+        val, sel = scores.topk(min(cfg.topk, nb), dim=-1)
+        sel = torch.where(val > float("-inf"), sel, -1)
+    else:
+        sel = select_blocks(qf, None, summ, eligible, cfg.replace(select_tile=1))
     out[..., : sel.shape[-1]] = sel.view(bsz, hkv, tq, -1)
     return out
 
