@@ -137,10 +137,11 @@ def apply_sparsex(model_or_model_type, **config: Any):
 
 
 def revert_sparsex(model_or_model_type) -> None:
-    """Undo :func:`apply_sparsex` exactly: the attention class gets its original ``forward`` back (the
-    function object itself), and a model instance its attention implementation, config and generation
-    config. (After this, models of that type in ``"sparsex"`` mode decode by the general path, which reads
-    every key, until the class is wrapped again.)"""
+    """Undo :func:`apply_sparsex` exactly. ``revert_sparsex("llama")``: the attention class gets its original
+    ``forward`` back (the function object itself; models of that type in ``"sparsex"`` mode then decode by
+    the general path, which reads every key, until the class is wrapped again). ``revert_sparsex(model)``: the
+    model gets back its attention implementation, config and generation config, and the class is unwrapped
+    if that ``apply_sparsex`` call wrapped it (``import sparsex_hf`` wraps the supported classes itself)."""
     if isinstance(model_or_model_type, str):
         check_model_type(model_or_model_type)
         unpatch_class(model_or_model_type)
@@ -149,9 +150,10 @@ def revert_sparsex(model_or_model_type) -> None:
     model = model_or_model_type
     model_type = model.config.model_type
     saved = getattr(model, "_sparsex_saved", None)
-    unpatch_class(model_type)
     if saved is None:
         return
+    if not saved["class_patched"]:  # apply_sparsex wrapped the class: unwrap it (import wraps it otherwise)
+        unpatch_class(model_type)
     if saved["has_sparsex"]:
         model.config.sparsex = saved["sparsex"]
     elif hasattr(model.config, "sparsex"):
