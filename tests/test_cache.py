@@ -8,16 +8,12 @@ from sparsex_hf import SparseXCache, SparseXLayer, apply_sparsex, revert_sparsex
 from sparsex_hf.cache import CACHE_KWARG
 from sparsex_hf.ops.attention import decode as decode_mod
 from sparsex_hf.patches import attention_class
-from utils import SPARSE_SMALL, tiny_model
+from utils import SPARSE_SMALL, model_pair, tiny_model
 
 MODEL_TYPES = ["llama", "mistral"]
 
 
-def _pair(model_type, **overrides):
-    dense = tiny_model(model_type, "sdpa", **overrides)
-    sparse = tiny_model(model_type, "sparsex", **overrides)
-    sparse.load_state_dict(dense.state_dict())
-    return dense, sparse
+_pair = model_pair
 
 
 def _prompts(batch=2, length=300, pads=(0, 37), seed=0):

@@ -10,16 +10,12 @@ from torch.utils._pytree import tree_flatten
 import sparsex_hf
 import sparsex_hf.integration as integration
 from sparsex_hf import SparseXConfig
-from utils import SPARSE_SMALL, brute_force, tiny_model
+from utils import SPARSE_SMALL, model_pair, brute_force, tiny_model
 
 MODEL_TYPES = ["llama", "mistral"]
 
 
-def _pair(model_type, **overrides):
-    dense = tiny_model(model_type, "sdpa", **overrides)
-    sparse = tiny_model(model_type, "sparsex", **overrides)
-    sparse.load_state_dict(dense.state_dict())
-    return dense, sparse
+_pair = model_pair
 
 
 def _left_padded(batch=2, length=150, pad=23, seed=0):

@@ -155,7 +155,15 @@ def tiny_model(model_type: str, attn="sdpa", seed=0, **overrides):
     return model.eval()
 
 
+def model_pair(model_type: str, **overrides):
+    """An sdpa model and a sparsex model with the same weights."""
+    dense = tiny_model(model_type, "sdpa", **overrides)
+    sparse = tiny_model(model_type, "sparsex", **overrides)
+    sparse.load_state_dict(dense.state_dict())
+    return dense, sparse
+
+
 SPARSE_SMALL = dict(block_size=16, sink_tokens=16, window=64, stride=32, topk=4)
 
 
-__all__ = ["SPARSE_SMALL", "brute_force", "dense_causal", "random_qkv", "tiny_config", "tiny_model"]
+__all__ = ["SPARSE_SMALL", "brute_force", "dense_causal", "random_qkv", "model_pair", "tiny_config", "tiny_model"]
