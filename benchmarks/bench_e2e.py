@@ -72,6 +72,35 @@ def events(fn, reps: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def graphed(fn, reps: int = 200) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (launch overhead removed)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return float(np.median(events(g.replay, reps, 10)))
+
+
+def profile_step(step, label: str, out_dir: str) -> None:
+    """Where one decode step's host time goes: the top operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+    print(f"--- profile: {label}\n{table}")
+    with open(os.path.join(out_dir, f"profile_{label}.txt"), "w") as fh:
+        fh.write(table)
+
+
 def filled_cache(model, attn: str, bsz: int, t: int):
     """A cache of ``t`` random keys/values per layer (offsets 0: no padding)."""
     from transformers import DynamicCache
@@ -101,6 +130,7 @@ def main():
     ap.add_argument("--attn", type=int, nargs="*", default=[131072, 1048576])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tag", default="e2e")
+    ap.add_argument("--profile", type=int, default=0, help="profile one decode step at this context (0: off)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -130,10 +160,17 @@ def main():
         ms = float(np.median(events(sparse, 200, 10)))
         record("sparsex", "attn", t, 1, ms, note="selection + split-K kernel")
         from sparsex_hf.ops.attention.decode import decode_positions, decode_select
+        from sparsex_hf.ops.attention.decode_kernel import decode_select_triton
 
         pos = decode_positions(layer, 1, q.device)
-        sel_only = lambda: decode_select(q, pos, layer.summaries(64), cfg, None)  # noqa: E731
-        record("sparsex", "attn_select", t, 1, float(np.median(events(sel_only, 200, 10))), note="selection alone")
+        sel_torch = lambda: decode_select(q, pos, layer.summaries(64), cfg, None)  # noqa: E731
+        record("sparsex", "attn_select_torch", t, 1, float(np.median(events(sel_torch, 100, 10))),
+               note="selection alone, torch ops (score matrix + topk)")
+        sel_only = lambda: decode_select_triton(q, layer, layer.summaries(64), cfg, None)  # noqa: E731
+        record("sparsex", "attn_select", t, 1, float(np.median(events(sel_only, 200, 10))),
+               note="selection alone, split kernel + merge kernel")
+        ms_graph = graphed(sparse)
+        record("sparsex", "attn_graph", t, 1, ms_graph, note="same step replayed from a CUDA graph")
         best = None
         for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
@@ -149,6 +186,8 @@ def main():
                 print(f"sdpa {name}: {type(e).__name__}: {str(e)[:100]}")
                 continue
             record(f"sdpa_{name}", "attn", t, 1, ms_d)
+            if name in ("flash", "cudnn"):
+                record(f"sdpa_{name}", "attn_graph", t, 1, graphed(dense), note="CUDA graph")
             best = ms_d if best is None else min(best, ms_d)
         if best is not None:
             print(f"attention step at {t}: {best / ms:.1f}x the fastest SDPA backend")
@@ -172,6 +211,8 @@ def main():
 
                 times = events(step, args.steps, 2)
                 record(attn, "decode", t, bsz, float(np.median(times)))
+                if t == args.profile and bsz == 1:
+                    profile_step(step, f"{attn}_{t}", args.out_dir)
                 del cache
         with torch.no_grad():  # compile / warm up before timing
             model.generate(torch.randint(3, 1000, (1, 4096), device="cuda"), max_new_tokens=1, do_sample=False)

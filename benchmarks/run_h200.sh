@@ -38,6 +38,12 @@ case "${1:-tests}" in
     timeout 120 python3 -m pytest tests/ops/test_decode.py -q -p no:cacheprovider 2>&1 | tail -2
     timeout 200 python3 benchmarks/bench_e2e.py --prefill --decode 1048576 --tag e2e-3 --out-dir "$out" 2>&1 \
         | grep -v Warn | tee "$out/bench_e2e3.log" | tail -14 ;;
+  i4)  # fused decode selection (split kernel + merge kernel) and the split-merge kernel: GPU tests, attention
+       # step eager and CUDA-graphed, decode tok/s, and a profile of one eager decode step of each model
+    timeout 150 python3 -m pytest tests/ops/test_decode.py tests/test_cache.py -q -p no:cacheprovider -rs \
+        2>&1 | tee "$out/pytest_decode_gpu.log" | tail -4
+    timeout 380 python3 benchmarks/bench_e2e.py --prefill --decode 32768 131072 1048576 --profile 32768 --tag e2e-4 \
+        --out-dir "$out" 2>&1 | grep -v Warn | tee "$out/bench_e2e4.log" | tail -40 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;

@@ -59,7 +59,7 @@ class SparseXLayer(DynamicLayer):
     def _init_sparsex(self, offload: bool = False) -> None:
         self.offload_kv = offload
         self.offsets: list[int] | None = None
-        self._off_t = None  # device copy of offsets, dropped whenever they change
+        self._off_t = None  # device copies of offsets by (device, dtype), dropped whenever they change
         self.counts: list[int] = []
         self.block_size: int | None = None
         self.kmin = self.kmax = self.kmean = None
@@ -133,12 +133,13 @@ class SparseXLayer(DynamicLayer):
         self._off_t = None
         return True
 
-    def offsets_tensor(self, device) -> torch.Tensor:
-        """``offsets`` as an int64 tensor on ``device`` (kept, so a decode step copies nothing from the host)."""
-        t = getattr(self, "_off_t", None)
-        if t is None or t.device != torch.device(device):
-            t = self._off_t = torch.tensor(self.offsets, dtype=torch.long, device=device)
-        return t
+    def offsets_tensor(self, device, dtype=torch.long) -> torch.Tensor:
+        """``offsets`` as a tensor on ``device`` (kept, so a decode step copies nothing from the host)."""
+        key = (torch.device(device), dtype)
+        if self._off_t is None or key not in self._off_t:
+            self._off_t = {} if self._off_t is None else self._off_t
+            self._off_t[key] = torch.tensor(self.offsets, dtype=dtype, device=device)
+        return self._off_t[key]
 
     def summaries(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]`` in the key dtype on the compute device, up to date

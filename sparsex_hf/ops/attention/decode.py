@@ -135,13 +135,20 @@ def decode_attention_torch(q, layer, pos, sel, cfg: SparseXConfig, scale: float,
 def sparsex_decode(q: torch.Tensor, layer, cfg: SparseXConfig, *, scale: float, sliding_window=None,
                    mix_weights=None, backend: str = "torch") -> torch.Tensor:
     """Sparse-X attention of the last ``Tq`` cached tokens' queries ``q [B, Hq, Tq, D]`` over ``layer``
-    (whose keys already include them): selection from the summaries, then the attention stage."""
-    tq = q.shape[2]
-    pos = decode_positions(layer, tq, q.device)
-    summaries = layer.summaries(cfg.block_size)
-    sel = decode_select(q, pos, summaries, cfg, sliding_window)
-    if backend == "triton":
-        from .decode_kernel import decode_attention_triton
+    (whose keys already include them): selection from the summaries, then the attention stage.
 
-        return decode_attention_triton(q, layer, pos, sel, cfg, scale, sliding_window, mix_weights)
+    ``backend="triton"``: selection and attention are Triton kernels (four launches for ``combine="union"``);
+    the ``"hybrid"`` score selects with the torch code (same rule, two sorts)."""
+    tq = q.shape[2]
+    summaries = layer.summaries(cfg.block_size)
+    if backend == "triton":
+        from .decode_kernel import decode_attention_triton, decode_select_triton
+
+        if cfg.score == "hybrid":
+            sel = decode_select(q, decode_positions(layer, tq, q.device), summaries, cfg, sliding_window)
+        else:
+            sel = decode_select_triton(q, layer, summaries, cfg, sliding_window)
+        return decode_attention_triton(q, layer, sel, cfg, scale, sliding_window, mix_weights)
+    pos = decode_positions(layer, tq, q.device)
+    sel = decode_select(q, pos, summaries, cfg, sliding_window)
     return decode_attention_torch(q, layer, pos, sel, cfg, scale, sliding_window, mix_weights)

@@ -29,7 +29,7 @@ from .naive import _resolve_mix_weights
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, SEL, OFF, NDOC, OP, MP, LP,
+    Q, K, V, SEL, OFF, LEN, OP, MP, LP,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_sb, s_sh, s_st,
     HKV, NSPLIT, scale, sink, window, stride, sliding,
     G: tl.constexpr, TQ: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr, D: tl.constexpr,
@@ -38,7 +38,7 @@ def _decode_kernel(
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_kh = i_bh // HKV, i_bh % HKV
     off = tl.load(OFF + i_b).to(tl.int64)
-    n = tl.load(NDOC + i_b)
+    n = LEN - tl.load(OFF + i_b)
     o_r = tl.arange(0, BM)
     m_r = o_r < G * TQ
     r_g, r_t = o_r // TQ, o_r % TQ
@@ -158,7 +158,9 @@ def _splits(layer, cfg, tq: int, programs: int, device) -> int:
     return int(max(1, min(want, chunks // 4, 64)))
 
 
-def _run(q, layer, sel, cfg, scale, sliding_window, branch: int):
+def _run(q, layer, sel, cfg, scale, sliding_window, branch: int, out_dtype):
+    """One attention pass (all kinds, or one ``mix`` branch): output ``[B, Hq, Tq, D]`` and the softmax
+    denominators ``[B*Hkv, BM]`` (0 where a row attended nothing)."""
     bsz, hq, tq, d = q.shape
     k, v = layer.keys, layer.values
     hkv = k.shape[1]
@@ -166,50 +168,208 @@ def _run(q, layer, sel, cfg, scale, sliding_window, branch: int):
     bm = max(16, triton.next_power_of_2(g * tq))
     nsplit = _splits(layer, cfg, tq, bsz * hkv, q.device)
     dev = q.device
-    off64 = layer.offsets_tensor(dev)
-    off = off64.to(torch.int32)
-    ndoc = (layer.get_seq_length() - off64).to(torch.int32)
-    sel32 = sel.to(torch.int32).contiguous()
+    off = layer.offsets_tensor(dev, torch.int32)
     qc = q.contiguous()
     op = torch.empty(bsz * hkv, nsplit, bm, d, dtype=torch.float32, device=dev)
     mp = torch.empty(bsz * hkv, nsplit, bm, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
     _decode_kernel[(bsz * hkv, nsplit)](
-        qc, k, v, sel32, off, ndoc, op, mp, lp,
+        qc, k, v, sel, off, layer.get_seq_length(), op, mp, lp,
         qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), sel32.stride(0), sel32.stride(1), sel32.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sel.stride(0), sel.stride(1), sel.stride(2),
         hkv, nsplit, scale, cfg.sink_tokens, cfg.window, cfg.stride, sliding_window or 0,
         G=g, TQ=tq, TOPK=max(cfg.topk, 1), TOPK_P2=max(2, triton.next_power_of_2(max(cfg.topk, 1))), D=d,
         BM=bm, BN=cfg.block_size, BRANCH=branch, HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
-    # merge the splits
-    m = mp.amax(1, keepdim=True)
-    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    w = torch.exp2(mp - m_safe)
-    lsum = (lp * w).sum(1)  # [B*Hkv, BM]
-    acc = (op * w[..., None]).sum(1)
-    rows = g * tq
-    acc, lsum = acc[:, :rows], lsum[:, :rows]
-    out = acc / lsum.clamp(min=1e-30)[..., None]
-    out = out.view(bsz, hkv, g, tq, d).reshape(bsz, hq, tq, d)
-    nonempty = (lsum > 0).view(bsz, hkv, g, tq).reshape(bsz, hq, tq)
-    return out, nonempty
+    out = torch.empty(bsz, hq, tq, d, dtype=out_dtype, device=dev)
+    lsum = torch.empty(bsz * hkv, bm, dtype=torch.float32, device=dev)
+    _merge_splits_kernel[(bsz * hkv,)](
+        op, mp, lp, out, lsum, out.stride(0), out.stride(1), out.stride(2), hkv, nsplit,
+        G=g, TQ=tq, BM=bm, D=d, num_warps=4,
+    )
+    return out, lsum
 
 
-def decode_attention_triton(q, layer, pos, sel, cfg, scale, sliding_window, mix_weights=None):
-    """Attention stage of a decode step with the kernel: ``[B, Hq, Tq, D]``."""
+@triton.jit
+def _merge_splits_kernel(OP, MP, LP, O, L, s_ob, s_oh, s_ot, HKV, NSPLIT,
+                         G: tl.constexpr, TQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+    """Merge the splits' partial softmax states of one (sequence, KV head) and write its ``G * Tq`` rows."""
+    i_bh = tl.program_id(0)
+    i_b, i_kh = i_bh // HKV, i_bh % HKV
+    o_r = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    for i_s in range(0, NSPLIT):
+        base = (i_bh * NSPLIT + i_s).to(tl.int64) * BM
+        m_s = tl.load(MP + base + o_r)
+        l_s = tl.load(LP + base + o_r)
+        o_s = tl.load(OP + (base + o_r)[:, None] * D + o_d[None, :])
+        m_new = tl.maximum(b_m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_old = tl.exp2(b_m - m_safe)
+        a_new = tl.exp2(m_s - m_safe)
+        b_l = b_l * a_old + l_s * a_new
+        b_acc = b_acc * a_old[:, None] + o_s * a_new[:, None]
+        b_m = m_new
+    out = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+    rows = o_r < G * TQ
+    r_g, r_t = o_r // TQ, o_r % TQ
+    p_o = O + i_b.to(tl.int64) * s_ob + (i_kh * G + r_g).to(tl.int64) * s_oh + r_t.to(tl.int64) * s_ot
+    tl.store(p_o[:, None] + o_d[None, :], out.to(O.dtype.element_ty), mask=rows[:, None])
+    tl.store(L + i_bh.to(tl.int64) * BM + o_r, b_l)
+
+
+def decode_attention_triton(q, layer, sel, cfg, scale, sliding_window, mix_weights=None):
+    """Attention stage of a decode step with the kernel: ``[B, Hq, Tq, D]``; ``sel [B, Hkv, Tq, topk]`` int32."""
     if cfg.topk == 0:
-        sel = torch.full((*sel.shape[:3], 1), -1, dtype=sel.dtype, device=sel.device)
+        sel = torch.full((*sel.shape[:3], 1), -1, dtype=torch.int32, device=sel.device)
+    sel = sel.to(torch.int32).contiguous()
     if cfg.combine == "union":
-        out, _ = _run(q, layer, sel, cfg, scale, sliding_window, branch=3)
-        return out.to(q.dtype)
-    hq = q.shape[1]
+        out, _ = _run(q, layer, sel, cfg, scale, sliding_window, 3, q.dtype)
+        return out
+    bsz, hq, tq, _ = q.shape
+    hkv = layer.keys.shape[1]
+    g = hq // hkv
     weights = _resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32)
     out = norm = 0
     for i in range(3):
-        o_b, nonempty = _run(q, layer, sel, cfg, scale, sliding_window, branch=i)
+        o_b, lsum = _run(q, layer, sel, cfg, scale, sliding_window, i, torch.float32)
+        nonempty = (lsum[:, : g * tq] > 0).view(bsz, hkv, g, tq).reshape(bsz, hq, tq)
         wb = weights[None, :, None, i] * nonempty
-        out = out + wb[..., None] * torch.where(nonempty[..., None], o_b, torch.zeros_like(o_b))
+        out = out + wb[..., None] * o_b
         norm = norm + wb
     return (out / norm[..., None]).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+@triton.jit
+def _decode_select_kernel(
+    Q, KA, KB, OFF, LEN, VAL, IDX,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kn,
+    HKV, NB, NSPLIT, block, sink, window, sliding,
+    G: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr,
+    K: tl.constexpr, KP2: tl.constexpr, MINMAX: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Top-K eligible summary blocks of each of the ``TQ`` queries of one (sequence, KV head), over split
+    ``i_s``'s share of the blocks: scores (max over the GQA group), eligibility and a running top-K in
+    registers. Blocks are visited in increasing order and replace the current minimum only when strictly
+    greater, so ties keep the lower block index (the reference's stable order)."""
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_kh = i_bh // HKV, i_bh % HKV
+    n = LEN - tl.load(OFF + i_b)
+    o_t = tl.arange(0, TQP)
+    m_t = o_t < TQ
+    pos = n - TQ + o_t
+    o_d = tl.arange(0, D)
+    o_k = tl.arange(0, KP2)
+    per = tl.cdiv(tl.cdiv(NB, NSPLIT), BNB) * BNB
+    b_lo = i_s * per
+    b_hi = tl.minimum(b_lo + per, NB)
+    p_ka = KA + i_b.to(tl.int64) * s_kb + i_kh.to(tl.int64) * s_kh
+    p_kb = KB + i_b.to(tl.int64) * s_kb + i_kh.to(tl.int64) * s_kh
+    p_q = Q + i_b.to(tl.int64) * s_qb + (i_kh * G).to(tl.int64) * s_qh + o_t[:, None] * s_qt + o_d[None, :]
+    top_v = tl.where(o_k[None, :] < K, float("-inf"), float("inf")) + tl.zeros([TQP, KP2], tl.float32)
+    top_i = tl.full([TQP, KP2], -1, tl.int32)
+    for b0 in range(b_lo, b_hi, BNB):
+        o_b = b0 + tl.arange(0, BNB)
+        m_b = o_b < b_hi
+        p_k = o_b[:, None].to(tl.int64) * s_kn + o_d[None, :]
+        b_ka = tl.load(p_ka + p_k, mask=m_b[:, None], other=0.0)
+        if MINMAX:
+            b_kb = tl.load(p_kb + p_k, mask=m_b[:, None], other=0.0)
+        best = tl.full([TQP, BNB], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            b_q = tl.load(p_q + g * s_qh, mask=m_t[:, None], other=0.0)
+            if MINMAX:
+                zero = tl.zeros_like(b_q)
+                q_pos = tl.maximum(b_q, zero).to(b_ka.dtype)
+                q_neg = tl.minimum(b_q, zero).to(b_ka.dtype)
+                if IEEE:
+                    sc = tl.dot(q_pos, tl.trans(b_ka), input_precision="ieee")
+                    sc += tl.dot(q_neg, tl.trans(b_kb), input_precision="ieee")
+                else:
+                    sc = tl.dot(q_pos, tl.trans(b_ka))
+                    sc += tl.dot(q_neg, tl.trans(b_kb))
+            else:
+                if IEEE:
+                    sc = tl.dot(b_q.to(b_ka.dtype), tl.trans(b_ka), input_precision="ieee")
+                else:
+                    sc = tl.dot(b_q.to(b_ka.dtype), tl.trans(b_ka))
+            best = tl.maximum(best, sc)
+        b_end = o_b * block + block - 1
+        hi = pos - window
+        ok = (b_end[None, :] <= pos[:, None]) & ((o_b * block)[None, :] <= hi[:, None])
+        ok &= (b_end >= sink)[None, :] & (sink <= hi)[:, None] & m_b[None, :] & m_t[:, None]
+        if HAS_SW:
+            ok &= b_end[None, :] > (pos - sliding)[:, None]
+        best = tl.where(ok, best, float("-inf"))
+        for _ in tl.static_range(K):
+            c_v = tl.max(best, 1)
+            c_i = tl.argmax(best, 1)
+            cur_min = tl.min(top_v, 1)
+            slot = tl.argmin(top_v, 1)
+            take = c_v > cur_min
+            hit = take[:, None] & (o_k[None, :] == slot[:, None])
+            top_v = tl.where(hit, c_v[:, None], top_v)
+            top_i = tl.where(hit, (b0 + c_i).to(tl.int32)[:, None], top_i)
+            best = tl.where(tl.arange(0, BNB)[None, :] == c_i[:, None], float("-inf"), best)
+    top_v = tl.where(o_k[None, :] < K, top_v, float("-inf"))
+    # candidates laid out [B*Hkv, TQP, NSPLIT * KP2] for the merge
+    p_c = i_bh.to(tl.int64) * TQP * NSPLIT * KP2 + o_t[:, None] * NSPLIT * KP2 + i_s * KP2 + o_k[None, :]
+    tl.store(VAL + p_c, top_v)
+    tl.store(IDX + p_c, top_i)
+
+
+@triton.jit
+def _decode_topk_merge_kernel(VAL, IDX, SEL, NC: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, K: tl.constexpr):
+    """The K best of the splits' candidates ``[TQP, NC]`` of one (sequence, KV head): highest score first,
+    ties to the lower block index; ``-1`` where fewer are eligible. Writes ``SEL [.., TQ, K]``."""
+    i_bh = tl.program_id(0)
+    o_t = tl.arange(0, TQP)
+    o_c = tl.arange(0, NC)
+    base = i_bh.to(tl.int64) * TQP * NC
+    v = tl.load(VAL + base + o_t[:, None] * NC + o_c[None, :])
+    ix = tl.load(IDX + base + o_t[:, None] * NC + o_c[None, :])
+    p_out = SEL + i_bh.to(tl.int64) * TQ * K + o_t * K
+    for r in tl.static_range(K):
+        c_v = tl.max(v, 1)
+        c_i = tl.min(tl.where(v == c_v[:, None], ix, 2147483647), 1)
+        tl.store(p_out + r, tl.where(c_v > float("-inf"), c_i, -1), mask=o_t < TQ)
+        v = tl.where((ix == c_i[:, None]) & (v == c_v[:, None]), float("-inf"), v)
+
+
+def decode_select_triton(q, layer, summaries, cfg, sliding_window) -> torch.Tensor:
+    """Top-k blocks ``[B, Hkv, Tq, topk]`` int32 (-1 where fewer are eligible) of the decode queries
+    ``q [B, Hq, Tq, D]`` from the summaries ``(kmin, kmax, kmean)`` (each ``[B, Hkv, nb, D]``): the blocks are
+    split over ``NSPLIT`` programs per (sequence, KV head), each keeps its top-k, a second kernel merges."""
+    bsz, hq, tq, d = q.shape
+    kmin, kmax, kmean = summaries
+    _, hkv, nb, _ = kmin.shape
+    dev = q.device
+    sel = torch.empty(bsz, hkv, tq, cfg.topk, dtype=torch.int32, device=dev)
+    if nb == 0 or cfg.topk == 0:
+        return sel.fill_(-1)
+    minmax = cfg.score == "minmax"
+    ka, kb = (kmax, kmin) if minmax else (kmean, kmean)
+    bnb = 64
+    sms = _sm_count(dev.index or 0) if dev.type == "cuda" else 4
+    nsplit = max(1, min(triton.next_power_of_2(max(1, (2 * sms) // (bsz * hkv))), triton.next_power_of_2(triton.cdiv(nb, 4 * bnb)), 64))
+    tqp = max(16, triton.next_power_of_2(tq))
+    kp2 = max(2, triton.next_power_of_2(cfg.topk))
+    val = torch.empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.float32, device=dev)
+    idx = torch.empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.int32, device=dev)
+    qc = q.contiguous()
+    _decode_select_kernel[(bsz * hkv, nsplit)](
+        qc, ka, kb, layer.offsets_tensor(dev, torch.int32), layer.get_seq_length(), val, idx,
+        qc.stride(0), qc.stride(1), qc.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
+        hkv, nb, nsplit, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
+        G=hq // hkv, TQ=tq, TQP=tqp, D=d, BNB=bnb, K=cfg.topk, KP2=kp2, MINMAX=minmax,
+        HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    _decode_topk_merge_kernel[(bsz * hkv,)](val, idx, sel, NC=nsplit * kp2, TQ=tq, TQP=tqp, K=cfg.topk, num_warps=4)
+    return sel
