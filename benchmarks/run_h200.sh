@@ -51,10 +51,10 @@ case "${1:-tests}" in
     ls /tmp/site | head -30 ;;
   eval)  # issue 5 on SmolLM2 (needs the wheels stage); LENGTHS from the environment
     export PYTHONPATH=/tmp/site
-    timeout ${EVAL_TIMEOUT:-520} python3 -m sparsex_hf.eval --model smollm2 --tasks all --lengths "${LENGTHS:-2048,4096}" \
-        --methods sdpa,sparsex,window,stride_window --samples ${SAMPLES:-50} --batch-size ${BATCH:-50} --ppl-samples 4 \
-        --fidelity-samples 2 --fidelity-variants "config,per-token minmax,per-token mean,per-token hybrid,tile64 each minmax,no top-k" \
-        --block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12 --output "$out/eval_${LENGTHS:-2048,4096}" \
+    timeout ${EVAL_TIMEOUT:-520} python3 -m sparsex_hf.eval --model smollm2 --tasks ${TASKS:-all} --lengths "${LENGTHS:-2048,4096}" \
+        --methods ${METHODS:-sdpa,sparsex,window,stride_window} --samples ${SAMPLES:-50} --batch-size ${BATCH:-50} --ppl-samples 4 \
+        --fidelity-samples ${FID:-2} --fidelity-variants "config,per-token minmax,per-token mean,per-token hybrid,tile64 each minmax,no top-k" \
+        --block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12 --output "$out/eval_${TAG:-run}" ${EXTRA:-} \
         2>&1 | tr '\r' '\n' | grep -v Warn | awk 'NR % 20 == 0 || /Error|error|Trace|^\|/' | tee "$out/eval.log" | tail -60 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
