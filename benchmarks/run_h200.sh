@@ -55,7 +55,7 @@ case "${1:-tests}" in
         --methods ${METHODS:-sdpa,sparsex,window,stride_window} --samples ${SAMPLES:-50} --batch-size ${BATCH:-50} --ppl-samples 4 \
         --fidelity-samples ${FID:-2} --fidelity-variants "config,per-token minmax,per-token mean,per-token hybrid,tile64 each minmax,no top-k" \
         --block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12 --output "$out/eval_${TAG:-run}" ${EXTRA:-} \
-        2>&1 | tr '\r' '\n' | grep -v Warn | awk 'NR % 20 == 0 || /Error|error|Trace|^\|/' | tee "$out/eval.log" | tail -60 ;;
+        2>&1 | tr '\r' '\n' | grep -v Warn | awk 'NR % 20 == 0 || /Error|error|Trace|^\|/' | tee "$out/eval_${TAG:-run}.log" | tail -60 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;
