@@ -56,6 +56,24 @@ case "${1:-tests}" in
         --fidelity-samples ${FID:-2} --fidelity-variants "config,per-token minmax,per-token mean,per-token hybrid,tile64 each minmax,no top-k" \
         --block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12 --output "$out/eval_${TAG:-run}" ${EXTRA:-} \
         2>&1 | tr '\r' '\n' | grep -v Warn | awk 'NR % 20 == 0 || /Error|error|Trace|^\|/' | tee "$out/eval_${TAG:-run}.log" | tail -60 ;;
+  demo6)  # issue 6 on SmolLM2 (needs the wheels stage): passkey/ppl before, Sparse-X LoRA 8K -> 32K, the same
+          # recipe with sdpa for tokens/s and memory, passkey/ppl after (merged model, Sparse-X and dense)
+    export PYTHONPATH=/tmp/site
+    D="$out/demo6"; mkdir -p "$D"
+    SX="--block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12"
+    python3 examples/make_code_corpus.py --packages transformers torch peft accelerate --max-mb ${CORPUS_MB:-4} --out /tmp/corpus | tee "$D/corpus.log"
+    timeout 110 python3 -m sparsex_hf.eval --model smollm2 --tasks passkey --lengths 8192,16384,32768 --methods sdpa,sparsex \
+        --samples 50 --batch-size 25 --ppl-samples 2 $SX --output "$D/before" --no-progress 2>&1 | grep -v Warn | tail -22
+    timeout 260 python3 examples/finetune_long_context.py --model smollm2 --data /tmp/corpus/*.txt --target-length 32768 \
+        --rope yarn --max-steps ${STEPS:-300} --max-minutes ${MINUTES:-2.5} --lr 2e-4 --warmup-steps 10 --eval-sequences 2 \
+        --output-dir "$D/sparsex" --merge $SX --no-progress 2>&1 | grep -v -i warn | tail -3
+    timeout 80 python3 examples/finetune_long_context.py --model smollm2 --data /tmp/corpus/*.txt --target-length 32768 \
+        --rope yarn --max-steps 8 --attn sdpa --eval-sequences 1 --output-dir "$D/sdpa" $SX --no-progress 2>&1 | grep -v -i warn | tail -3
+    rm -rf "$D"/*/checkpoint-* "$D/sdpa/adapter_model.safetensors"
+    mv "$D/sparsex/merged" /tmp/merged
+    timeout 110 python3 -m sparsex_hf.eval --model /tmp/merged --tasks passkey --lengths 8192,16384,32768 --methods sdpa,sparsex \
+        --samples 50 --batch-size 25 --ppl-samples 2 --output "$D/after" --no-progress 2>&1 | grep -v Warn | tail -22
+    tail -4 "$D/sparsex/metrics.jsonl" "$D/sdpa/metrics.jsonl" ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;

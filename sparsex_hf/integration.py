@@ -68,9 +68,11 @@ def sparsex_attention_forward(
             f"Sparse-X received a {attention_mask.dim()}-D attention mask; it takes only a 2-D padding mask "
             "[batch, kv_len] (its mask function provides that). Do not pass prepared 4-D masks."
         )
+    mix = getattr(module, "sparsex_mix", None)  # learned branch weights (training.MixGates), for combine="mix"
+    mix_weights = mix() if (mix is not None and cfg.combine == "mix") else None
     layer = getattr(module, "_sparsex_layer", None)  # lent by the attention wrapper (patches/) when cached
     if layer is not None:
-        out = _cached_attention(module, layer, query, cfg, scaling, kwargs)
+        out = _cached_attention(module, layer, query, cfg, scaling, kwargs, mix_weights)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
         if layer.offload_kv:  # a prefill chunk over an offloaded cache reads every past key
@@ -87,11 +89,12 @@ def sparsex_attention_forward(
         query, key, value, cfg,
         scale=scaling, attention_mask=attention_mask, cu_seqlens=cu_k, cu_seqlens_q=cu_q,
         layer_idx=getattr(module, "layer_idx", None), sliding_window=kwargs.get("sliding_window"),
+        mix_weights=mix_weights,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
-def _cached_attention(module, layer, query, cfg: SparseXConfig, scaling, kwargs):
+def _cached_attention(module, layer, query, cfg: SparseXConfig, scaling, kwargs, mix_weights=None):
     """The decode path (a few queries, the cache's block summaries), or None where the general path applies:
     dense layers, rows whose padding is not a left prefix, prefill (more queries, or an empty past)."""
     from .ops.attention import sparsex_decode_attention
@@ -110,6 +113,7 @@ def _cached_attention(module, layer, query, cfg: SparseXConfig, scaling, kwargs)
         return None
     return sparsex_decode_attention(
         query, layer, cfg, scale=scaling, layer_idx=layer_idx, sliding_window=kwargs.get("sliding_window"),
+        mix_weights=mix_weights,
     )
 
 

@@ -1,0 +1,15 @@
+"""Extend a Llama/Mistral model's context with Sparse-X + LoRA (see ``sparsex_hf/training.py``).
+
+    python examples/finetune_long_context.py --model smollm2 --data corpus/*.txt --target-length 32768 \\
+        --rope yarn --max-steps 200 --output-dir runs/smollm2-32k [--resume] [--merge]
+    accelerate launch examples/finetune_long_context.py ...   # several GPUs (DDP / FSDP from accelerate config)
+
+Every flag: ``python examples/finetune_long_context.py --help``.
+"""
+
+import sys
+
+from sparsex_hf.training import main
+
+if __name__ == "__main__":
+    sys.exit(main())
