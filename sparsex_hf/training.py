@@ -483,10 +483,22 @@ def save_outputs(model, s: Setup, args) -> None:
             if hasattr(mod, "sparsex_mix"):
                 del mod.sparsex_mix
         merged.config.use_cache = True
+        _drop_gguf_marker(merged)
         path = os.path.join(args.output_dir, "merged")
         merged.save_pretrained(path, safe_serialization=True)
         if s.tokenizer is not None:
             s.tokenizer.save_pretrained(path)
+
+
+def _drop_gguf_marker(model) -> None:
+    """A model loaded from GGUF holds dequantized float weights but keeps a GGUF quantizer marker, which makes
+    ``save_pretrained`` refuse; the merged weights are plain tensors, so the marker is dropped."""
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    if q is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def load_extended(model: str, adapter_dir: str, *, attn_implementation: str = "sparsex", dtype=None, device=None):
