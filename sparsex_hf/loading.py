@@ -73,3 +73,31 @@ def load_model(model: str, *, dtype=None, device=None, attn_implementation: str 
     if device is not None:
         out = out.to(device)
     return out
+
+
+# Sparse-X config flags shared by the command-line tools (sparsex-eval, the fine-tuning recipe)
+SPARSEX_FLAGS = (("block-size", int), ("sink-tokens", int), ("window", int), ("stride", int), ("topk", int),
+                 ("select-tile", int), ("select-query", str), ("score", str), ("backend", str))
+
+
+def add_sparsex_arguments(parser, json_flag: str = "--config") -> None:
+    """A "Sparse-X config" argument group: ``json_flag`` (a JSON object or file) and one flag per field."""
+    g = parser.add_argument_group("Sparse-X config (default: the model's stored config, else SparseXConfig())")
+    g.add_argument(json_flag, dest="sparsex_json", default=None, help="JSON object or path to a JSON file with SparseXConfig fields")
+    for name, kind in SPARSEX_FLAGS:
+        g.add_argument(f"--{name}", type=kind, default=None)
+
+
+def sparsex_config_from_args(args, model_config=None, **forced):
+    """The model's Sparse-X config (or the JSON given), with the fields set by flags and ``forced`` replaced."""
+    import json
+
+    from .config import SparseXConfig
+    from .integration import get_sparsex_config
+
+    base = get_sparsex_config(model_config) if model_config is not None else SparseXConfig()
+    if args.sparsex_json:
+        text = open(args.sparsex_json).read() if os.path.isfile(args.sparsex_json) else args.sparsex_json
+        base = SparseXConfig.from_any(json.loads(text))
+    fields = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in SPARSEX_FLAGS}
+    return base.replace(**{k: v for k, v in fields.items() if v is not None}, **forced)

@@ -166,6 +166,8 @@ def labels_for(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Ten
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .loading import add_sparsex_arguments
+
     ap = argparse.ArgumentParser(prog="finetune_long_context", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local model directory, a .gguf file, or 'smollm2'")
@@ -202,27 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="stop (and save everything) after the first step that ends past this wall time (0: off)")
     ap.add_argument("--no-progress", action="store_true")
-    g = ap.add_argument_group("Sparse-X config (default: the model's stored config, else SparseXConfig())")
-    g.add_argument("--sparsex-config", default=None, help="JSON object or file with SparseXConfig fields")
-    for name, kind in (("block-size", int), ("sink-tokens", int), ("window", int), ("stride", int), ("topk", int),
-                       ("select-tile", int), ("score", str)):
-        g.add_argument(f"--{name}", type=kind, default=None)
+    add_sparsex_arguments(ap, "--sparsex-config")
     return ap
-
-
-def sparsex_config(args, model_config):
-    from .config import SparseXConfig
-    from .integration import get_sparsex_config
-
-    base = get_sparsex_config(model_config)
-    if args.sparsex_config:
-        text = open(args.sparsex_config).read() if os.path.isfile(args.sparsex_config) else args.sparsex_config
-        base = SparseXConfig.from_any(json.loads(text))
-    fields = {k: getattr(args, k) for k in ("block_size", "sink_tokens", "window", "stride", "topk", "select_tile", "score")
-              if getattr(args, k) is not None}
-    if args.train_mix or args.only_mix:
-        fields["combine"] = "mix"
-    return base.replace(**fields)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -269,13 +252,13 @@ def _trainable_modules(spec: str, tied: bool) -> list[str]:
 
 def setup(args, device=None) -> Setup:
     """Model (RoPE extended, attention switched, PEFT-wrapped), tokenizer and packed data."""
-    from .loading import load_config, load_model
+    from .loading import load_config, load_model, sparsex_config_from_args
     from .patches import check_model_type
 
     config = load_config(args.model)  # raises a clear error for a wrong path
     check_model_type(getattr(config, "model_type", None))
     rope = extend_rope(config, args.rope, args.target_length)
-    cfg = sparsex_config(args, config)
+    cfg = sparsex_config_from_args(args, config, **({"combine": "mix"} if (args.train_mix or args.only_mix) else {}))
     config.sparsex = cfg.to_dict()
     tok = _tokenizer(args)
     docs = load_documents(args.data, tok, args.text_field)

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from ..loading import add_sparsex_arguments
 from .fidelity import VARIANTS
 from .methods import METHODS
 from .tasks import TASKS
@@ -50,11 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on the CPU")
-    g = ap.add_argument_group("Sparse-X config (default: the model's stored config, else SparseXConfig())")
-    g.add_argument("--config", default=None, help="JSON object or path to a JSON file with SparseXConfig fields")
-    for name, kind in (("block-size", int), ("sink-tokens", int), ("window", int), ("stride", int), ("topk", int),
-                       ("select-tile", int), ("select-query", str), ("score", str), ("backend", str)):
-        g.add_argument(f"--{name}", type=kind, default=None)
+    add_sparsex_arguments(ap)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="instead of running: merge the results.json of runs over the same model (e.g. one per length "
@@ -94,19 +91,6 @@ def merge(dirs: list[str], output: str) -> dict:
     return out
 
 
-def sparsex_config(args, model_config=None):
-    from ..config import SparseXConfig
-    from ..integration import get_sparsex_config
-
-    base = get_sparsex_config(model_config) if model_config is not None else SparseXConfig()
-    if args.config:
-        text = open(args.config).read() if os.path.isfile(args.config) else args.config
-        base = SparseXConfig.from_any(json.loads(text))
-    fields = {k: getattr(args, k) for k in ("block_size", "sink_tokens", "window", "stride", "topk", "select_tile",
-                                            "select_query", "score", "backend") if getattr(args, k) is not None}
-    return base.replace(**fields)
-
-
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -119,7 +103,7 @@ def main(argv=None) -> int:
         ap.error("--model is required (unless --merge)")
     import torch
 
-    from ..loading import load_config, load_model, load_tokenizer
+    from ..loading import load_config, load_model, load_tokenizer, sparsex_config_from_args
     from .runner import EvalSettings, evaluate
 
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
@@ -131,7 +115,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = load_config(args.model)
-    cfg = sparsex_config(args, config)
+    cfg = sparsex_config_from_args(args, config)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype, device=device, config=config).eval()
     res = evaluate(model, tok, cfg, settings, args.output, model_name=args.model)

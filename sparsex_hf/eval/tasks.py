@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
@@ -34,9 +34,6 @@ class Sample:
     depth: float | None = None  # where the (first) needle sits, as a share of the haystack
     n_tokens: int = 0  # prompt tokens
     meta: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------------------------------ word lists
@@ -108,16 +105,11 @@ def _insert(hay: list[str], needles: list[str], depths: list[float]) -> list[str
     return out
 
 
-def _spread(depth: float, k: int, rng: random.Random) -> list[float]:
-    """The target needle at ``depth``, ``k - 1`` others at random depths."""
-    return [depth] + [rng.random() for _ in range(k - 1)]
-
-
 NIAH_PREFIX = ("Some special magic {kind} are hidden within the following text. Make sure to memorize it. "
                "I will quiz you about the {kind} afterwards.\n")
 
 
-def _niah(kind_word: str, haystack: str, n_keys: int, n_values: int, n_queries: int, distractor_haystack: bool,
+def _niah(haystack: str, n_keys: int, n_values: int, n_queries: int, distractor_haystack: bool,
           uuid_keys: bool):
     kind = "uuids" if uuid_keys else "numbers"
     val = _uuid if uuid_keys else _number
@@ -232,19 +224,19 @@ class Task:
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("passkey", _passkey, 8, description="5-digit pass key in repeated noise (Landmark / LongLoRA template)"),
-    Task("niah_single", _niah("numbers", "noise", 1, 1, 1, False, False), 12,
+    Task("niah_single", _niah("noise", 1, 1, 1, False, False), 12,
          description="one word-key -> 7-digit number needle in a noise haystack (RULER niah_single_1)"),
-    Task("niah_single_text", _niah("numbers", "text", 1, 1, 1, False, False), 12,
+    Task("niah_single_text", _niah("text", 1, 1, 1, False, False), 12,
          description="one needle in real text (RULER niah_single_2, Python docs instead of essays)"),
-    Task("niah_multikey", _niah("numbers", "text", 4, 1, 1, False, False), 12,
+    Task("niah_multikey", _niah("text", 4, 1, 1, False, False), 12,
          description="4 needles with different keys in real text, one queried (RULER niah_multikey_1)"),
-    Task("niah_multikey_needles", _niah("numbers", "", 1, 1, 1, True, False), 12,
+    Task("niah_multikey_needles", _niah("", 1, 1, 1, True, False), 12,
          description="haystack made of distractor needles, words -> numbers (RULER niah_multikey_2)"),
-    Task("niah_multikey_uuid", _niah("uuids", "", 1, 1, 1, True, True), 40,
+    Task("niah_multikey_uuid", _niah("", 1, 1, 1, True, True), 40,
          description="haystack of distractor needles, uuids -> uuids (RULER niah_multikey_3)"),
-    Task("niah_multivalue", _niah("numbers", "text", 1, 4, 1, False, False), 48,
+    Task("niah_multivalue", _niah("text", 1, 4, 1, False, False), 48,
          description="one key with 4 values in real text, all asked (RULER niah_multivalue)"),
-    Task("niah_multiquery", _niah("numbers", "text", 4, 1, 4, False, False), 48,
+    Task("niah_multiquery", _niah("text", 4, 1, 4, False, False), 48,
          description="4 keys in real text, all 4 asked (RULER niah_multiquery)"),
     Task("vt", _variable_tracking, 30, description="variable tracking: a 4-hop chain of assignments in noise"),
     Task("cwe", _common_words, 120, has_depth=False, description="the 10 most common words of a numbered list"),

@@ -144,6 +144,12 @@ def _decode_kernel(
     tl.store(OP + (out + o_r)[:, None] * D + o_d[None, :], b_acc)
 
 
+def _rows(q: torch.Tensor) -> torch.Tensor:
+    """``q`` as the kernels read it: any batch / head / token strides, unit stride along the head dim (the
+    attention module's transposed query already is, so a decode step copies nothing)."""
+    return q if q.stride(-1) == 1 else q.contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -169,7 +175,7 @@ def _run(q, layer, sel, cfg, scale, sliding_window, branch: int, out_dtype):
     nsplit = _splits(layer, cfg, tq, bsz * hkv, q.device)
     dev = q.device
     off = layer.offsets_tensor(dev, torch.int32)
-    qc = q.contiguous()
+    qc = _rows(q)
     op = torch.empty(bsz * hkv, nsplit, bm, d, dtype=torch.float32, device=dev)
     mp = torch.empty(bsz * hkv, nsplit, bm, dtype=torch.float32, device=dev)
     lp = torch.empty_like(mp)
@@ -363,7 +369,7 @@ def decode_select_triton(q, layer, summaries, cfg, sliding_window) -> torch.Tens
     kp2 = max(2, triton.next_power_of_2(cfg.topk))
     val = torch.empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.float32, device=dev)
     idx = torch.empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.int32, device=dev)
-    qc = q.contiguous()
+    qc = _rows(q)
     _decode_select_kernel[(bsz * hkv, nsplit)](
         qc, ka, kb, layer.offsets_tensor(dev, torch.int32), layer.get_seq_length(), val, idx,
         qc.stride(0), qc.stride(1), qc.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
