@@ -7,6 +7,7 @@
 set -uo pipefail
 out="${OUT:-benchmarks/results}"
 export PYTHONUNBUFFERED=1
+SX6="--block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12"  # issue 6's Sparse-X config
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -1
 case "${1:-tests}" in
   tests)
@@ -74,6 +75,14 @@ case "${1:-tests}" in
     timeout 110 python3 -m sparsex_hf.eval --model /tmp/merged --tasks passkey --lengths 8192,16384,32768 --methods sdpa,sparsex \
         --samples 50 --batch-size 25 --ppl-samples 2 --output "$D/after" --no-progress 2>&1 | grep -v Warn | tail -22
     tail -4 "$D/sparsex/metrics.jsonl" "$D/sdpa/metrics.jsonl" ;;
+  prof6)  # issue 6: where a recipe training step spends its time at SmolLM2's shape (random weights, no wheels)
+    timeout ${PROF_TIMEOUT:-400} python3 benchmarks/profile_train_step.py --length ${LENGTH:-32768} --out-dir "$out/train_profile" \
+        ${EXTRA:-} 2>&1 | grep -v -i warn | tee "$out/train_profile.log" | grep -v "^ \|^-" | tail -12 ;;
+  before6)  # issue 6: the original SmolLM2, passkey (50 samples per length) + perplexity, dense and Sparse-X
+    export PYTHONPATH=/tmp/site
+    timeout ${EVAL_TIMEOUT:-400} python3 -m sparsex_hf.eval --model ${MODEL:-smollm2} --tasks passkey --lengths 8192,16384,32768 \
+        --methods sdpa,sparsex --samples 50 --batch-size ${BATCH:-25} --ppl-samples 4 $SX6 --output "$out/${TAG:-before6}" \
+        --no-progress 2>&1 | grep -v Warn | tee "$out/${TAG:-before6}.log" | tail -24 ;;
   flex)
     timeout 540 python3 benchmarks/bench_prefill.py --lengths 32768 --sparse-only --dense-bwd-max 0 \
         --flex 32768 131072 --tag flex --out-dir "$out" 2>&1 | tee "$out/bench_flex.log" | tail -12 ;;
