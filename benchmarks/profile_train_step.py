@@ -94,12 +94,15 @@ def recipe_step(t: int, attn: str, model_dir: str, data: str, out_dir: str, step
     sync()
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, packed = [], []
     for i in range(steps):
         t0 = time.perf_counter()
         step(i)
         sync()
         times.append(time.perf_counter() - t0)
+        packed.append(int((s.train[i % len(s.train)][1] == 0).sum()) > 1)
+    # per step, and whether its sequence holds a document boundary (SDPA then needs a block mask)
+    out[f"{attn}_steps"] = [[round(x, 4), p] for x, p in zip(times, packed)]
     times.sort()
     out[f"{attn}_step_s"] = round(times[len(times) // 2], 4)
     out[f"{attn}_tok_per_s"] = round(t / times[len(times) // 2], 1)
@@ -138,9 +141,13 @@ def main() -> None:
         LlamaForCausalLM(LlamaConfig(**SMOL)).save_pretrained(os.path.join(tmp, "model"))
         data = os.path.join(tmp, "data.jsonl")
         g = torch.Generator().manual_seed(0)
-        with open(data, "w") as fh:  # three documents of random ids, packed like the recipe's corpus
-            for n in (a.length * 3 // 2, a.length * 2, a.length * 5 // 2):
-                fh.write(json.dumps({"input_ids": torch.randint(0, 49152, (n,), generator=g).tolist()}) + "\n")
+        # three documents of random ids, packed like the recipe's corpus (sequences that hold a document
+        # boundary included); handed over directly, so that `datasets` is not needed on the GPU machine
+        docs = [torch.randint(0, 49152, (n,), generator=g).tolist()
+                for n in (a.length * 3 // 2, a.length * 2, a.length * 5 // 2)]
+        open(data, "w").close()
+        from sparsex_hf import training
+        training.load_documents = lambda files, tokenizer, text_field="text": docs
         for attn in a.attn.split(","):
             recipe_step(a.length, attn, os.path.join(tmp, "model"), data, a.out_dir, a.steps, out)
     with open(os.path.join(a.out_dir, f"train_step_{a.length}.json"), "w") as fh:

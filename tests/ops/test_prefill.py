@@ -81,6 +81,31 @@ def test_gradients_match_reference(shape, name):
         assert _rel(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["union", "mix"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_transformers_layout_read_in_place(name, batch):
+    """q/k/v as Transformers hands them over ([B, H, T, D] views of [B, T, H, D] projections) are read
+    without a copy; the output is then in [B, T, H, D] memory, and forward and gradients (with an incoming
+    gradient of any layout) match the reference. Outputs are poisoned (NaN) before the kernels write."""
+    cfg = SparseXConfig(**CONFIGS[name])
+    g = torch.Generator().manual_seed(21)
+    t, hq, hkv, d = 190, 4, 2, 64
+    q = torch.randn(batch, t, hq, d, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(batch, t, hkv, d, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    v = torch.randn(batch, t, hkv, d, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    out = sparsex_attention(q, k, v, cfg, backend="triton")
+    if name == "union":
+        assert out.transpose(1, 2).is_contiguous()  # written through q's strides: no copy either way
+    ref = sparsex_attention(q, k, v, cfg, backend="torch")
+    assert _rel(out, ref) < 1e-5
+    for do in (torch.randn(batch, t, hq, d, generator=g).to(DEVICE).transpose(1, 2),
+               torch.randn(batch, hq, t, d, generator=g).to(DEVICE)):
+        got = torch.autograd.grad((sparsex_attention(q, k, v, cfg, backend="triton") * do).sum(), (q, k, v))
+        want = torch.autograd.grad((ref * do).sum(), (q, k, v), retain_graph=True)
+        for a, b in zip(got, want):
+            assert not a.isnan().any() and _rel(a, b) < 1e-4
+
+
 SELECTIONS = {
     "tile64-mean": (dict(SPARSE_SMALL), {}),
     "per-query": (dict(SPARSE_SMALL, select_tile=1), {}),
@@ -121,6 +146,32 @@ def test_padding_and_packing():
     holes[1, 10] = False
     with pytest.raises(ValueError, match="contiguous"):
         sparsex_attention(q, k, v, cfg, attention_mask=holes, backend="triton")
+
+
+def test_packed_layouts_are_read_once_and_never_stale():
+    """The boundaries of a position_ids tensor are read once (a device sync) and reused while that tensor
+    is unchanged; a new tensor or an in-place edit is read again; the kernel layout cache keys on them."""
+    from sparsex_hf.ops.attention.documents import cu_seqlens_from_position_ids
+    from sparsex_hf.ops.attention.layout import kernel_layout
+
+    pos = torch.cat([torch.arange(70), torch.arange(110)])[None].to(DEVICE)
+    first = cu_seqlens_from_position_ids(pos)
+    assert first.tolist() == [0, 70, 180] and cu_seqlens_from_position_ids(pos) is first
+    pos[0, 70:] = torch.arange(70, 180, device=DEVICE)  # in place: now one document
+    assert cu_seqlens_from_position_ids(pos) is None
+    other = torch.cat([torch.arange(30), torch.arange(150)])[None].to(DEVICE)
+    assert cu_seqlens_from_position_ids(other).tolist() == [0, 30, 180]
+    a = kernel_layout(1, 180, 180, DEVICE, 64, None, None, torch.tensor([0, 30, 180]))
+    assert kernel_layout(1, 180, 180, DEVICE, 64, None, None, torch.tensor([0, 30, 180])) is a
+    b = kernel_layout(1, 180, 180, DEVICE, 64, None, None, torch.tensor([0, 31, 180]))
+    assert b is not a and b.docs != a.docs and b.tiles[:, 4].sum() == a.tiles[:, 4].sum() == 180
+    # a model forward with packed position_ids still matches the reference after the caches are warm
+    cfg = SparseXConfig(**SPARSE_SMALL)
+    q, k, v = _inputs(("", 1, 4, 2, 180, 180, 64), torch.float32, seed=14)
+    for cu in ([0, 30, 180], [0, 31, 180], [0, 30, 180]):
+        cu = torch.tensor(cu)
+        out = sparsex_attention(q, k, v, cfg, cu_seqlens=cu, backend="triton")
+        assert _rel(out, sparsex_attention(q, k, v, cfg, cu_seqlens=cu, backend="torch")) < 1e-5
 
 
 def test_sliding_window_and_dense_layer():

@@ -7,6 +7,7 @@ those layouts into a list of :class:`Document`, each one a plain causal sequence
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,13 @@ def split_documents(
     return docs
 
 
+# The last position_ids tensor seen and its boundaries: Transformers hands the same tensor to every layer
+# (and again to the recomputed forward of gradient checkpointing), and reading it on the host is a
+# device sync, so it is read once per forward instead of once per layer. The entry holds a weak
+# reference: a new tensor (even at a reused address) or an in-place change (its version) misses.
+_last_positions: list = [None, None, None]
+
+
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Document boundaries of a packed row (``[1, T]`` positions restarting for each document).
 
@@ -128,9 +136,14 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | N
     if position_ids.dim() == 2:
         if position_ids.shape[0] != 1:
             return None
-        position_ids = position_ids[0]
-    pos = position_ids.to("cpu", torch.long)
+    ref, version, cached = _last_positions
+    if ref is not None and ref() is position_ids and version == position_ids._version:
+        return cached
+    pos = (position_ids[0] if position_ids.dim() == 2 else position_ids).to("cpu", torch.long)
     starts = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
-    if not starts:
-        return None
-    return torch.tensor([0, *starts, pos.numel()], dtype=torch.long)
+    out = torch.tensor([0, *starts, pos.numel()], dtype=torch.long) if starts else None
+    try:
+        _last_positions[:] = [weakref.ref(position_ids), position_ids._version, out]
+    except TypeError:  # not weak-referenceable (e.g. a tensor subclass): no caching
+        _last_positions[:] = [None, None, None]
+    return out

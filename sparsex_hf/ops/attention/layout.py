@@ -54,7 +54,28 @@ def kernel_documents(bsz, tq, tk, attention_mask=None, cu_seqlens_q=None, cu_seq
     return docs
 
 
+_LAYOUTS: dict = {}  # layouts without a padding mask, by shape and document boundaries (a model's layers share one)
+_MAX_LAYOUTS = 16
+
+
 def kernel_layout(bsz, tq, tk, device, block_m, attention_mask=None, cu_seqlens_q=None, cu_seqlens_k=None) -> KernelLayout:
+    key = None
+    if attention_mask is None:
+        cu = tuple(tuple(c.tolist()) if isinstance(c, torch.Tensor) and c.device.type == "cpu" else c
+                   for c in (cu_seqlens_q, cu_seqlens_k))
+        if all(c is None or isinstance(c, tuple) for c in cu):
+            key = (bsz, tq, tk, str(device), block_m, cu)
+            if key in _LAYOUTS:
+                return _LAYOUTS[key]
+    layout = _build_layout(bsz, tq, tk, device, block_m, attention_mask, cu_seqlens_q, cu_seqlens_k)
+    if key is not None:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def _build_layout(bsz, tq, tk, device, block_m, attention_mask, cu_seqlens_q, cu_seqlens_k) -> KernelLayout:
     docs = kernel_documents(bsz, tq, tk, attention_mask, cu_seqlens_q, cu_seqlens_k)
     parts = []
     for b, q_row0, k_col0, m, n in docs:

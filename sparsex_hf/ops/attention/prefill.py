@@ -281,11 +281,17 @@ def tile_union(sel: torch.Tensor, layout: KernelLayout, window: int, block_size:
     return x[..., :width].to(torch.int32).contiguous(), count.contiguous()
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides on every dimension of size > 1 (what the kernel's offsets use)."""
+    return a.shape == b.shape and all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
 def attend(q, k, v, sel, layout: KernelLayout, union, count, *, scale, sink, window, stride, sliding_window,
            block_size, flags=(True, True, True)):
     """Forward: ``o [B, Hq, Tq, D]`` (q dtype) and ``lse [B, Hq, Tq]`` (fp32, natural log, -inf = no key)."""
     bsz, hq, tq, d = q.shape
-    o = torch.empty_like(q)
+    o = torch.empty_like(q)  # q's strides (the kernel writes o through them)
+    assert same_layout(o, q), "q must be a dense permutation of a contiguous layout (see _strided_ok)"
     lse = torch.empty(bsz, hq, tq, device=q.device, dtype=torch.float32)
     if layout.padded:  # rows of no document: zeros (SPEC), lse -inf
         o.zero_()
@@ -300,13 +306,19 @@ def attend(q, k, v, sel, layout: KernelLayout, union, count, *, scale, sink, win
 
 def attend_backward(q, k, v, o, lse, do, sel, layout, union, count, *, scale, sink, window, stride, sliding_window,
                     block_size, flags=(True, True, True)):
-    delta = (do.float() * o.float()).sum(-1)
+    # q, o, do and dq are read and written through q's strides (a [B, H, T, D] view of [B, T, H, D] is read
+    # in place); delta shares lse's contiguous [B, H, T] layout
+    if not same_layout(do, q):
+        do = torch.empty_like(q).copy_(do)
+    if not same_layout(o, q):
+        o = torch.empty_like(q).copy_(o)
+    delta = (do.float() * o.float()).sum(-1).contiguous()
     dq = torch.zeros_like(q) if layout.padded else torch.empty_like(q)
     if _poison() and not layout.padded:
         dq.fill_(float("nan"))
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    _launch(q, k, v, o, lse, do.contiguous(), delta, dq, dk, dv, sel, union, count, layout, scale, sink, window,
+    _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink, window,
             stride, sliding_window, block_size, flags, backward=True)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 

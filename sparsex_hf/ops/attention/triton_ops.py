@@ -69,7 +69,7 @@ def attend_backward_op(
     sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, True)
-    return attend_backward(q, k, v, o, lse, do.contiguous(), sel, layout, union, count, scale=scale, sink=sink,
+    return attend_backward(q, k, v, o, lse, do, sel, layout, union, count, scale=scale, sink=sink,
                            window=window, stride=stride, sliding_window=sliding_window or None,
                            block_size=block_size, flags=(use_local, use_stride, use_topk))
 
@@ -99,10 +99,24 @@ def _backward(ctx, do, dlse):
 attend_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _strided_ok(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when the kernels can read it in place: unit stride on the head dim and a dense permutation
+    of a contiguous layout (Transformers' ``[B, H, T, D]`` views of ``[B, T, H, D]`` projections are), so that
+    ``empty_like`` gives outputs and gradients the same strides; otherwise a contiguous copy."""
+    if t.stride(-1) != 1:
+        return t.contiguous()
+    expected = 1
+    for size, st in sorted(zip(t.shape, t.stride()), key=lambda x: x[1]):
+        if size > 1 and st != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
 def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_mask=None, cu_seqlens_q=None,
                              cu_seqlens_k=None, sliding_window=None, dense=False, mix_weights=None):
     """Sparse-X with the Triton kernels; same contract as ``naive.sparsex_attention_naive``."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _strided_ok(q), _strided_ok(k), _strided_ok(v)
     tk = k.shape[2]
     if dense:  # dense causal through the same kernels: the window covers everything
         cfg = cfg.replace(window=tk + 1, topk=0, stride=0, sink_tokens=0, combine="union")
