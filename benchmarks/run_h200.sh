@@ -57,24 +57,27 @@ case "${1:-tests}" in
         --fidelity-samples ${FID:-2} --fidelity-variants "config,per-token minmax,per-token mean,per-token hybrid,tile64 each minmax,no top-k" \
         --block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12 --output "$out/eval_${TAG:-run}" ${EXTRA:-} \
         2>&1 | tr '\r' '\n' | grep -v Warn | awk 'NR % 20 == 0 || /Error|error|Trace|^\|/' | tee "$out/eval_${TAG:-run}.log" | tail -60 ;;
-  demo6)  # issue 6 on SmolLM2 (needs the wheels stage): passkey/ppl before, Sparse-X LoRA 8K -> 32K, the same
-          # recipe with sdpa for tokens/s and memory, passkey/ppl after (merged model, Sparse-X and dense)
-    export PYTHONPATH=/tmp/site
-    D="$out/demo6"; mkdir -p "$D"
-    SX="--block-size 64 --sink-tokens 64 --window 1024 --stride 64 --topk 12"
-    python3 examples/make_code_corpus.py --packages transformers torch peft accelerate --max-mb ${CORPUS_MB:-4} --out /tmp/corpus | tee "$D/corpus.log"
-    timeout 110 python3 -m sparsex_hf.eval --model smollm2 --tasks passkey --lengths 8192,16384,32768 --methods sdpa,sparsex \
-        --samples 50 --batch-size 25 --ppl-samples 2 $SX --output "$D/before" --no-progress 2>&1 | grep -v Warn | tail -22
-    timeout 260 python3 examples/finetune_long_context.py --model smollm2 --data /tmp/corpus/*.txt --target-length 32768 \
-        --rope yarn --max-steps ${STEPS:-300} --max-minutes ${MINUTES:-2.5} --lr 2e-4 --warmup-steps 10 --eval-sequences 2 \
-        --output-dir "$D/sparsex" --merge $SX --no-progress 2>&1 | grep -v -i warn | tail -3
-    timeout 80 python3 examples/finetune_long_context.py --model smollm2 --data /tmp/corpus/*.txt --target-length 32768 \
-        --rope yarn --max-steps 8 --attn sdpa --eval-sequences 1 --output-dir "$D/sdpa" $SX --no-progress 2>&1 | grep -v -i warn | tail -3
-    rm -rf "$D"/*/checkpoint-* "$D/sdpa/adapter_model.safetensors"
-    mv "$D/sparsex/merged" /tmp/merged
-    timeout 110 python3 -m sparsex_hf.eval --model /tmp/merged --tasks passkey --lengths 8192,16384,32768 --methods sdpa,sparsex \
-        --samples 50 --batch-size 25 --ppl-samples 2 --output "$D/after" --no-progress 2>&1 | grep -v Warn | tail -22
-    tail -4 "$D/sparsex/metrics.jsonl" "$D/sdpa/metrics.jsonl" ;;
+  train6)  # issue 6 (needs the wheels stage): the 649-step Sparse-X run, 8K -> 32K, kept in /root/demo6 while the
+           # machine is warm; the next calls: before6 (any time), MODEL=/root/demo6/sparsex/merged TAG=after6 before6,
+           # sdpa6, mix6
+    export PYTHONPATH=/tmp/site; D=/root/demo6; mkdir -p $D
+    python3 examples/make_code_corpus.py --packages transformers torch peft accelerate --max-mb 4 --out /root/corpus > "$out/corpus.log" 2>&1
+    timeout 560 python3 examples/finetune_long_context.py --model smollm2 --data /root/corpus/*.txt --target-length 32768 \
+        --rope yarn --max-steps 720 --max-minutes ${MINUTES:-7.6} --lr 2e-4 --warmup-steps 20 --eval-sequences 4 --eval-every 100 \
+        --save-every 100 --output-dir $D/sparsex --merge $SX6 --no-progress 2>&1 | grep -v -i warn | tail -5
+    (cd $D/sparsex && tar czf "$out/sx.tgz" metrics.jsonl sparsex_training.json adapter_config.json adapter_model.safetensors) ;;
+  sdpa6)  # the same recipe with sdpa, 20 steps (tokens/s and peak memory)
+    export PYTHONPATH=/tmp/site; D=/root/demo6
+    timeout 150 python3 examples/finetune_long_context.py --model smollm2 --data /root/corpus/*.txt --target-length 32768 \
+        --rope yarn --max-steps 20 --lr 2e-4 --warmup-steps 20 --eval-sequences 4 --attn sdpa --output-dir $D/sdpa $SX6 \
+        --no-progress 2>&1 | grep -v -i warn | tail -2
+    cp $D/sdpa/metrics.jsonl "$out/sdpa_metrics.jsonl" ;;
+  mix6)  # --only-mix on top of the extended (merged) model
+    export PYTHONPATH=/tmp/site; D=/root/demo6
+    timeout 330 python3 examples/finetune_long_context.py --model $D/sparsex/merged --tokenizer smollm2 --data /root/corpus/*.txt \
+        --target-length 32768 --rope yarn --max-steps 200 --max-minutes 3 --lr 5e-3 --warmup-steps 5 --eval-sequences 4 \
+        --eval-every 25 --only-mix --output-dir $D/mix $SX6 --no-progress 2>&1 | grep -v -i warn | tail -3
+    cp $D/mix/metrics.jsonl "$out/mix_metrics.jsonl"; cp $D/mix/mix_gates.safetensors $D/mix/sparsex_training.json "$out/" ;;
   prof6)  # issue 6: where a recipe training step spends its time at SmolLM2's shape (random weights, no wheels)
     timeout ${PROF_TIMEOUT:-400} python3 benchmarks/profile_train_step.py --length ${LENGTH:-32768} --out-dir "$out/train_profile" \
         ${EXTRA:-} 2>&1 | grep -v -i warn | tee "$out/train_profile.log" | grep -v "^ \|^-" | tail -12 ;;
