@@ -349,7 +349,10 @@ def train(args) -> dict:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     loader = torch.utils.data.DataLoader(s.train, batch_size=1, shuffle=False, collate_fn=lambda b: b[0])
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    # the schedule counts optimizer steps: it is stepped here once per step, not through accelerate (whose
+    # prepared scheduler advances once per process), and saved with the checkpoints
+    model, opt, loader = acc.prepare(model, opt, loader)
+    acc.register_for_checkpointing(sched)
     start = 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if args.resume:
@@ -407,9 +410,10 @@ def train(args) -> dict:
                 if acc.sync_gradients and args.max_grad_norm:
                     acc.clip_grad_norm_(params, args.max_grad_norm)
                 opt.step()
-                sched.step()
+                if acc.sync_gradients:
+                    sched.step()
                 opt.zero_grad()
-            losses.append(out.loss.detach().float().item())
+            losses.append(acc.reduce(out.loss.detach().float(), "mean").item())  # mean over processes
             tokens += ids.numel()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -509,7 +513,8 @@ def main(argv=None) -> int:
     if args.target_length < 16:
         raise SystemExit("--target-length must be >= 16")
     res = train(args)
-    print(json.dumps(res))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(res))
     return 0
 
 

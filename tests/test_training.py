@@ -179,3 +179,32 @@ def test_mix_gates_learn_and_save(tmp_path):
     init = torch.tensor([1.0, 1.0, 1.0]).log()
     assert any(not torch.allclose(v, init.expand(4, 3)) for v in g.values())
     assert not os.path.isfile(out / "adapter_model.safetensors")
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    """Data parallel on two CPU processes (gloo) through accelerate, as `accelerate launch` runs it on GPUs:
+    each step counts both processes' tokens, the learning-rate schedule counts optimizer steps (the same
+    lr as one process), one process writes the metrics and the adapter, and the adapter reloads."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    model = _model_dir(tmp_path, "llama")
+    data = _data(tmp_path)
+    common = ["--model", model, "--data", data, "--target-length", "256", "--rope", "yarn", "--no-progress",
+              "--bf16", "no", *SMALL, "--max-steps", "3", "--warmup-steps", "2", "--eval-sequences", "1"]
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "finetune_long_context.py")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29561", script, *common,
+                          "--output-dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in _metrics(tmp_path / "ddp") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["tokens"] == 512 for r in rows)
+    training.train(training.build_parser().parse_args(common + ["--output-dir", str(tmp_path / "one")]))
+    single = [r for r in _metrics(tmp_path / "one") if "loss" in r]
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in single])
+    assert all(r["tokens"] == 256 for r in single)
+    peft_model = training.load_extended(model, str(tmp_path / "ddp"), dtype=torch.float32)
+    assert sum("lora_" in n for n, _ in peft_model.named_parameters()) > 0
