@@ -102,9 +102,17 @@ def test_positions_count_from_first_real_token(model_type):
         packed_cu = sparse(
             packed_ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=400, max_length_k=400
         ).logits
+        # the same row again with other boundaries in a reused position tensor (edited in place), then in
+        # inference mode: the boundaries are never stale
+        pos[0, 400:] = torch.arange(400, 700)
+        one_doc = sparse(packed_ids, position_ids=pos).logits
+        pos[0, 400:] = torch.arange(300)
+    with torch.inference_mode():
+        packed_inf = sparse(packed_ids, position_ids=torch.cat([torch.arange(400), torch.arange(300)])[None]).logits
+    torch.testing.assert_close(one_doc, sparse(packed_ids).logits.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched[0], alone_a[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1, 100:], alone_b[0], atol=1e-5, rtol=1e-5)
-    for p in (packed, packed_cu):
+    for p in (packed, packed_cu, packed_inf):
         torch.testing.assert_close(p[0, :400], alone_a[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(p[0, 400:], alone_b[0], atol=1e-5, rtol=1e-5)
 

@@ -161,6 +161,11 @@ def test_packed_layouts_are_read_once_and_never_stale():
     assert cu_seqlens_from_position_ids(pos) is None
     other = torch.cat([torch.arange(30), torch.arange(150)])[None].to(DEVICE)
     assert cu_seqlens_from_position_ids(other).tolist() == [0, 30, 180]
+    with torch.inference_mode():  # inference tensors have no version counter: read every time, never cached
+        frozen = torch.cat([torch.arange(40), torch.arange(140)])[None].to(DEVICE)
+        assert cu_seqlens_from_position_ids(frozen).tolist() == [0, 40, 180]
+        frozen[0, 40:] = torch.arange(40, 180, device=DEVICE)
+        assert cu_seqlens_from_position_ids(frozen) is None
     a = kernel_layout(1, 180, 180, DEVICE, 64, None, None, torch.tensor([0, 30, 180]))
     assert kernel_layout(1, 180, 180, DEVICE, 64, None, None, torch.tensor([0, 30, 180])) is a
     b = kernel_layout(1, 180, 180, DEVICE, 64, None, None, torch.tensor([0, 31, 180]))

@@ -136,14 +136,20 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | N
     if position_ids.dim() == 2:
         if position_ids.shape[0] != 1:
             return None
-    ref, version, cached = _last_positions
-    if ref is not None and ref() is position_ids and version == position_ids._version:
+    try:
+        version = position_ids._version
+    except RuntimeError:  # an inference tensor keeps no version counter: an in-place edit would go unseen
+        version = None
+    ref, cached_version, cached = _last_positions
+    if version is not None and ref is not None and ref() is position_ids and cached_version == version:
         return cached
     pos = (position_ids[0] if position_ids.dim() == 2 else position_ids).to("cpu", torch.long)
     starts = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
     out = torch.tensor([0, *starts, pos.numel()], dtype=torch.long) if starts else None
-    try:
-        _last_positions[:] = [weakref.ref(position_ids), position_ids._version, out]
-    except TypeError:  # not weak-referenceable (e.g. a tensor subclass): no caching
-        _last_positions[:] = [None, None, None]
+    _last_positions[:] = [None, None, None]
+    if version is not None:
+        try:
+            _last_positions[:] = [weakref.ref(position_ids), version, out]
+        except TypeError:  # not weak-referenceable (e.g. a tensor subclass): no caching
+            pass
     return out
