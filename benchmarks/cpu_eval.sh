@@ -2,7 +2,7 @@
 # The CPU evaluations behind two README tables (run here on 2026-11-29 once the session's GPU time was spent):
 #   bash benchmarks/cpu_eval.sh before     passkey of the original SmolLM2 past its 8K context (dense; 16K x 4, 32K x 2)
 #   bash benchmarks/cpu_eval.sh selection  real-text retrieval at 4K: default selection vs per-token vs 32-token blocks
-# Results were copied to benchmarks/results/finetune_smollm2/passkey_before_cpu*/ and
+# Results were copied to benchmarks/results/finetune_smollm2/first_159steps/passkey_before_cpu*/ and
 # benchmarks/results/eval_smollm2/cpu_selection_4k/.
 set -euo pipefail
 out="${OUT:-/tmp}"
