@@ -78,6 +78,12 @@ case "${1:-tests}" in
         --target-length 32768 --rope yarn --max-steps 200 --max-minutes 3 --lr 5e-3 --warmup-steps 5 --eval-sequences 4 \
         --eval-every 25 --only-mix --output-dir $D/mix $SX6 --no-progress 2>&1 | grep -v -i warn | tail -3
     cp $D/mix/metrics.jsonl "$out/mix_metrics.jsonl"; cp $D/mix/mix_gates.safetensors $D/mix/sparsex_training.json "$out/" ;;
+  gpu6)  # the GPU tests owed by the training-step fix (in-place q/k/v layouts, position/layout caches) first,
+          # then the rest of the prefill and integration tests (Triton compiles every variant: give it minutes)
+    timeout 200 python3 -m pytest tests/ops/test_prefill.py -q -p no:cacheprovider -rs -k "transformers_layout or packed_layouts" \
+        2>&1 | tee "$out/pytest_gpu6a.log" | tail -3
+    timeout 360 python3 -m pytest tests/ops/test_prefill.py tests/test_integration.py -q -p no:cacheprovider -rs \
+        2>&1 | tee "$out/pytest_gpu6b.log" | tail -3 ;;
   prof6)  # issue 6: where a recipe training step spends its time at SmolLM2's shape (random weights, no wheels)
     timeout ${PROF_TIMEOUT:-400} python3 benchmarks/profile_train_step.py --length ${LENGTH:-32768} --out-dir "$out/train_profile" \
         ${EXTRA:-} 2>&1 | grep -v -i warn | tee "$out/train_profile.log" | grep -v "^ \|^-" | tail -12 ;;
