@@ -11,6 +11,9 @@ embedding; random weights, so no download and no wheel is needed) and the recipe
 3. a ``torch.profiler`` table of one step of each (top kernels by CUDA time) written to ``--out-dir``.
 
     python benchmarks/profile_train_step.py --length 32768 --out-dir /tmp/prof
+
+A smoke run on the CPU (reference attention, no timings worth keeping): ``LAYERS=2 ORIG=256
+python benchmarks/profile_train_step.py --length 512 --steps 1`` (fewer layers, a shorter original context).
 """
 
 from __future__ import annotations
