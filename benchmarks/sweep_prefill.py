@@ -1,12 +1,11 @@
 """Time kernel variants (block sizes, warps, stages) of the Sparse-X forward and forward+backward at one
-length; one row per variant in ``sweep.csv``. Variants are set through the environment variables the
-kernels read at launch (SPARSEX_BLOCK_M, SPARSEX_WARPS, SPARSEX_STAGES, SPARSEX_BWD_STAGES).
+length; one row per variant in ``sweep.csv``. Each variant updates the forward's tile shape
+(``sparsex_hf.ops.attention.prefill.FWD_TILE`` and ``BWD_TILE``) before it is timed.
 
     python benchmarks/sweep_prefill.py --tokens 131072 --variants 64,8,2 128,8,3 --out-dir benchmarks/results
 """
 
 from __future__ import annotations
-
 
 import argparse
 import datetime
@@ -14,9 +13,10 @@ import os
 
 import torch
 import triton
+from _common import append_csv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
-from _common import append_csv
+from sparsex_hf.ops.attention import prefill
 
 HEADLINE = dict(window=4096, stride=256, topk=8, block_size=64, sink_tokens=64)
 
@@ -37,7 +37,8 @@ def main():
     rows = []
     for var in args.variants:
         bm, warps, stages = var.split(",")
-        os.environ.update(SPARSEX_BLOCK_M=bm, SPARSEX_WARPS=warps, SPARSEX_STAGES=stages)
+        for tile in (prefill.FWD_TILE, prefill.BWD_TILE):  # the variant for both passes
+            tile.update(block_m=int(bm), num_warps=int(warps), num_stages=int(stages))
         ms = triton.testing.do_bench(lambda: sparsex_attention(q, k, v, cfg, backend="triton"), warmup=50, rep=400,
                                      return_mode="median")
         row = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), tokens=t,

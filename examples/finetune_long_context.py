@@ -1,4 +1,5 @@
-"""Extend a Llama/Mistral model's context with Sparse-X + LoRA (see ``sparsex_hf/training.py``).
+"""Extend a Llama/Mistral model's context with Sparse-X + LoRA: the ``sparsex-finetune`` command
+(``sparsex_hf/apps/finetune.py``) as a script, for ``accelerate launch``.
 
     python examples/finetune_long_context.py --model smollm2 --data corpus/*.txt --target-length 32768 \\
         --rope yarn --max-steps 200 --output-dir runs/smollm2-32k [--resume] [--merge]
@@ -9,7 +10,7 @@ Every flag: ``python examples/finetune_long_context.py --help``.
 
 import sys
 
-from sparsex_hf.training import main
+from sparsex_hf.apps.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

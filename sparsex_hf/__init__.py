@@ -1,40 +1,41 @@
 """sparsex-hf: Sparse-X hierarchical sparse attention for Hugging Face Transformers.
 
-``import sparsex_hf`` registers ``attn_implementation="sparsex"``.
+``import sparsex_hf`` registers ``attn_implementation="sparsex"`` (it imports no model module: the attention
+classes of the supported model types are wrapped when a ``"sparsex"`` model first runs, or by
+``from_pretrained`` / ``apply_sparsex``).
+
+Floors, each importing only downwards: ``sparsex_hf.ops`` (tensors in, tensors out) -> the Transformers wing
+``sparsex_hf.hf`` with the per-model table ``sparsex_hf.patches`` -> the applications ``sparsex_hf.apps``.
 """
 
-from .cache import SparseXCache, SparseXLayer
 from .config import SparseXConfig
-from .integration import (
-    from_pretrained,
-    get_sparsex_config,
-    register,
-    set_sparsex_config,
-    sparsex_attention_forward,
-    sparsex_mask,
-)
-from .ops.attention import SparseXStats, sparsex_attention
-from .patches import SUPPORTED_MODEL_TYPES, apply_sparsex, patch_class, revert_sparsex
+from .hf.attention import get_sparsex_config, register, sparsex_attention_forward, sparsex_mask
+from .hf.cache import CACHE_KWARG, SparseXCache, SparseXLayer
+from .hf.model import apply_sparsex, from_pretrained, revert_sparsex, set_sparsex_config
+from .hf.training import MixGates
+from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
+from .patches import SUPPORTED_MODEL_TYPES
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 register()
-for _model_type in SUPPORTED_MODEL_TYPES:  # lend the KV cache to the attention (inert for other attentions)
-    patch_class(_model_type)
 
 __all__ = [
+    "CACHE_KWARG",
+    "MixGates",
     "SUPPORTED_MODEL_TYPES",
     "SparseXCache",
-    "SparseXLayer",
-    "apply_sparsex",
-    "revert_sparsex",
     "SparseXConfig",
+    "SparseXLayer",
     "SparseXStats",
+    "apply_sparsex",
     "from_pretrained",
     "get_sparsex_config",
     "register",
+    "revert_sparsex",
     "set_sparsex_config",
     "sparsex_attention",
     "sparsex_attention_forward",
+    "sparsex_decode_attention",
     "sparsex_mask",
 ]

@@ -8,8 +8,9 @@ The config is a frozen, validated dataclass. Inside a Transformers model it live
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 COMBINE_MODES = ("union", "mix")
 SELECTION_SCORES = ("minmax", "mean", "hybrid")
@@ -141,7 +142,7 @@ class SparseXConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SparseXConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> SparseXConfig:
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -149,7 +150,7 @@ class SparseXConfig:
         return cls(**dict(data))
 
     @classmethod
-    def from_any(cls, value: "SparseXConfig | Mapping[str, Any] | None") -> "SparseXConfig":
+    def from_any(cls, value: SparseXConfig | Mapping[str, Any] | None) -> SparseXConfig:
         """Accept a config, a dict of fields, or ``None`` (the defaults)."""
         if value is None:
             return cls()
@@ -159,7 +160,7 @@ class SparseXConfig:
             return cls.from_dict(value)
         raise TypeError(f"Expected a SparseXConfig, a dict of its fields or None, got {type(value).__name__}.")
 
-    def replace(self, **changes: Any) -> "SparseXConfig":
+    def replace(self, **changes: Any) -> SparseXConfig:
         """A copy with some fields changed (validated again)."""
         return self.from_dict({**self.to_dict(), **changes})
 

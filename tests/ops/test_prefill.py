@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from utils import SPARSE_SMALL, random_qkv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
+from sparsex_hf.ops.attention.documents import cu_seqlens_from_position_ids
+from sparsex_hf.ops.attention.layout import kernel_layout
+from sparsex_hf.ops.attention.naive import sparsex_attention_naive
 from sparsex_hf.ops.attention.triton_ops import select_op
-from utils import SPARSE_SMALL, random_qkv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -18,6 +21,8 @@ SHAPES = [
     ("Tq37<Tk200-g4", 1, 8, 2, 37, 200, 64),
     ("T400-g2", 1, 4, 2, 400, 400, 64),
 ]
+# a fixed seed per config (inputs identical in every run)
+SEEDS = {"union": 101, "mix": 102, "tile64-hybrid": 103, "tile16-mean-nostride": 104, "wide-window": 105, "tile16-each": 106}
 CONFIGS = {
     "union": dict(SPARSE_SMALL),
     "mix": dict(SPARSE_SMALL, combine="mix", beta=0.5, gamma=2.0),
@@ -41,11 +46,12 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.slow) if s[0] == "T400-g2" else s for s in SHAPES],
+                         ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_forward_fp32_matches_reference(shape, name):
     cfg = SparseXConfig(**CONFIGS[name])
-    q, k, v = _inputs(shape, torch.float32, seed=hash(name) % 1000)
+    q, k, v = _inputs(shape, torch.float32, seed=SEEDS[name])
     out = sparsex_attention(q, k, v, cfg, backend="triton")
     ref = sparsex_attention(q, k, v, cfg, backend="torch")
     assert not out.isnan().any()
@@ -68,7 +74,8 @@ def test_forward_low_precision(shape, dtype):
     assert _rel(out, ref) <= 2 * base + 2e-3
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=[s[0] for s in SHAPES[1:]])
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=pytest.mark.slow) if s[0] == "T400-g2" else s for s in SHAPES[1:]],
+                         ids=[s[0] for s in SHAPES[1:]])
 @pytest.mark.parametrize("name", ["union", "mix", "tile64-hybrid", "wide-window"])
 def test_gradients_match_reference(shape, name):
     cfg = SparseXConfig(**CONFIGS[name])
@@ -81,7 +88,7 @@ def test_gradients_match_reference(shape, name):
         assert _rel(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["union", "mix"])
+@pytest.mark.parametrize("name", ["union", pytest.param("mix", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_transformers_layout_read_in_place(name, batch):
     """q/k/v as Transformers hands them over ([B, H, T, D] views of [B, T, H, D] projections) are read
@@ -151,9 +158,6 @@ def test_padding_and_packing():
 def test_packed_layouts_are_read_once_and_never_stale():
     """The boundaries of a position_ids tensor are read once (a device sync) and reused while that tensor
     is unchanged; a new tensor or an in-place edit is read again; the kernel layout cache keys on them."""
-    from sparsex_hf.ops.attention.documents import cu_seqlens_from_position_ids
-    from sparsex_hf.ops.attention.layout import kernel_layout
-
     pos = torch.cat([torch.arange(70), torch.arange(110)])[None].to(DEVICE)
     first = cu_seqlens_from_position_ids(pos)
     assert first.tolist() == [0, 70, 180] and cu_seqlens_from_position_ids(pos) is first
@@ -213,8 +217,6 @@ GPU_CASES = [
 def test_gpu_realistic_sizes(case):
     """On random data block scores are nearly tied, so rounding may flip a few choices: the attention is
     checked on the kernel's own selection, the selection against the fp64 reference separately."""
-    from sparsex_hf.ops.attention.naive import sparsex_attention_naive
-
     _, b, hq, hkv, t, d, dtype, cfg = case
     cfg = SparseXConfig(**cfg)
     q, k, v = _inputs(("", b, hq, hkv, t, t, d), dtype, seed=21, grad=True)

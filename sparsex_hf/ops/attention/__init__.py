@@ -1,19 +1,33 @@
-"""Sparse-X attention: the public entry point, input validation and backend dispatch.
+"""Sparse-X attention ops: the public entry points (prefill and decode), input validation, backend dispatch.
 
-``naive.py`` is the PyTorch reference (the spec); the Triton kernels plug in beside it.
+Tensors in, tensors out: nothing here knows Transformers or a cache object. ``naive.py`` is the PyTorch
+reference (the executable form of ``docs/spec.md``, and the CPU backend); the Triton kernels (``select.py``,
+``prefill.py``, ``decode_kernel.py``, wrapped as custom ops in ``triton_ops.py``) compute the same function.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ...config import SparseXConfig
+from .common import block_summaries
+from .decode import MAX_DECODE_QUERIES, sparsex_decode_torch
 from .documents import Document, cu_seqlens_from_position_ids, split_documents
-from .naive import SparseXStats, block_summaries, sparsex_attention_naive
+from .naive import SparseXStats, sparsex_attention_naive
+
+try:  # Triton is a Linux dependency; elsewhere only the reference runs
+    from .decode_kernel import sparsex_decode_triton
+    from .triton_ops import sparsex_attention_triton
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - Linux CI always has triton
+    sparsex_attention_triton = sparsex_decode_triton = None
+    HAS_TRITON = False
 
 logger = logging.getLogger("sparsex_hf")
 
@@ -34,6 +48,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def triton_available(device: torch.device) -> bool:
     """The Triton kernels run on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1`` (tests)."""
+    if not HAS_TRITON:
+        return False
     if device.type == "cuda":
         return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -45,7 +61,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "triton":
         if not triton_available(device):
             raise NotImplementedError(
-                f"backend='triton' runs on CUDA devices (or the CPU with TRITON_INTERPRET=1), not on {device.type}; "
+                f"backend='triton' runs on CUDA devices with triton installed (or the CPU with TRITON_INTERPRET=1), "
+                f"not on {device.type}{'' if HAS_TRITON else ' (triton is not installed)'}; "
                 "use backend='torch' (the reference, any device) or backend='auto'."
             )
         return "triton"
@@ -106,7 +123,7 @@ def sparsex_attention(
     mix_weights: torch.Tensor | None = None,
     return_stats: bool = False,
 ):
-    """Sparse-X attention (SPEC.md): sink + local window + stride + top-k blocks.
+    """Sparse-X attention (``docs/spec.md``): sink + local window + stride + top-k blocks.
 
     Args:
         q: ``[B, Hq, Tq, D]`` queries, the last ``Tq`` positions of the keys (bottom-right causal).
@@ -143,8 +160,6 @@ def sparsex_attention(
     backend = resolve_backend(backend or cfg.backend, q.device)
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
-        from .triton_ops import sparsex_attention_triton
-
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens, sliding_window=sliding_window, dense=dense, mix_weights=mix_weights,
@@ -156,32 +171,76 @@ def sparsex_attention(
     )
 
 
-def sparsex_decode_attention(q, layer, config=None, *, scale=None, backend=None, layer_idx=None,
-                             sliding_window=None, mix_weights=None):
-    """Sparse-X attention of a decode step: queries ``q [B, Hq, Tq, D]`` (``Tq <= MAX_DECODE_QUERIES``) of the
-    last ``Tq`` tokens cached in ``layer`` (a :class:`sparsex_hf.SparseXLayer`, keys already appended).
-    Same result as :func:`sparsex_attention` over the whole cache with ``select_tile=1``; reads the block
-    summaries and the attended keys only. Dense layers read every key (the general path)."""
-    from .decode import MAX_DECODE_QUERIES, sparsex_decode
+def sparsex_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    summaries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    offsets: torch.Tensor,
+    seq_len: int,
+    config: SparseXConfig | Mapping[str, Any] | None = None,
+    *,
+    max_doc_len: int | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+    sliding_window: int | None = None,
+    mix_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sparse-X attention of a decode step: the queries of the last ``Tq`` tokens of a KV cache.
 
+    Same result as :func:`sparsex_attention` over the whole cached sequence with ``select_tile=1``; reads the
+    block summaries and the attended keys only.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``, ``Tq <= MAX_DECODE_QUERIES`` (16), the queries of cache positions
+            ``seq_len - Tq ... seq_len - 1`` (their keys already in the cache).
+        k_cache, v_cache: ``[B, Hkv, L, D]`` with ``L >= seq_len``; only columns below ``seq_len`` are read.
+            They may live on another device than ``q`` (an offloaded cache: the attended keys are gathered
+            there and copied over; this uses the torch backend).
+        summaries: ``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]``, the key summaries of the complete blocks
+            of every row (block ``i`` = the row's positions ``i*block_size ... +block_size-1``), on ``q``'s device.
+        offsets: ``[B]`` integer tensor on ``q``'s device: the column where each row's sequence starts (its
+            left padding). Positions count from there.
+        seq_len: the cache length (host int).
+        max_doc_len: ``seq_len - min(offsets)`` (host int; computed from ``offsets`` with a device sync if None).
+        sliding_window, mix_weights, scale, backend: as for :func:`sparsex_attention`.
+    Returns:
+        ``[B, Hq, Tq, D]`` in the dtype of ``q``.
+    """
     cfg = SparseXConfig.from_any(config)
-    if q.shape[2] > MAX_DECODE_QUERIES:
-        raise ValueError(f"a decode step takes at most {MAX_DECODE_QUERIES} queries per sequence, got {q.shape[2]}.")
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"q must be [B, Hq, Tq, D] and k_cache/v_cache [B, Hkv, L, D] of one shape; got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}.")
+    bsz, hq, tq, d = q.shape
+    if tq > MAX_DECODE_QUERIES:
+        raise ValueError(f"a decode step takes at most {MAX_DECODE_QUERIES} queries per sequence, got {tq}.")
+    if k_cache.shape[0] != bsz or k_cache.shape[3] != d or hq % k_cache.shape[1]:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} (batch, head_dim, GQA).")
+    if not 1 <= seq_len <= k_cache.shape[2] or tq > seq_len:
+        raise ValueError(f"seq_len={seq_len} must be in [Tq={tq}, cache length {k_cache.shape[2]}].")
+    if tuple(offsets.shape) != (bsz,) or offsets.dtype.is_floating_point:
+        raise ValueError(f"offsets must be an integer tensor [B] = [{bsz}], got {offsets.dtype} {tuple(offsets.shape)}.")
+    if len(summaries) != 3 or summaries[0].shape[:2] != k_cache.shape[:2]:
+        raise ValueError("summaries must be (kmin, kmax, kmean), each [B, Hkv, nb, D].")
+    if max_doc_len is None:
+        max_doc_len = seq_len - int(offsets.min())
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = d**-0.5
     if not cfg.respect_sliding_window:
         sliding_window = None
     backend = resolve_backend(backend or cfg.backend, q.device)
-    if backend == "triton":
+    args = (q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg)
+    kw = dict(scale=scale, sliding_window=sliding_window, mix_weights=mix_weights)
+    if backend == "triton" and k_cache.device == q.device:
         _check_triton(q, cfg, False)
-        if layer.offload_kv:
-            backend = "torch"  # the offloaded cache is read by gathering on the CPU (documented)
-    return sparsex_decode(q, layer, cfg, scale=scale, sliding_window=sliding_window, mix_weights=mix_weights,
-                          backend=backend)
+        return sparsex_decode_triton(*args, **kw)
+    return sparsex_decode_torch(*args, **kw)  # the reference, or an offloaded cache (gathered where it lives)
 
 
 __all__ = [
     "Document",
+    "HAS_TRITON",
+    "MAX_DECODE_QUERIES",
     "sparsex_decode_attention",
     "SparseXStats",
     "block_summaries",

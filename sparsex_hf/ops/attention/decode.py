@@ -1,4 +1,9 @@
-"""Sparse-X decode: a few new queries per sequence against a :class:`~sparsex_hf.cache.SparseXLayer`.
+"""Sparse-X decode: a few new queries per sequence against a KV cache given as tensors.
+
+The cache is ``k_cache, v_cache [B, Hkv, L, D]`` (``L >= seq_len``; columns ``>= seq_len`` are never read),
+row ``b``'s sequence starting at column ``offsets[b]`` (its left padding), and the per-block key summaries
+``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]``, block ``i`` of row ``b`` covering that row's positions
+``i*block_size ... (i+1)*block_size - 1``. No cache object crosses into this module.
 
 Selection scores the cached block summaries (no key is read), per query (a decode step has no later
 queries to share a selection tile with) and shared by the GQA group, as ``naive.select_blocks`` does with
@@ -17,16 +22,16 @@ import math
 import torch
 
 from ...config import SparseXConfig
-from .naive import _resolve_mix_weights, block_scores, eligible_blocks, select_blocks
+from .common import block_scores, eligible_blocks, resolve_mix_weights, select_blocks
 
 # A decode step is at most this many new queries per sequence; longer inputs take the prefill path.
 MAX_DECODE_QUERIES = 16
 
 
-def decode_positions(layer, tq: int, device) -> torch.Tensor:
+def decode_positions(offsets: torch.Tensor, seq_len: int, tq: int) -> torch.Tensor:
     """Document positions ``[B, Tq]`` of the last ``Tq`` cached tokens of each row."""
-    n = layer.get_seq_length() - layer.offsets_tensor(device)
-    return n[:, None] - tq + torch.arange(tq, device=device)[None, :]
+    n = seq_len - offsets.long()
+    return n[:, None] - tq + torch.arange(tq, device=offsets.device)[None, :]
 
 
 def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXConfig, sliding_window) -> torch.Tensor:
@@ -92,16 +97,17 @@ def key_sets(pos: torch.Tensor, sel: torch.Tensor, cfg: SparseXConfig, sliding_w
     return idx, valid, part
 
 
-def decode_attention_torch(q, layer, pos, sel, cfg: SparseXConfig, scale: float, sliding_window, mix_weights=None):
-    """Attention stage by gathering the attended keys: ``[B, Hq, Tq, D]``."""
+def decode_attention_torch(q, k_cache, v_cache, offsets, seq_len: int, max_doc_len: int, pos, sel,
+                           cfg: SparseXConfig, scale: float, sliding_window, mix_weights=None):
+    """Attention stage by gathering the attended keys (on the cache's device, then moved to ``q``'s):
+    ``[B, Hq, Tq, D]``."""
     bsz, hq, tq, d = q.shape
-    kbuf, vbuf = layer.keys, layer.values  # [B, Hkv, L, D] (CPU when offloaded)
+    kbuf, vbuf = k_cache, v_cache
     hkv = kbuf.shape[1]
     g = hq // hkv
-    n_max = max(layer.get_seq_length() - off for off in layer.offsets)
-    idx, valid, part = key_sets(pos, sel, cfg, sliding_window, n_max)
-    offs = layer.offsets_tensor(q.device)[:, None, None, None]
-    cache_idx = (idx + offs).clamp(0, layer.get_seq_length() - 1)
+    idx, valid, part = key_sets(pos, sel, cfg, sliding_window, max_doc_len)
+    offs = offsets.long()[:, None, None, None]
+    cache_idx = (idx + offs).clamp(0, seq_len - 1)
     nk = idx.shape[-1]
     flat = cache_idx.reshape(bsz, hkv, tq * nk, 1).to(kbuf.device)
     kg = torch.gather(kbuf, 2, flat.expand(-1, -1, -1, d)).to(q.device, non_blocking=True)
@@ -121,7 +127,7 @@ def decode_attention_torch(q, layer, pos, sel, cfg: SparseXConfig, scale: float,
     if cfg.combine == "union":
         out, _ = softmax_av(valid)
     else:
-        weights = _resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32).view(hkv, g, 3)
+        weights = resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32).view(hkv, g, 3)
         out = norm = 0
         for i in range(3):
             o_b, nonempty = softmax_av(valid & (part == i))
@@ -132,23 +138,13 @@ def decode_attention_torch(q, layer, pos, sel, cfg: SparseXConfig, scale: float,
     return out.reshape(bsz, hq, tq, -1).to(q.dtype)
 
 
-def sparsex_decode(q: torch.Tensor, layer, cfg: SparseXConfig, *, scale: float, sliding_window=None,
-                   mix_weights=None, backend: str = "torch") -> torch.Tensor:
-    """Sparse-X attention of the last ``Tq`` cached tokens' queries ``q [B, Hq, Tq, D]`` over ``layer``
-    (whose keys already include them): selection from the summaries, then the attention stage.
-
-    ``backend="triton"``: selection and attention are Triton kernels (four launches for ``combine="union"``);
-    the ``"hybrid"`` score selects with the torch code (same rule, two sorts)."""
-    tq = q.shape[2]
-    summaries = layer.summaries(cfg.block_size)
-    if backend == "triton":
-        from .decode_kernel import decode_attention_triton, decode_select_triton
-
-        if cfg.score == "hybrid":
-            sel = decode_select(q, decode_positions(layer, tq, q.device), summaries, cfg, sliding_window)
-        else:
-            sel = decode_select_triton(q, layer, summaries, cfg, sliding_window)
-        return decode_attention_triton(q, layer, sel, cfg, scale, sliding_window, mix_weights)
-    pos = decode_positions(layer, tq, q.device)
+def sparsex_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries,
+                         offsets: torch.Tensor, seq_len: int, max_doc_len: int, cfg: SparseXConfig, *, scale: float,
+                         sliding_window=None, mix_weights=None) -> torch.Tensor:
+    """Sparse-X attention of the last ``Tq`` cached tokens' queries ``q [B, Hq, Tq, D]`` (inputs validated by
+    :func:`sparsex_hf.ops.attention.sparsex_decode_attention`): selection from the summaries, then the
+    attention stage by gathering (any device; an offloaded cache gathers on its own device)."""
+    pos = decode_positions(offsets, seq_len, q.shape[2])
     sel = decode_select(q, pos, summaries, cfg, sliding_window)
-    return decode_attention_torch(q, layer, pos, sel, cfg, scale, sliding_window, mix_weights)
+    return decode_attention_torch(q, k_cache, v_cache, offsets, seq_len, max_doc_len, pos, sel, cfg, scale,
+                                  sliding_window, mix_weights)

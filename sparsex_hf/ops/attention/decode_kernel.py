@@ -23,8 +23,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch import empty, empty_like  # module-level names: tests poison them (NaN) to catch unwritten elements
 
-from .naive import _resolve_mix_weights
+from ...config import SparseXConfig
+from .common import resolve_mix_weights
+from .decode import decode_positions, decode_select
 
 
 @triton.jit
@@ -150,13 +153,12 @@ def _rows(q: torch.Tensor) -> torch.Tensor:
     return q if q.stride(-1) == 1 else q.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _splits(layer, cfg, tq: int, programs: int, device) -> int:
-    n_max = max(layer.get_seq_length() - off for off in layer.offsets)
+def _splits(n_max: int, cfg, tq: int, programs: int, device) -> int:
     chunks = (min(cfg.window, n_max) + cfg.sink_tokens + (n_max // cfg.stride if cfg.stride else 0)) // cfg.block_size
     chunks += tq * cfg.topk + 2
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
@@ -164,23 +166,21 @@ def _splits(layer, cfg, tq: int, programs: int, device) -> int:
     return int(max(1, min(want, chunks // 4, 64)))
 
 
-def _run(q, layer, sel, cfg, scale, sliding_window, branch: int, out_dtype):
+def _run(q, k, v, sel, off, seq_len, n_max, cfg, scale, sliding_window, branch: int, out_dtype):
     """One attention pass (all kinds, or one ``mix`` branch): output ``[B, Hq, Tq, D]`` and the softmax
     denominators ``[B*Hkv, BM]`` (0 where a row attended nothing)."""
     bsz, hq, tq, d = q.shape
-    k, v = layer.keys, layer.values
     hkv = k.shape[1]
     g = hq // hkv
     bm = max(16, triton.next_power_of_2(g * tq))
-    nsplit = _splits(layer, cfg, tq, bsz * hkv, q.device)
+    nsplit = _splits(n_max, cfg, tq, bsz * hkv, q.device)
     dev = q.device
-    off = layer.offsets_tensor(dev, torch.int32)
     qc = _rows(q)
-    op = torch.empty(bsz * hkv, nsplit, bm, d, dtype=torch.float32, device=dev)
-    mp = torch.empty(bsz * hkv, nsplit, bm, dtype=torch.float32, device=dev)
-    lp = torch.empty_like(mp)
+    op = empty(bsz * hkv, nsplit, bm, d, dtype=torch.float32, device=dev)
+    mp = empty(bsz * hkv, nsplit, bm, dtype=torch.float32, device=dev)
+    lp = empty_like(mp)
     _decode_kernel[(bsz * hkv, nsplit)](
-        qc, k, v, sel, off, layer.get_seq_length(), op, mp, lp,
+        qc, k, v, sel, off, seq_len, op, mp, lp,
         qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sel.stride(0), sel.stride(1), sel.stride(2),
         hkv, nsplit, scale, cfg.sink_tokens, cfg.window, cfg.stride, sliding_window or 0,
@@ -188,8 +188,8 @@ def _run(q, layer, sel, cfg, scale, sliding_window, branch: int, out_dtype):
         BM=bm, BN=cfg.block_size, BRANCH=branch, HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
-    out = torch.empty(bsz, hq, tq, d, dtype=out_dtype, device=dev)
-    lsum = torch.empty(bsz * hkv, bm, dtype=torch.float32, device=dev)
+    out = empty(bsz, hq, tq, d, dtype=out_dtype, device=dev)
+    lsum = empty(bsz * hkv, bm, dtype=torch.float32, device=dev)
     _merge_splits_kernel[(bsz * hkv,)](
         op, mp, lp, out, lsum, out.stride(0), out.stride(1), out.stride(2), hkv, nsplit,
         G=g, TQ=tq, BM=bm, D=d, num_warps=4,
@@ -228,21 +228,22 @@ def _merge_splits_kernel(OP, MP, LP, O, L, s_ob, s_oh, s_ot, HKV, NSPLIT,
     tl.store(L + i_bh.to(tl.int64) * BM + o_r, b_l)
 
 
-def decode_attention_triton(q, layer, sel, cfg, scale, sliding_window, mix_weights=None):
-    """Attention stage of a decode step with the kernel: ``[B, Hq, Tq, D]``; ``sel [B, Hkv, Tq, topk]`` int32."""
+def decode_attention_triton(q, k, v, sel, off, seq_len, n_max, cfg, scale, sliding_window, mix_weights=None):
+    """Attention stage of a decode step with the kernel: ``[B, Hq, Tq, D]``; ``sel [B, Hkv, Tq, topk]`` int32,
+    ``off [B]`` int32 row offsets, ``n_max`` the longest row's length (host int)."""
     if cfg.topk == 0:
         sel = torch.full((*sel.shape[:3], 1), -1, dtype=torch.int32, device=sel.device)
     sel = sel.to(torch.int32).contiguous()
     if cfg.combine == "union":
-        out, _ = _run(q, layer, sel, cfg, scale, sliding_window, 3, q.dtype)
+        out, _ = _run(q, k, v, sel, off, seq_len, n_max, cfg, scale, sliding_window, 3, q.dtype)
         return out
     bsz, hq, tq, _ = q.shape
-    hkv = layer.keys.shape[1]
+    hkv = k.shape[1]
     g = hq // hkv
-    weights = _resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32)
+    weights = resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32)
     out = norm = 0
     for i in range(3):
-        o_b, lsum = _run(q, layer, sel, cfg, scale, sliding_window, i, torch.float32)
+        o_b, lsum = _run(q, k, v, sel, off, seq_len, n_max, cfg, scale, sliding_window, i, torch.float32)
         nonempty = (lsum[:, : g * tq] > 0).view(bsz, hkv, g, tq).reshape(bsz, hq, tq)
         wb = weights[None, :, None, i] * nonempty
         out = out + wb[..., None] * o_b
@@ -349,7 +350,7 @@ def _decode_topk_merge_kernel(VAL, IDX, SEL, NC: tl.constexpr, TQ: tl.constexpr,
         v = tl.where((ix == c_i[:, None]) & (v == c_v[:, None]), float("-inf"), v)
 
 
-def decode_select_triton(q, layer, summaries, cfg, sliding_window) -> torch.Tensor:
+def decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window) -> torch.Tensor:
     """Top-k blocks ``[B, Hkv, Tq, topk]`` int32 (-1 where fewer are eligible) of the decode queries
     ``q [B, Hq, Tq, D]`` from the summaries ``(kmin, kmax, kmean)`` (each ``[B, Hkv, nb, D]``): the blocks are
     split over ``NSPLIT`` programs per (sequence, KV head), each keeps its top-k, a second kernel merges."""
@@ -357,7 +358,7 @@ def decode_select_triton(q, layer, summaries, cfg, sliding_window) -> torch.Tens
     kmin, kmax, kmean = summaries
     _, hkv, nb, _ = kmin.shape
     dev = q.device
-    sel = torch.empty(bsz, hkv, tq, cfg.topk, dtype=torch.int32, device=dev)
+    sel = empty(bsz, hkv, tq, cfg.topk, dtype=torch.int32, device=dev)
     if nb == 0 or cfg.topk == 0:
         return sel.fill_(-1)
     minmax = cfg.score == "minmax"
@@ -367,11 +368,11 @@ def decode_select_triton(q, layer, summaries, cfg, sliding_window) -> torch.Tens
     nsplit = max(1, min(triton.next_power_of_2(max(1, (2 * sms) // (bsz * hkv))), triton.next_power_of_2(triton.cdiv(nb, 4 * bnb)), 64))
     tqp = max(16, triton.next_power_of_2(tq))
     kp2 = max(2, triton.next_power_of_2(cfg.topk))
-    val = torch.empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.float32, device=dev)
-    idx = torch.empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.int32, device=dev)
+    val = empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.float32, device=dev)
+    idx = empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.int32, device=dev)
     qc = _rows(q)
     _decode_select_kernel[(bsz * hkv, nsplit)](
-        qc, ka, kb, layer.offsets_tensor(dev, torch.int32), layer.get_seq_length(), val, idx,
+        qc, ka, kb, off, seq_len, val, idx,
         qc.stride(0), qc.stride(1), qc.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
         hkv, nb, nsplit, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
         G=hq // hkv, TQ=tq, TQP=tqp, D=d, BNB=bnb, K=cfg.topk, KP2=kp2, MINMAX=minmax,
@@ -379,3 +380,17 @@ def decode_select_triton(q, layer, summaries, cfg, sliding_window) -> torch.Tens
     )
     _decode_topk_merge_kernel[(bsz * hkv,)](val, idx, sel, NC=nsplit * kp2, TQ=tq, TQP=tqp, K=cfg.topk, num_warps=4)
     return sel
+
+
+def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int, max_doc_len: int,
+                          cfg: SparseXConfig, *, scale: float, sliding_window=None, mix_weights=None) -> torch.Tensor:
+    """A decode step with the kernels (same contract as ``decode.sparsex_decode_torch``): selection (one split
+    kernel + a merge kernel; the ``"hybrid"`` score selects with the torch code, same rule) and the split-K
+    attention (+ its merge kernel)."""
+    off = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
+    if cfg.score == "hybrid":
+        sel = decode_select(q, decode_positions(off, seq_len, q.shape[2]), summaries, cfg, sliding_window)
+    else:
+        sel = decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window)
+    return decode_attention_triton(q, k_cache, v_cache, sel, off, seq_len, max_doc_len, cfg, scale, sliding_window,
+                                   mix_weights)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of Sparse-X attention: the executable form of SPEC.md.
+"""Pure-PyTorch reference of Sparse-X attention: the executable form of ``docs/spec.md``.
 
 Every fast path (Triton prefill, decode, chunked prefill) must match this function. It is written
 for clarity, not speed: each document is processed on its own, queries in tiles, and for each tile
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import SparseXConfig
+from .common import block_summaries, eligible_blocks, resolve_mix_weights, select_blocks
 from .documents import Document, split_documents
 
 # Elements of one [Hq, tile, keys] score tile: bounds the reference's working memory (~64 MiB fp32).
@@ -41,86 +42,6 @@ class SparseXStats:
     valid: torch.Tensor
 
 
-def block_summaries(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-block min, max and mean of the keys of the complete blocks: ``k [Hkv, n, D]`` ->
-    three ``[Hkv, n // block_size, D]`` tensors."""
-    hkv, n, d = k.shape
-    nb = n // block_size
-    kb = k[:, : nb * block_size].reshape(hkv, nb, block_size, d)
-    return kb.amin(2), kb.amax(2), kb.mean(2)
-
-
-def block_scores(q: torch.Tensor, summaries, score: str) -> torch.Tensor:
-    """Selection score of every block for every query, shared by the GQA group (max over its heads).
-
-    Args:
-        q: ``[Hkv, G, m, D]`` queries.
-        summaries: ``(kmin, kmax, kmean)``, each ``[Hkv, nb, D]``.
-        score: ``"minmax"`` or ``"mean"``.
-    Returns:
-        ``[Hkv, m, nb]``.
-    """
-    kmin, kmax, kmean = summaries
-    if score == "minmax":
-        # sum_d max(q_d*kmin_d, q_d*kmax_d) = q+ . kmax + q- . kmin
-        s = q.clamp(min=0) @ kmax[:, None].transpose(-1, -2) + q.clamp(max=0) @ kmin[:, None].transpose(-1, -2)
-    elif score == "mean":
-        s = q @ kmean[:, None].transpose(-1, -2)
-    else:
-        raise ValueError(f"unknown score {score!r}")
-    return s.amax(1)
-
-
-def _top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` best finite scores along the last dim (ties: lower block first), -1 if fewer."""
-    k = min(k, scores.shape[-1])
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    ok = torch.gather(scores, -1, order) > -math.inf
-    return torch.where(ok, order, torch.full_like(order, -1))
-
-
-def shared_scores(q: torch.Tensor, p: torch.Tensor, summaries, kind: str, cfg: SparseXConfig) -> torch.Tensor:
-    """Selection scores ``[Hkv, m, nb]`` for queries ``q [Hkv, G, m, D]`` at positions ``p [m]``.
-
-    Shared by the GQA group (max over its heads) and, when ``select_tile > 1``, by the queries of one
-    selection tile ``p // select_tile``: the max of their scores (``select_query="each"``) or the score of
-    their mean query (``"mean"``). Only the queries in ``q`` count, so callers pass whole tiles.
-    """
-    if cfg.select_tile == 1:
-        return block_scores(q, summaries, kind)
-    _, inv = torch.unique_consecutive(p // cfg.select_tile, return_inverse=True)
-    n_tiles = int(inv[-1]) + 1
-    if cfg.select_query == "mean":
-        hkv, g, m, d = q.shape
-        total = q.new_zeros(hkv, g, n_tiles, d).index_add_(2, inv, q)
-        count = torch.bincount(inv, minlength=n_tiles).to(q.dtype)
-        return block_scores(total / count[:, None], summaries, kind)[:, inv]
-    s = block_scores(q, summaries, kind)  # [Hkv, m, nb]
-    tile = s.new_full((s.shape[0], n_tiles, s.shape[2]), -math.inf)
-    tile.scatter_reduce_(1, inv[None, :, None].expand_as(s), s, "amax")
-    return tile[:, inv]
-
-
-def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
-    """Top-k block indices per query: ``[Hkv, m, topk]`` (-1 where fewer blocks are eligible).
-
-    ``eligible [m, nb]`` marks, per query, the complete causal blocks not fully covered by sink or local.
-    """
-    neg = torch.tensor(-math.inf, dtype=q.dtype, device=q.device)
-    if cfg.score == "hybrid":
-        first = (cfg.topk + 1) // 2
-        s_mm = torch.where(eligible, shared_scores(q, p, summaries, "minmax", cfg), neg)
-        sel_mm = _top_blocks(s_mm, first)
-        s_mean = torch.where(eligible, shared_scores(q, p, summaries, "mean", cfg), neg)
-        nb = s_mean.shape[-1]
-        taken = torch.zeros(*s_mean.shape[:-1], nb + 1, dtype=torch.bool, device=q.device)  # column nb: empty slots
-        taken.scatter_(-1, torch.where(sel_mm >= 0, sel_mm, nb), True)
-        sel_mean = _top_blocks(s_mean.masked_fill(taken[..., :nb], -math.inf), cfg.topk - first)
-        return torch.cat([sel_mm, sel_mean], -1)
-    s = torch.where(eligible, shared_scores(q, p, summaries, cfg.score, cfg), neg)
-    return _top_blocks(s, cfg.topk)
-
-
 def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_elements: int) -> torch.Tensor:
     """Selection stage for one document: ``q [Hkv, G, m, D]``, ``p [m]`` (consecutive positions) ->
     ``[Hkv, m, topk]``. Queries are processed in chunks of whole selection tiles (bounded memory)."""
@@ -143,19 +64,6 @@ def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_el
         sel = select_blocks(q[:, :, a:b], p[a:b], summaries, eligible, cfg)  # fewer columns if nb < topk
         out[:, a:b, : sel.shape[-1]] = sel
     return out
-
-
-def eligible_blocks(p: torch.Tensor, nb: int, cfg: SparseXConfig, sliding_window: int | None) -> torch.Tensor:
-    """``[m, nb]``: block ``b`` is complete and causal for query position ``p`` and not fully covered
-    by sink or local (it meets the uncovered interval ``[sink_tokens, p - window]``)."""
-    b = torch.arange(nb, device=p.device)
-    start, end = b * cfg.block_size, b * cfg.block_size + cfg.block_size - 1
-    p = p[:, None]
-    lo, hi = cfg.sink_tokens, p - cfg.window
-    ok = (end <= p) & (start <= hi) & (end >= lo) & (lo <= hi)
-    if sliding_window is not None:
-        ok &= end > p - sliding_window
-    return ok
 
 
 def _masked_softmax_av(logits, mask, v):
@@ -229,15 +137,6 @@ def _attend_tile(q, k, v, p, selected, cfg, scale, sliding_window, dense, mix_we
     return out, (kept, oracle)
 
 
-def _resolve_mix_weights(cfg, mix_weights, hq, device, dtype):
-    if mix_weights is None:
-        mix_weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma])
-    mix_weights = torch.as_tensor(mix_weights).to(device=device, dtype=dtype)
-    if mix_weights.shape not in ((3,), (hq, 3)):
-        raise ValueError(f"mix_weights must have shape [3] or [Hq, 3] = [{hq}, 3], got {tuple(mix_weights.shape)}.")
-    return mix_weights.expand(hq, 3)
-
-
 def sparsex_attention_naive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -271,48 +170,26 @@ def sparsex_attention_naive(
     """
     bsz, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
-    g = hq // hkv
     tile_elements = TILE_ELEMENTS if tile_elements is None else tile_elements
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    weights = _resolve_mix_weights(config, mix_weights, hq, q.device, cdtype) if config.combine == "mix" else None
+    weights = resolve_mix_weights(config, mix_weights, hq, q.device, cdtype) if config.combine == "mix" else None
 
     out = q.new_zeros(bsz, hq, tq, d, dtype=cdtype)
     if return_stats:
-        topk = config.topk
-        sel_all = torch.full((bsz, hkv, tq, topk), -1, dtype=torch.long, device=q.device)
+        sel_all = torch.full((bsz, hkv, tq, config.topk), -1, dtype=torch.long, device=q.device)
         kept_all = torch.full((bsz, hq, tq), math.nan, dtype=cdtype, device=q.device)
         oracle_all = kept_all.clone()
         valid = torch.zeros(bsz, tq, dtype=torch.bool, device=q.device)
 
     docs: list[Document] = split_documents(bsz, tq, tk, q.device, attention_mask, cu_seqlens_q, cu_seqlens_k)
     for doc in docs:
-        kd = k[doc.batch].index_select(1, doc.k_cols).to(cdtype)  # [Hkv, n, D]
-        vd = v[doc.batch].index_select(1, doc.k_cols).to(cdtype)
-        qd = q[doc.batch].index_select(1, doc.q_rows).to(cdtype).reshape(hkv, g, -1, d)  # [Hkv, G, m, D]
-        m, n = doc.q_pos.numel(), kd.shape[1]
-        if dense:
-            doc_sel = torch.full((hkv, m, config.topk), -1, dtype=torch.long, device=q.device)
-        elif selected is not None:
-            doc_sel = selected[doc.batch][:, doc.q_rows].long()
-        else:
-            summaries = block_summaries(kd, config.block_size)
-            doc_sel = select_document(qd, doc.q_pos, summaries, config, sliding_window, tile_elements)
-        tile = max(1, min(m, tile_elements // max(1, hq * n)))
-        outs, stats = [], []
-        for t0 in range(0, m, tile):
-            p = doc.q_pos[t0 : t0 + tile]
-            nt = int(p[-1]) + 1  # positions ascend: the last query sees the most keys
-            o, st = _attend_tile(
-                qd[:, :, t0 : t0 + tile], kd[:, :nt], vd[:, :nt], p, doc_sel[:, t0 : t0 + tile], config, scale,
-                sliding_window, dense, weights, return_stats,
-            )
-            outs.append(o)
-            stats.append(st)
-        od = torch.cat(outs, 2).reshape(hq, m, d)
+        doc_sel = None if selected is None else selected[doc.batch][:, doc.q_rows].long()
+        od, doc_sel, stats = _attend_document(q, k, v, doc, config, scale, sliding_window, dense, weights, return_stats,
+                                              tile_elements, cdtype, doc_sel)
         # (x[b][:, rows] rather than x[b, :, rows], which would put the indexed dim first)
         out[doc.batch][:, doc.q_rows] = od
         if return_stats:
-            rows = doc.q_rows
+            rows, m = doc.q_rows, doc.q_rows.numel()
             valid[doc.batch][rows] = True
             kept_all[doc.batch][:, rows] = torch.cat([s[0] for s in stats], 2).reshape(hq, m).to(cdtype)
             oracle_all[doc.batch][:, rows] = torch.cat([s[1] for s in stats], 2).reshape(hq, m).to(cdtype)
@@ -322,3 +199,32 @@ def sparsex_attention_naive(
     if return_stats:
         return out, SparseXStats(sel_all, kept_all.float(), oracle_all.float(), valid)
     return out
+
+
+def _attend_document(q, k, v, doc: Document, config, scale, sliding_window, dense, weights, want_stats, tile_elements,
+                     cdtype, doc_sel=None):
+    """One document: its selection (unless given) and its attention, query tile by query tile.
+    Returns ``(out [Hq, m, D], selection [Hkv, m, topk], per-tile stats)``."""
+    hq, d = q.shape[1], q.shape[3]
+    hkv = k.shape[1]
+    kd = k[doc.batch].index_select(1, doc.k_cols).to(cdtype)  # [Hkv, n, D]
+    vd = v[doc.batch].index_select(1, doc.k_cols).to(cdtype)
+    qd = q[doc.batch].index_select(1, doc.q_rows).to(cdtype).reshape(hkv, hq // hkv, -1, d)  # [Hkv, G, m, D]
+    m, n = doc.q_pos.numel(), kd.shape[1]
+    if dense:
+        doc_sel = torch.full((hkv, m, config.topk), -1, dtype=torch.long, device=q.device)
+    elif doc_sel is None:
+        summaries = block_summaries(kd, config.block_size)
+        doc_sel = select_document(qd, doc.q_pos, summaries, config, sliding_window, tile_elements)
+    tile = max(1, min(m, tile_elements // max(1, hq * n)))
+    outs, stats = [], []
+    for t0 in range(0, m, tile):
+        p = doc.q_pos[t0 : t0 + tile]
+        nt = int(p[-1]) + 1  # positions ascend: the last query sees the most keys
+        o, st = _attend_tile(
+            qd[:, :, t0 : t0 + tile], kd[:, :nt], vd[:, :nt], p, doc_sel[:, t0 : t0 + tile], config, scale,
+            sliding_window, dense, weights, want_stats,
+        )
+        outs.append(o)
+        stats.append(st)
+    return torch.cat(outs, 2).reshape(hq, m, d), doc_sel, stats

@@ -17,30 +17,28 @@ and produces dQ, and adds dK, dV into fp32 buffers with atomics.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from torch import empty, empty_like  # module-level names: tests poison them (NaN) to catch unwritten elements
 
 from .layout import KernelLayout
 
-# Tile shapes measured on the H200 at 128K (benchmarks/NOTES.md): the forward is fastest with 64-row
-# tiles and 4 warps, the backward (atomics into dK, dV) with 128-row tiles and 8 warps. Each pass builds its
-# own layout, so they can differ. SPARSEX_BLOCK_M / _WARPS / _STAGES / _BWD_STAGES override for sweeps.
+# Tile shapes measured on the H200 at 128K (docs/kernels.md): the forward is fastest with 64-row tiles and
+# 4 warps, the backward (atomics into dK, dV) with 128-row tiles and 8 warps. Each pass builds its own
+# layout, so they can differ. benchmarks/sweep_prefill.py times other shapes by updating these dicts.
 FWD_TILE = dict(block_m=64, num_warps=4, num_stages=2)
 BWD_TILE = dict(block_m=128, num_warps=8, num_stages=3)
 
 
 def block_m(backward: bool = False) -> int:
     """Query rows per program (a power of two >= 16)."""
-    return int(os.environ.get("SPARSEX_BLOCK_M", (BWD_TILE if backward else FWD_TILE)["block_m"]))
+    return (BWD_TILE if backward else FWD_TILE)["block_m"]
 
 
 def _launch_options(backward: bool) -> dict:
     tile = BWD_TILE if backward else FWD_TILE
-    return dict(num_warps=int(os.environ.get("SPARSEX_WARPS", tile["num_warps"])),
-                num_stages=int(os.environ.get("SPARSEX_BWD_STAGES" if backward else "SPARSEX_STAGES", tile["num_stages"])))
+    return dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
 
 
 @triton.jit
@@ -249,10 +247,6 @@ def _sparsex_kernel(
         tl.store(LSE + l_off, lse, mask=m_r)
 
 
-def _poison() -> bool:
-    return os.environ.get("SPARSEX_POISON", "0") == "1"
-
-
 def tile_union(sel: torch.Tensor, layout: KernelLayout, window: int, block_size: int, select_tile: int):
     """Per kernel tile and KV head, the sorted distinct blocks its rows selected that lie wholly below the
     window range ``lo``: ``union [n_tiles, Hkv, U]`` int32 and ``count [n_tiles, Hkv]`` int32."""
@@ -290,15 +284,12 @@ def attend(q, k, v, sel, layout: KernelLayout, union, count, *, scale, sink, win
            block_size, flags=(True, True, True)):
     """Forward: ``o [B, Hq, Tq, D]`` (q dtype) and ``lse [B, Hq, Tq]`` (fp32, natural log, -inf = no key)."""
     bsz, hq, tq, d = q.shape
-    o = torch.empty_like(q)  # q's strides (the kernel writes o through them)
+    o = empty_like(q)  # q's strides (the kernel writes o through them)
     assert same_layout(o, q), "q must be a dense permutation of a contiguous layout (see _strided_ok)"
-    lse = torch.empty(bsz, hq, tq, device=q.device, dtype=torch.float32)
-    if layout.padded:  # rows of no document: zeros (SPEC), lse -inf
+    lse = empty(bsz, hq, tq, device=q.device, dtype=torch.float32)
+    if layout.padded:  # rows of no document: zeros (the spec), lse -inf
         o.zero_()
         lse.fill_(float("-inf"))
-    elif _poison():  # tests: an element the kernel does not write stays NaN
-        o.fill_(float("nan"))
-        lse.fill_(float("nan"))
     _launch(q, k, v, o, lse, None, None, None, None, None, sel, union, count, layout, scale, sink, window, stride,
             sliding_window, block_size, flags, backward=False)
     return o, lse
@@ -309,13 +300,11 @@ def attend_backward(q, k, v, o, lse, do, sel, layout, union, count, *, scale, si
     # q, o, do and dq are read and written through q's strides (a [B, H, T, D] view of [B, T, H, D] is read
     # in place); delta shares lse's contiguous [B, H, T] layout
     if not same_layout(do, q):
-        do = torch.empty_like(q).copy_(do)
+        do = empty_like(q).copy_(do)
     if not same_layout(o, q):
-        o = torch.empty_like(q).copy_(o)
+        o = empty_like(q).copy_(o)
     delta = (do.float() * o.float()).sum(-1).contiguous()
-    dq = torch.zeros_like(q) if layout.padded else torch.empty_like(q)
-    if _poison() and not layout.padded:
-        dq.fill_(float("nan"))
+    dq = torch.zeros_like(q) if layout.padded else empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink, window,

@@ -9,6 +9,8 @@ tensor reaches memory; chunks of tiles bound the query copies.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +18,22 @@ import triton.language as tl
 from ...config import SparseXConfig
 from .layout import KernelLayout
 
+
+class SelectParams(NamedTuple):
+    """The config fields the selection reads (a plain tuple: built per call from the custom op's scalars
+    without re-validating a :class:`SparseXConfig`)."""
+
+    block_size: int
+    sink_tokens: int
+    window: int
+    topk: int
+    score: str
+    select_tile: int
+    select_query: str
+
+    @classmethod
+    def of(cls, cfg: SparseXConfig) -> SelectParams:
+        return cls(cfg.block_size, cfg.sink_tokens, cfg.window, cfg.topk, cfg.score, cfg.select_tile, cfg.select_query)
 
 
 @triton.jit
@@ -141,7 +159,7 @@ def _tile_means(qd: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tile: int)
     return torch.cat(parts, 1)
 
 
-def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding_window=None) -> torch.Tensor:
+def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_window=None) -> torch.Tensor:
     """Top-k blocks of every query row: ``[B, Hkv, Tq, topk]`` int32, -1 where none (rows of no document too).
 
     Work is chunked by selection tiles so that scores and query copies of one chunk stay within

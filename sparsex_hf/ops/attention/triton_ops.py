@@ -4,15 +4,13 @@ union of selected blocks) happens inside the ops."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ...config import SparseXConfig
+from .common import resolve_mix_weights
 from .layout import kernel_layout
-from .naive import _resolve_mix_weights
 from .prefill import attend, attend_backward, block_m, tile_union
-from .select import select_blocks_triton
+from .select import SelectParams, select_blocks_triton
 
 
 def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
@@ -21,13 +19,12 @@ def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
 
 @torch.library.custom_op("sparsex::select", mutates_args=())
 def select_op(
-    q: torch.Tensor, k: torch.Tensor, attention_mask: Optional[torch.Tensor], cu_q: Optional[torch.Tensor],
-    cu_k: Optional[torch.Tensor], block_size: int, sink: int, window: int, stride: int, topk: int, score: str,
+    q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None, cu_q: torch.Tensor | None,
+    cu_k: torch.Tensor | None, block_size: int, sink: int, window: int, stride: int, topk: int, score: str,
     select_tile: int, select_query: str, sliding_window: int,
 ) -> torch.Tensor:
     """Top-k block indices ``[B, Hkv, Tq, topk]`` int32 (-1 = none)."""
-    cfg = SparseXConfig(block_size=block_size, sink_tokens=sink, window=window, stride=stride, topk=topk,
-                        score=score, select_tile=select_tile, select_query=select_query)
+    cfg = SelectParams(block_size, sink, window, topk, score, select_tile, select_query)
     layout = _layout(q, k, attention_mask, cu_q, cu_k)
     return select_blocks_triton(q, k, layout, cfg, sliding_window or None)
 
@@ -45,8 +42,8 @@ def _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_t
 
 @torch.library.custom_op("sparsex::attend", mutates_args=())
 def attend_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, attention_mask: Optional[torch.Tensor],
-    cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], scale: float, block_size: int, sink: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, attention_mask: torch.Tensor | None,
+    cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, scale: float, block_size: int, sink: int,
     window: int, stride: int, sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention over the given selection: ``(o [B, Hq, Tq, D], lse [B, Hq, Tq] fp32)``."""
@@ -64,8 +61,8 @@ def _(q, k, v, sel, attention_mask, cu_q, cu_k, scale, block_size, sink, window,
 @torch.library.custom_op("sparsex::attend_backward", mutates_args=())
 def attend_backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-    sel: torch.Tensor, attention_mask: Optional[torch.Tensor], cu_q: Optional[torch.Tensor],
-    cu_k: Optional[torch.Tensor], scale: float, block_size: int, sink: int, window: int, stride: int,
+    sel: torch.Tensor, attention_mask: torch.Tensor | None, cu_q: torch.Tensor | None,
+    cu_k: torch.Tensor | None, scale: float, block_size: int, sink: int, window: int, stride: int,
     sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, True)
@@ -132,7 +129,7 @@ def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_ma
     if cfg.combine == "union":
         return attend_op(q, k, v, sel, *common, True, True, True)[0]
     hq = q.shape[1]
-    weights = _resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32)
+    weights = resolve_mix_weights(cfg, mix_weights, hq, q.device, torch.float32)
     out, norm = 0.0, 0.0
     for i, flags in enumerate(((True, False, False), (False, True, False), (False, False, True))):
         o_b, lse_b = attend_op(q, k, v, sel, *common, *flags)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run one benchmark script, the GPU tests or sparsex-eval on a GPU machine; files and a log go to one folder.
+#
+#   bash benchmarks/run_gpu.sh NAME [ARGS...]
+#
+#   NAME = a script of benchmarks/ without .py   python benchmarks/NAME.py --out-dir OUT ARGS...
+#          tests                                 python -m pytest ARGS...  (the GPU test selection: see docs/benchmarks.md)
+#          eval                                  sparsex-eval --output OUT/eval ARGS...
+#
+# OUT is $OUT when set (the device tool's output folder), else benchmarks/results. The package is installed
+# from this checkout first (no network needed). Wheels placed in .whl/ are installed into /tmp/site, which is
+# put on PYTHONPATH; a wheel too large for one transfer may come as NAME.whl.part-K-of-N files over several
+# calls to the same machine: parts wait in /root/whl until all N are there, then they are joined.
+set -euo pipefail
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+if [ -d .whl ]; then
+    mkdir -p /root/whl && cp .whl/* /root/whl/
+    for first in /root/whl/*.part-1-of-*; do
+        [ -e "$first" ] || continue
+        whl="${first%.part-1-of-*}"; n="${first##*-of-}"
+        if [ "$(ls "$whl".part-*-of-"$n" | wc -l)" -eq "$n" ]; then
+            for k in $(seq 1 "$n"); do cat "$whl.part-$k-of-$n"; done > "$whl" && rm "$whl".part-*
+        fi
+    done
+    ls /root/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/site /root/whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
+    || { cat "$out/install.log"; exit 1; }
+
+name="${1:?usage: run_gpu.sh NAME [ARGS...]}"
+shift
+case "$name" in
+    tests) python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
+    eval) python3 -m sparsex_hf.apps.eval --output "$out/eval" "$@" 2>&1 | tr '\r' '\n' | tee "$out/eval.log" ;;
+    *) python3 "benchmarks/$name.py" --out-dir "$out" "$@" 2>&1 | tee "$out/$name.log" ;;
+esac

@@ -1,0 +1,44 @@
+"""The attention methods an evaluation compares, all inside the same model on identical inputs.
+
+* ``sdpa``: dense attention (PyTorch SDPA).
+* ``sparsex``: Sparse-X with the given config.
+* ``window``: a sliding window (plus the same sink tokens) with the token budget Sparse-X has at the
+  longest evaluated length, computed by the same kernels (``stride=0, topk=0``).
+* ``stride_window``: Sparse-X without top-k selection; its window grows by the top-k tokens so that the
+  budget stays the same (the paper's ablation).
+"""
+
+from __future__ import annotations
+
+from ...config import SparseXConfig
+from ...hf.model import set_sparsex_config
+
+METHODS = ("sdpa", "sparsex", "window", "stride_window")
+
+
+def method_config(method: str, cfg: SparseXConfig, max_length: int) -> SparseXConfig | None:
+    """The Sparse-X config that realises ``method`` (None for dense ``sdpa``)."""
+    if method == "sdpa":
+        return None
+    if method == "sparsex":
+        return cfg
+    budget = cfg.keys_per_query(max_length)
+    if method == "window":
+        return cfg.replace(window=max(1, budget - cfg.sink_tokens), stride=0, topk=0)
+    if method == "stride_window":
+        return cfg.replace(window=cfg.window + cfg.topk * cfg.block_size, topk=0)
+    raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+
+
+def use_method(model, method: str, cfg: SparseXConfig, max_length: int) -> SparseXConfig | None:
+    """Switch ``model`` (already loaded) to ``method``; returns the Sparse-X config in use (None: dense)."""
+    mc = method_config(method, cfg, max_length)
+    if mc is None:
+        model.set_attn_implementation("sdpa")
+    else:
+        set_sparsex_config(model, mc)
+        model.set_attn_implementation("sparsex")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:  # evaluated lengths are prefilled in one pass
+        gen.prefill_chunk_size = None
+    return mc

@@ -1,0 +1,112 @@
+"""Writing an evaluation: ``results.json`` (every sample), ``table.md`` (like the paper's Table 1) and
+``accuracy.png`` (accuracy against length, like its Figure 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ...config import SparseXConfig
+
+try:  # the plot is optional: without matplotlib, write_all writes the JSON and the table and says so
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+
+NAMES = {"sdpa": "dense (sdpa)", "sparsex": "Sparse-X", "window": "sliding window", "stride_window": "stride + window"}
+
+
+def _fmt(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def tables(results: dict) -> str:
+    s = results["summary"]
+    methods = results["settings"]["methods"]
+    lengths = [str(n) for n in results["settings"]["lengths"]]
+    tasks = results["settings"]["tasks"]
+    lines = [f"Model: `{results['meta']['model']}` ({results['meta']['dtype']}, {results['meta']['device']}), "
+             f"{results['settings']['samples']} samples per task and length, seed {results['meta']['seed']}.", ""]
+    lines += ["Mean accuracy over tasks (%):", "",
+              "| method | keys/query at the longest length | " + " | ".join(lengths) + " |",
+              "|---|---|" + "---|" * len(lengths)]
+    longest = int(lengths[-1])
+    for m in methods:
+        cfg = results["configs"].get(m)
+        budget = "all" if cfg is None else _budget(cfg, longest)
+        lines.append(f"| {NAMES.get(m, m)} | {budget} | " + " | ".join(_fmt(s["mean"].get(m, {}).get(n)) for n in lengths) + " |")
+    for n in lengths:
+        lines += ["", f"Per task at {n} tokens (%):", "", "| task | " + " | ".join(NAMES.get(m, m) for m in methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for t in tasks:
+            lines.append(f"| {t} | " + " | ".join(_fmt(s["accuracy"].get(m, {}).get(n, {}).get(t)) for m in methods) + " |")
+    if s.get("ppl"):
+        lines += ["", "Perplexity of real text (Python documentation):", "", "| method | " + " | ".join(lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for m in methods:
+            lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(_fmt(s["ppl"].get(m, {}).get(n), 3) for n in lengths) + " |")
+    fid = results.get("fidelity") or {}
+    if fid:
+        lines += ["", "Fidelity of Sparse-X against dense attention (mean over layers; queries past the window):", "",
+                  "| selection variant | length | attention-mass recall | oracle recall | worst layer recall | output error |",
+                  "|---|---|---|---|---|---|"]
+        for name, by_len in fid.items():
+            for n, f in by_len.items():
+                lines.append(f"| {name} | {n} | {_fmt(f['mass_recall'], 4)} | {_fmt(f['oracle_recall'], 4)} | "
+                             f"{_fmt(f['min_layer_mass_recall'], 4)} | {_fmt(f['output_error'], 4)} |")
+        first = next(iter(fid))
+        n = lengths[-1] if lengths[-1] in fid[first] else next(iter(fid[first]))
+        lines += ["", f"Per layer, `{first}` at {n} tokens:", "", "| layer | mass recall | oracle recall | output error |",
+                  "|---|---|---|---|"]
+        for x in fid[first][n]["per_layer"]:
+            lines.append(f"| {x['layer']} | {_fmt(x['mass_recall'], 4)} | {_fmt(x['oracle_recall'], 4)} | {_fmt(x['output_error'], 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _budget(cfg: dict, n: int) -> str:
+    k = SparseXConfig(**cfg).keys_per_query(n)
+    return f"{k} ({100 * k / n:.0f}%)"
+
+
+def plot(results: dict, path: str) -> bool:
+    """Accuracy against length per method (False, and nothing written, without matplotlib)."""
+    if plt is None:
+        return False
+    s = results["summary"]["mean"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in results["settings"]["methods"]:
+        pts = sorted((int(n), v) for n, v in s.get(m, {}).items())
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=NAMES.get(m, m))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("mean accuracy over tasks (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(os.path.basename(str(results["meta"]["model"])) or "accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def save_json(results: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+def write_all(results: dict, output_dir: str) -> list[str]:
+    """``results.json``, ``table.md`` and (with matplotlib) ``accuracy.png`` in ``output_dir``; returns the
+    names of the files written."""
+    os.makedirs(output_dir, exist_ok=True)
+    save_json(results, os.path.join(output_dir, "results.json"))
+    with open(os.path.join(output_dir, "table.md"), "w") as fh:
+        fh.write(tables(results))
+    written = ["results.json", "table.md"]
+    if plot(results, os.path.join(output_dir, "accuracy.png")):
+        written.append("accuracy.png")
+    return written

@@ -1,0 +1,7 @@
+"""The Transformers wing: the registered ``"sparsex"`` attention and mask functions (``attention``), the KV
+cache (``cache``), the attention-class wrapper that lends it the cache (``wrap``), model-level helpers
+(``model``: ``from_pretrained``, ``apply_sparsex``, ``revert_sparsex``, ``set_sparsex_config``) and the
+library pieces of fine-tuning (``training``: RoPE extension, packing, ``MixGates``).
+
+Imports ``sparsex_hf.ops`` and the per-model table ``sparsex_hf.patches``; the applications import it.
+"""

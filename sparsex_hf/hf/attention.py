@@ -1,0 +1,182 @@
+"""The ``"sparsex"`` attention and mask functions that Transformers calls.
+
+``import sparsex_hf`` registers both, so ``from_pretrained(..., attn_implementation="sparsex")`` works with
+nothing else to call. The mask function never builds a ``[B, 1, Q, KV]`` mask: it returns ``None`` or the
+2-D padding mask, and the attention function handles causality, padding, packing and Mistral's sliding
+window itself. With a Sparse-X cache layer lent by the class wrapper (``wrap.py``), a decode step reads
+the cache's block summaries and only the attended keys.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..config import SparseXConfig
+from ..ops.attention import (
+    MAX_DECODE_QUERIES,
+    cu_seqlens_from_position_ids,
+    sparsex_attention,
+    sparsex_decode_attention,
+)
+from ..patches import check_model_type
+from .wrap import ATTN_NAME, wrap_loaded_classes
+
+__all__ = [
+    "ATTN_NAME",
+    "TYPE_DEFAULTS",
+    "get_sparsex_config",
+    "override_attention_op",
+    "register",
+    "sparsex_attention_forward",
+    "sparsex_mask",
+]
+
+# model type -> SparseXConfig used when a model's config has no `sparsex` field (apply_sparsex("llama", ...))
+TYPE_DEFAULTS: dict[str, SparseXConfig] = {}
+
+# parsed configs by model config: (the stored dict as parsed, the SparseXConfig). Validation runs when the
+# stored value changes, not at every layer of every forward.
+_PARSED: weakref.WeakKeyDictionary[Any, tuple[Any, SparseXConfig]] = weakref.WeakKeyDictionary()
+
+
+def get_sparsex_config(obj: Any) -> SparseXConfig:
+    """The :class:`SparseXConfig` of a model, a model config, or an attention module (``config.sparsex``, a
+    dict or a config; the model type's default from ``apply_sparsex("<type>", ...)``, else the defaults)."""
+    config = getattr(obj, "config", obj)
+    stored = getattr(config, "sparsex", None)
+    if stored is None and getattr(config, "model_type", None) in TYPE_DEFAULTS:
+        return TYPE_DEFAULTS[config.model_type]
+    if isinstance(stored, SparseXConfig) or torch.compiler.is_compiling():
+        return SparseXConfig.from_any(stored)
+    try:
+        hit = _PARSED.get(config)
+    except TypeError:  # not weak-referenceable: parse every time
+        return SparseXConfig.from_any(stored)
+    if hit is not None and hit[0] == stored:
+        return hit[1]
+    cfg = SparseXConfig.from_any(stored)
+    _PARSED[config] = (dict(stored) if isinstance(stored, dict) else stored, cfg)
+    return cfg
+
+
+# The op the attention function calls; evaluation code may observe it through override_attention_op.
+_attention_op: Callable[..., torch.Tensor] = sparsex_attention
+
+
+@contextmanager
+def override_attention_op(op: Callable[..., torch.Tensor]):
+    """Within the block, the attention function calls ``op(q, k, v, cfg, **kwargs)`` (same contract as
+    :func:`sparsex_hf.sparsex_attention`) for its general path; used by the fidelity metrics."""
+    global _attention_op
+    previous, _attention_op = _attention_op, op
+    try:
+        yield
+    finally:
+        _attention_op = previous
+
+
+def sparsex_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` function: ``query [B, Hq, Tq, D]``, ``key/value [B, Hkv, Tk, D]``
+    (RoPE applied, cache concatenated, KV heads not repeated) -> ``([B, Tq, Hq, D], None)``."""
+    config = module.config
+    check_model_type(getattr(config, "model_type", None))
+    if not getattr(module, "is_causal", True):
+        raise ValueError("Sparse-X attention is causal; it cannot serve a non-causal (bidirectional) attention module.")
+    if dropout:
+        raise ValueError(
+            f"Sparse-X does not implement attention dropout (got dropout={dropout}); set config.attention_dropout=0."
+        )
+    cfg = get_sparsex_config(config)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"Sparse-X received a {attention_mask.dim()}-D attention mask; it takes only a 2-D padding mask "
+            "[batch, kv_len] (its mask function provides that). Do not pass prepared 4-D masks."
+        )
+    mix = getattr(module, "sparsex_mix", None)  # learned branch weights (MixGates), for combine="mix"
+    mix_weights = mix() if (mix is not None and cfg.combine == "mix") else None
+    layer_idx = getattr(module, "layer_idx", None)
+    sliding_window = kwargs.get("sliding_window")
+    layer = getattr(module, "_sparsex_layer", None)  # lent by the attention-class wrapper when cached
+    if layer is not None:
+        if _decodes(layer, query.shape[2], cfg, layer_idx, kwargs):
+            out = sparsex_decode_attention(
+                query, layer.keys, layer.values, layer.summaries(cfg.block_size),
+                layer.offsets_tensor(query.device, torch.int32), layer.get_seq_length(), cfg,
+                max_doc_len=layer.max_doc_len(), scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
+            )
+            return out.transpose(1, 2).contiguous(), None
+        if layer.offload_kv:  # a prefill chunk over an offloaded cache reads every past key
+            key = layer.keys.to(query.device, non_blocking=True)
+            value = layer.values.to(query.device, non_blocking=True)
+    cu_k = kwargs.get("cu_seq_lens_k")
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_k is None and attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.shape[-1] == key.shape[2]:
+            cu_k = cu_seqlens_from_position_ids(position_ids)
+            cu_q = None
+    out = _attention_op(
+        query, key, value, cfg,
+        scale=scaling, attention_mask=attention_mask, cu_seqlens=cu_k, cu_seqlens_q=cu_q,
+        layer_idx=layer_idx, sliding_window=sliding_window, mix_weights=mix_weights,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decodes(layer, tq: int, cfg: SparseXConfig, layer_idx, kwargs) -> bool:
+    """Whether this call is a decode step over the cache's summaries; the general path serves dense layers,
+    rows whose padding is not a left prefix (no offsets recorded), prefill (more queries, or an empty past)."""
+    n = layer.get_seq_length()
+    return not (
+        layer.offsets is None
+        or tq > MAX_DECODE_QUERIES
+        or n <= tq
+        or (layer_idx is not None and layer_idx in cfg.dense_layers)
+        or (cfg.dense_below and n - min(layer.offsets) <= cfg.dense_below)
+        or kwargs.get("cu_seq_lens_k") is not None
+    )
+
+
+def sparsex_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """``AttentionMaskInterface`` function: ``None`` (no padding) or the 2-D padding mask ``[B, kv_length]``.
+
+    Called once per forward of a ``"sparsex"`` model, before its layers run; it also wraps the attention
+    classes of the supported model types that are loaded (``wrap.wrap_loaded_classes``)."""
+    wrap_loaded_classes()
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
+
+
+def register() -> None:
+    """Register ``"sparsex"`` with Transformers' attention and mask registries (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, sparsex_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sparsex_mask)

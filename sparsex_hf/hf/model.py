@@ -1,0 +1,124 @@
+"""Model-level helpers: loading with Sparse-X, changing its config, wiring it into a model and undoing that."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..config import SparseXConfig
+from ..patches import check_model_type
+from .attention import TYPE_DEFAULTS, get_sparsex_config
+from .wrap import ATTN_NAME, is_wrapped, unwrap_class, wrap_class
+
+__all__ = ["apply_sparsex", "from_pretrained", "revert_sparsex", "set_sparsex_config"]
+
+
+def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | None = None, **changes: Any) -> SparseXConfig:
+    """Store a (validated) Sparse-X config in ``model.config.sparsex``; the next forward uses it.
+
+    ``set_sparsex_config(model, window=1024)`` changes fields of the current config;
+    ``set_sparsex_config(model, SparseXConfig(...))`` replaces it.
+    """
+    base = get_sparsex_config(model) if config is None else SparseXConfig.from_any(config)
+    cfg = base.replace(**changes) if changes else base
+    model.config.sparsex = cfg.to_dict()
+    return cfg
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike,
+    sparsex: SparseXConfig | Mapping[str, Any] | None = None,
+    **kwargs: Any,
+):
+    """``AutoModelForCausalLM.from_pretrained`` with ``attn_implementation="sparsex"`` and a Sparse-X config.
+
+    ``sparsex`` (a config or a dict of fields) overrides the fields stored in the checkpoint's
+    ``config.sparsex``; every other keyword goes to ``from_pretrained`` (``gguf_file``, ``dtype``, ...).
+    The model type is checked before any weight is loaded.
+    """
+    config = kwargs.pop("config", None)
+    if config is None:
+        config_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code", "cache_dir") if k in kwargs}
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+    model_type = getattr(config, "model_type", None)
+    check_model_type(model_type)
+    stored = get_sparsex_config(config)
+    cfg = sparsex if isinstance(sparsex, SparseXConfig) else stored.replace(**dict(sparsex or {}))
+    config.sparsex = cfg.to_dict()
+    kwargs.setdefault("attn_implementation", ATTN_NAME)
+    if kwargs["attn_implementation"] == ATTN_NAME:
+        wrap_class(model_type)
+    model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    if getattr(model, "generation_config", None) is not None and kwargs["attn_implementation"] == ATTN_NAME:
+        model.generation_config.prefill_chunk_size = cfg.prefill_chunk or None
+    return model
+
+
+def apply_sparsex(model_or_model_type, **config: Any):
+    """Wire Sparse-X into a model instance or, given a ``model_type`` string, into its classes.
+
+    * ``apply_sparsex(model, window=2048, ...)``: wraps the attention class, stores the (validated) config in
+      ``model.config.sparsex``, switches the model to ``attn_implementation="sparsex"`` and sets chunked
+      prefill (``generation_config.prefill_chunk_size = config.prefill_chunk``). Returns the model.
+    * ``apply_sparsex("mistral", ...)``: wraps the class before any model is loaded; the config becomes the
+      default of models of that type whose config has no ``sparsex`` field. Load them with
+      ``attn_implementation="sparsex"``.
+
+    Mistral's sliding window is honoured by the attention (``respect_sliding_window``); dense layers come from
+    ``dense_layers``. Gradient checkpointing is unaffected (only the attention forward is wrapped).
+    """
+    if isinstance(model_or_model_type, str):
+        check_model_type(model_or_model_type)
+        wrap_class(model_or_model_type)
+        if config:
+            TYPE_DEFAULTS[model_or_model_type] = SparseXConfig(**config)
+        return None
+    model = model_or_model_type
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    check_model_type(model_type)
+    if not hasattr(model, "_sparsex_saved"):
+        gen = getattr(model, "generation_config", None)
+        model._sparsex_saved = {
+            "class_wrapped": is_wrapped(model_type),
+            "attn": model.config._attn_implementation,
+            "sparsex": getattr(model.config, "sparsex", None),
+            "has_sparsex": hasattr(model.config, "sparsex"),
+            "prefill_chunk_size": getattr(gen, "prefill_chunk_size", None),
+        }
+    wrap_class(model_type)
+    cfg = set_sparsex_config(model, get_sparsex_config(model).replace(**config))
+    model.set_attn_implementation(ATTN_NAME)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.prefill_chunk_size = cfg.prefill_chunk or None
+    return model
+
+
+def revert_sparsex(model_or_model_type) -> None:
+    """Undo :func:`apply_sparsex` exactly.
+
+    ``revert_sparsex("llama")``: the attention class gets its original ``forward`` back (the function object
+    itself) and is no longer wrapped automatically; models of that type in ``"sparsex"`` mode then decode by the
+    general path, which reads every key, until the class is wrapped again. ``revert_sparsex(model)``: the model
+    gets back its attention implementation, config and generation config, and the class is unwrapped if that
+    ``apply_sparsex`` call wrapped it (it stays wrapped automatically at the next ``"sparsex"`` forward)."""
+    if isinstance(model_or_model_type, str):
+        unwrap_class(model_or_model_type)
+        TYPE_DEFAULTS.pop(model_or_model_type, None)
+        return
+    model = model_or_model_type
+    saved = getattr(model, "_sparsex_saved", None)
+    if saved is None:
+        return
+    if not saved["class_wrapped"]:
+        unwrap_class(model.config.model_type, keep_auto=True)
+    if saved["has_sparsex"]:
+        model.config.sparsex = saved["sparsex"]
+    elif hasattr(model.config, "sparsex"):
+        delattr(model.config, "sparsex")
+    model.set_attn_implementation(saved["attn"])
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.prefill_chunk_size = saved["prefill_chunk_size"]
+    del model._sparsex_saved

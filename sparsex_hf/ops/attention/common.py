@@ -1,0 +1,130 @@
+"""Selection and ``mix`` helpers shared by the reference, the decode path and the Triton kernels' hosts.
+
+Everything here is the spec's selection rule written once (``docs/spec.md``, "top-k global"): block
+summaries, the block scores, which blocks a query may select, the top-k order (highest score first, ties to
+the lower block), and the ``mix`` branch weights. The reference (``naive.py``), the decode path
+(``decode.py``) and the kernel hosts import these; none of them imports another's private helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...config import SparseXConfig
+
+__all__ = [
+    "block_scores",
+    "block_summaries",
+    "eligible_blocks",
+    "resolve_mix_weights",
+    "select_blocks",
+    "shared_scores",
+    "top_blocks",
+]
+
+
+def block_summaries(k: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-block min, max and mean of the keys of the complete blocks: ``k [Hkv, n, D]`` -> three
+    ``[Hkv, n // block_size, D]`` tensors (the mean accumulated in fp32 at least, returned in ``k.dtype``)."""
+    hkv, n, d = k.shape
+    nb = n // block_size
+    kb = k[:, : nb * block_size].reshape(hkv, nb, block_size, d)
+    acc = torch.float64 if k.dtype == torch.float64 else torch.float32
+    return kb.amin(2), kb.amax(2), kb.mean(2, dtype=acc).to(k.dtype)
+
+
+def block_scores(q: torch.Tensor, summaries, score: str) -> torch.Tensor:
+    """Selection score of every block for every query, shared by the GQA group (max over its heads).
+
+    Args:
+        q: ``[Hkv, G, m, D]`` queries.
+        summaries: ``(kmin, kmax, kmean)``, each ``[Hkv, nb, D]``.
+        score: ``"minmax"`` (``sum_d max(q_d*kmin_d, q_d*kmax_d) = q+ . kmax + q- . kmin``) or ``"mean"``.
+    Returns:
+        ``[Hkv, m, nb]``.
+    """
+    kmin, kmax, kmean = summaries
+    if score == "minmax":
+        s = q.clamp(min=0) @ kmax[:, None].transpose(-1, -2) + q.clamp(max=0) @ kmin[:, None].transpose(-1, -2)
+    elif score == "mean":
+        s = q @ kmean[:, None].transpose(-1, -2)
+    else:
+        raise ValueError(f"unknown score {score!r}; allowed are 'minmax' and 'mean'.")
+    return s.amax(1)
+
+
+def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` best finite scores along the last dim (ties: lower block first), -1 if fewer."""
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    ok = torch.gather(scores, -1, order) > -math.inf
+    return torch.where(ok, order, torch.full_like(order, -1))
+
+
+def shared_scores(q: torch.Tensor, p: torch.Tensor | None, summaries, kind: str, cfg: SparseXConfig) -> torch.Tensor:
+    """Selection scores ``[Hkv, m, nb]`` for queries ``q [Hkv, G, m, D]`` at positions ``p [m]``.
+
+    Shared by the GQA group (max over its heads) and, when ``select_tile > 1``, by the queries of one
+    selection tile ``p // select_tile``: the max of their scores (``select_query="each"``) or the score of
+    their mean query (``"mean"``). Only the queries in ``q`` count, so callers pass whole tiles.
+    """
+    if cfg.select_tile == 1:
+        return block_scores(q, summaries, kind)
+    _, inv = torch.unique_consecutive(p // cfg.select_tile, return_inverse=True)
+    n_tiles = int(inv[-1]) + 1
+    if cfg.select_query == "mean":
+        hkv, g, m, d = q.shape
+        total = q.new_zeros(hkv, g, n_tiles, d).index_add_(2, inv, q)
+        count = torch.bincount(inv, minlength=n_tiles).to(q.dtype)
+        return block_scores(total / count[:, None], summaries, kind)[:, inv]
+    s = block_scores(q, summaries, kind)  # [Hkv, m, nb]
+    tile = s.new_full((s.shape[0], n_tiles, s.shape[2]), -math.inf)
+    tile.scatter_reduce_(1, inv[None, :, None].expand_as(s), s, "amax")
+    return tile[:, inv]
+
+
+def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
+    """Top-k block indices per query: ``[Hkv, m, topk]`` (-1 where fewer blocks are eligible).
+
+    ``eligible [m, nb]`` (or ``[Hkv, m, nb]``) marks, per query, the complete causal blocks not fully covered
+    by sink or local. ``p`` (positions) is only read when ``select_tile > 1``.
+    """
+    neg = torch.tensor(-math.inf, dtype=q.dtype, device=q.device)
+    if cfg.score == "hybrid":
+        first = (cfg.topk + 1) // 2
+        s_mm = torch.where(eligible, shared_scores(q, p, summaries, "minmax", cfg), neg)
+        sel_mm = top_blocks(s_mm, first)
+        s_mean = torch.where(eligible, shared_scores(q, p, summaries, "mean", cfg), neg)
+        nb = s_mean.shape[-1]
+        taken = torch.zeros(*s_mean.shape[:-1], nb + 1, dtype=torch.bool, device=q.device)  # column nb: empty slots
+        taken.scatter_(-1, torch.where(sel_mm >= 0, sel_mm, nb), True)
+        sel_mean = top_blocks(s_mean.masked_fill(taken[..., :nb], -math.inf), cfg.topk - first)
+        return torch.cat([sel_mm, sel_mean], -1)
+    s = torch.where(eligible, shared_scores(q, p, summaries, cfg.score, cfg), neg)
+    return top_blocks(s, cfg.topk)
+
+
+def eligible_blocks(p: torch.Tensor, nb: int, cfg: SparseXConfig, sliding_window: int | None) -> torch.Tensor:
+    """``[m, nb]``: block ``b`` is complete and causal for query position ``p`` and not fully covered
+    by sink or local (it meets the uncovered interval ``[sink_tokens, p - window]``)."""
+    b = torch.arange(nb, device=p.device)
+    start, end = b * cfg.block_size, b * cfg.block_size + cfg.block_size - 1
+    p = p[:, None]
+    lo, hi = cfg.sink_tokens, p - cfg.window
+    ok = (end <= p) & (start <= hi) & (end >= lo) & (lo <= hi)
+    if sliding_window is not None:
+        ok &= end > p - sliding_window
+    return ok
+
+
+def resolve_mix_weights(cfg: SparseXConfig, mix_weights, hq: int, device, dtype) -> torch.Tensor:
+    """The ``combine="mix"`` weights as ``[Hq, 3]`` (local, stride, top-k): ``mix_weights`` (``[3]`` or
+    ``[Hq, 3]``) or the config's ``alpha, beta, gamma``."""
+    if mix_weights is None:
+        mix_weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma])
+    mix_weights = torch.as_tensor(mix_weights).to(device=device, dtype=dtype)
+    if mix_weights.shape not in ((3,), (hq, 3)):
+        raise ValueError(f"mix_weights must have shape [3] or [Hq, 3] = [{hq}, 3], got {tuple(mix_weights.shape)}.")
+    return mix_weights.expand(hq, 3)

@@ -1,0 +1,271 @@
+"""The Sparse-X KV cache inside generate(): decode path, chunked prefill, crop, beam search, class wrapping,
+the layer's block summaries."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from utils import SPARSE_SMALL, model_pair, random_qkv, tiny_model
+
+import sparsex_hf
+from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXLayer, apply_sparsex, revert_sparsex
+from sparsex_hf.hf import attention as attention_mod
+from sparsex_hf.ops.attention.common import block_summaries
+from sparsex_hf.patches import attention_class
+
+MODEL_TYPES = ["llama", "mistral"]
+
+
+
+def _prompts(batch=2, length=300, pads=(0, 37), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads):
+        mask[i, :p] = 0
+        ids[i, :p] = 0
+    return ids, mask
+
+
+def _positions(mask):
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture
+def count_decode(monkeypatch):
+    calls = []
+    real = attention_mod.sparsex_decode_attention
+
+    def spy(q, *a, **kw):
+        calls.append(q.shape[2])
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(attention_mod, "sparsex_decode_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_full_budget_generate_equals_sdpa_through_the_decode_path(model_type, count_decode):
+    dense, sparse = model_pair(model_type)
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    a, b = dense.generate(ids, **kw), sparse.generate(ids, **kw)
+    assert torch.equal(a, b)
+    assert len(count_decode) == 39 * 2 and set(count_decode) == {1}  # every step, both layers
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_sparse_decode_steps_equal_the_reference_on_the_whole_sequence(model_type, count_decode):
+    _, sparse = model_pair(model_type)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    ids, mask = _prompts()
+    out = sparse.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                          output_logits=True, return_dict_in_generate=True)
+    assert count_decode
+    seq = out.sequences
+    full_mask = torch.cat([mask, torch.ones(2, 40, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        # no cache: the reference path on the whole sequence (positions as generate() gives them)
+        full = sparse(seq, attention_mask=full_mask, position_ids=_positions(full_mask)).logits
+    steps = torch.stack(out.logits, 1)
+    torch.testing.assert_close(steps, full[:, 299:-1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_chunked_prefill_equals_one_pass(model_type):
+    _, sparse = model_pair(model_type)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL)  # select_tile 64: chunks are multiples of 64
+    ids = torch.randint(3, 256, (1, 700))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    one = sparse.generate(ids, **kw)
+    chunked = sparse.generate(ids, prefill_chunk_size=128, **kw)
+    assert torch.equal(one.sequences, chunked.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_crop_then_continue_equals_the_whole_sequence():
+    _, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    ids = torch.randint(3, 256, (1, 400))
+    cache = SparseXCache(sparse.config)
+    with torch.no_grad():
+        sparse(ids[:, :380], **{CACHE_KWARG: cache}, use_cache=True)
+        cache.crop(-30)  # drop 30 tokens, then feed different ones
+        alt = torch.randint(3, 256, (1, 50))
+        steps = []
+        for t in range(50):
+            steps.append(sparse(alt[:, t : t + 1], **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1])
+        full = sparse(torch.cat([ids[:, :350], alt], 1)).logits[:, 350:]
+    assert all(isinstance(layer, SparseXLayer) for layer in cache.layers)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_matches_sdpa_at_full_budget_and_runs_sparse():
+    dense, sparse = model_pair("llama")
+    ids, mask = _prompts(length=200, pads=(0, 21))
+    kw = dict(attention_mask=mask, max_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(dense.generate(ids, **kw), sparse.generate(ids, **kw))
+    # sparse budget: beams reorder the cache every step; the result must equal decoding each final beam again
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    out = sparse.generate(ids, **kw, output_scores=True, return_dict_in_generate=True, num_return_sequences=3)
+    seq = out.sequences
+    full_mask = torch.cat([mask.repeat_interleave(3, 0), (seq[:, 200:] != -1).long()], 1)
+    with torch.no_grad():
+        full = sparse(seq, attention_mask=full_mask, position_ids=_positions(full_mask)).logits
+        full = torch.log_softmax(full.float(), -1)
+    chosen = full[:, 199:-1].gather(-1, seq[:, 200:, None])[..., 0].sum(-1)
+    torch.testing.assert_close(chosen / 20, out.sequences_scores, atol=1e-3, rtol=1e-3)
+
+
+def test_explicit_offloaded_cache_gives_the_same_tokens():
+    _, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    a = sparse.generate(ids, **kw)
+    cache = SparseXCache(sparse.config, offload=True)
+    b = sparse.generate(ids, **{CACHE_KWARG: cache}, **kw)
+    assert torch.equal(a, b)
+    assert all(layer.offload_kv and layer.keys.device.type == "cpu" for layer in cache.layers)
+
+
+def test_apply_and_revert_on_classes_restore_the_functions():
+    apply_sparsex("llama")  # wrapped (as the first "sparsex" forward would do)
+    cls = attention_class("llama")
+    wrapped = cls.forward
+    original = wrapped.__sparsex_original__
+    revert_sparsex("llama")
+    assert cls.forward is original
+    apply_sparsex("llama", window=128)
+    try:
+        assert cls.forward.__sparsex_original__ is original
+        model = tiny_model("llama", "sparsex")
+        assert sparsex_hf.get_sparsex_config(model).window == 128  # the type default
+    finally:
+        revert_sparsex("llama")
+        assert cls.forward is original
+        apply_sparsex("llama")  # wrapped again, as the package keeps it
+
+
+def test_apply_and_revert_on_an_instance():
+    model = tiny_model("mistral", "sdpa")
+    chunk_before = model.generation_config.prefill_chunk_size
+    apply_sparsex(model, window=256, prefill_chunk=1024)
+    assert model.config._attn_implementation == "sparsex"
+    assert sparsex_hf.get_sparsex_config(model).window == 256
+    assert model.generation_config.prefill_chunk_size == 1024
+    ids = torch.randint(3, 256, (1, 50))
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    revert_sparsex(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model.config, "sparsex")
+    assert model.generation_config.prefill_chunk_size == chunk_before
+
+
+def test_classes_are_wrapped_at_the_first_sparsex_forward():
+    from sparsex_hf.hf.wrap import is_wrapped, unwrap_class
+
+    unwrap_class("mistral", keep_auto=True)
+    assert not is_wrapped("mistral")
+    model = tiny_model("mistral", "sparsex")
+    assert not is_wrapped("mistral")  # building the model wraps nothing
+    model(torch.randint(3, 256, (1, 20)))
+    assert is_wrapped("mistral")
+
+
+@pytest.mark.slow
+def test_import_loads_no_model_module():
+    code = ("import sys, sparsex_hf; "
+            "print([m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_apply_refuses_other_model_types():
+    with pytest.raises(ValueError, match="supported model types are \\['llama', 'mistral'\\]"):
+        apply_sparsex("gpt2")
+
+
+def test_gradient_checkpointing_after_patching():
+    model = tiny_model("llama", "sparsex")
+    apply_sparsex(model, **SPARSE_SMALL)
+    model.train()
+    # 5.24 renamed it; 5.17 has only the old name
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    ids = torch.randint(3, 256, (1, 200))
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---- the layer's block summaries
+
+
+def _layer_of(t=150, pads=(5, 40), b=2, dtype=torch.float32):
+    _, k, v = random_qkv(b, 4, 2, t, t, 32, dtype=dtype, seed=0)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    for i, p in enumerate(pads[:b]):
+        mask[i, :p] = False
+    layer = SparseXLayer()
+    assert layer.set_offsets(mask if any(pads) else None, b, t)
+    return layer, k, v
+
+
+def _check_summaries(layer, bs):
+    kmin, kmax, kmean = layer.summaries(bs)
+    for b, off in enumerate(layer.offsets):
+        keys = layer.keys[b, :, off:]
+        ref = block_summaries(keys.float(), bs)
+        nb = ref[0].shape[1]
+        assert layer.counts[b] == nb
+        torch.testing.assert_close(kmin[b, :, :nb].float(), ref[0])
+        torch.testing.assert_close(kmax[b, :, :nb].float(), ref[1])
+        torch.testing.assert_close(kmean[b, :, :nb].float(), ref[2], atol=1e-6, rtol=1e-5)
+
+
+def test_summaries_stay_consistent_under_growth_crop_reorder_select_repeat():
+    layer, k, v = _layer_of()
+    layer.update(k[:, :, :100], v[:, :, :100])
+    _check_summaries(layer, 16)
+    for t in range(100, 150):  # one token at a time: a block completes now and then
+        layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        _check_summaries(layer, 16)
+    layer.crop(-30)
+    assert layer.get_seq_length() == 120
+    _check_summaries(layer, 16)
+    layer.update(k[:, :, 120:140].flip(2), v[:, :, 120:140])  # different keys where the cropped ones were
+    _check_summaries(layer, 16)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert layer.offsets == [40, 5]
+    _check_summaries(layer, 16)
+    layer.batch_repeat_interleave(2)
+    assert layer.offsets == [40, 40, 5, 5]
+    _check_summaries(layer, 16)
+    layer.batch_select_indices(torch.tensor([1, 2]))
+    assert layer.offsets == [40, 5]
+    _check_summaries(layer, 16)
+    _check_summaries(layer, 32)  # another block size: summarised from scratch
+
+
+def test_summaries_are_at_most_a_32nd_of_the_cache():
+    layer, k, v = _layer_of(t=4096, pads=(0,), b=1, dtype=torch.bfloat16)
+    layer.update(k, v)
+    layer.summaries(64)
+    kv = layer.keys.numel() * 2 * 2
+    assert layer.summary_bytes() <= kv / 32
+
+
+def test_offloaded_layer_decodes_like_a_resident_one():
+    cfg = sparsex_hf.SparseXConfig(**SPARSE_SMALL)
+    q, k, v = random_qkv(2, 4, 2, 260, 260, 32, dtype=torch.float32, seed=2)
+    mask = torch.ones(2, 260, dtype=torch.bool)
+    mask[1, :37] = False
+    outs = []
+    for offload in (False, True):
+        layer = SparseXLayer(offload=offload)
+        layer.set_offsets(mask, 2, 260)
+        layer.update(k, v)
+        outs.append(sparsex_hf.sparsex_decode_attention(
+            q[:, :, -1:], layer.keys, layer.values, layer.summaries(16), layer.offsets_tensor("cpu", torch.int32),
+            layer.get_seq_length(), cfg, max_doc_len=layer.max_doc_len(), backend="torch"))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
