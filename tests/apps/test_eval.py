@@ -14,7 +14,7 @@ import sparsex_hf
 from sparsex_hf.apps.eval import TASKS, EvalSettings, evaluate, make_sample, method_config, score
 from sparsex_hf.apps.eval.cli import main
 from sparsex_hf.apps.eval.fidelity import fidelity
-from sparsex_hf.apps.eval.report import write_all
+from sparsex_hf.apps.eval.report import wilson, write_all
 from sparsex_hf.apps.eval.runner import summarize
 from sparsex_hf.apps.loading import load_model, load_tokenizer, resolve
 
@@ -193,3 +193,31 @@ def test_merge_runs(tmp_path):
     res = json.load(open(tmp_path / "m" / "results.json"))
     assert res["settings"]["lengths"] == [1024, 2048] and len(res["samples"]) == 8
     assert res["summary"]["mean"] == {"sdpa": {"1024": 100.0, "2048": 50.0}, "sparsex": {"1024": 50.0, "2048": 0.0}}
+
+
+def test_variants_run_as_methods_and_intervals_are_wilson():
+    cfg = sparsex_hf.SparseXConfig(block_size=64, window=1024, topk=12)
+    variants = {"b32": {"block_size": 32, "topk": 24}}
+    b32 = method_config("sparsex:b32", cfg, 8192, variants)
+    assert (b32.block_size, b32.topk, b32.window) == (32, 24, 1024)
+    assert b32.keys_per_query(8192) == cfg.keys_per_query(8192)  # the same budget
+    with pytest.raises(ValueError, match="names no variant"):
+        method_config("sparsex:nope", cfg, 8192, variants)
+    EvalSettings(tasks=["passkey"], lengths=[1024], methods=["sdpa", "sparsex:b32"], variants=variants).check()
+    with pytest.raises(ValueError, match="unknown method"):
+        EvalSettings(tasks=["passkey"], lengths=[1024], methods=["sparsex:b16"], variants=variants).check()
+    with pytest.raises(ValueError, match="variant 'bad'"):
+        EvalSettings(tasks=["passkey"], lengths=[1024], methods=["sparsex:bad"], variants={"bad": {"topk": -1}}).check()
+    assert wilson(0.5, 100) == [40.4, 59.6] and wilson(0.0, 100) == [0.0, 3.7] and wilson(1.0, 50) == [92.9, 100.0]
+    samples = [dict(method="sdpa", task=t, length=1024, score=s) for t in ("a", "b") for s in (100.0, 0.0)]
+    summary = summarize(samples, [])
+    assert summary["mean"]["sdpa"]["1024"] == 50.0 and summary["mean_ci"]["sdpa"]["1024"] == wilson(0.5, 4)
+    assert summary["ci"]["sdpa"]["1024"]["a"] == wilson(0.5, 2)
+    assert main.__module__.endswith("cli")
+
+
+def test_code_haystack_task_is_real_python(tok):
+    s = make_sample("niah_code", 1024, 0, tok, seed=1, n_samples=2)
+    name = s.meta["keys"][0]
+    assert f"{name} = {s.answers[0]}" in s.prompt and s.prompt.count(s.answers[0]) == 1
+    assert "def " in s.prompt and s.prompt.rstrip().endswith(f"The value assigned to {name} is")

@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single"],
                     help=f"comma-separated, or 'all' (default passkey,niah_single). Tasks: {tasks_help}")
     ap.add_argument("--lengths", type=_csv(int), default=[2048, 4096], help="comma-separated token lengths (prompt + answer)")
-    ap.add_argument("--methods", type=_csv(str), default=list(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", type=_csv(str), default=None,
+                    help=f"comma-separated subset of {','.join(METHODS)} and sparsex:NAME for each --variant "
+                         "(default: all of them)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="a Sparse-X config variant run as method sparsex:NAME, e.g. "
+                         "'b32={\"block_size\": 32, \"topk\": 24}' (repeatable)")
     ap.add_argument("--samples", type=int, default=10, help="samples per task and length (needle depths spread evenly)")
     ap.add_argument("--output", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)
@@ -92,6 +97,20 @@ def merge(dirs: list[str], output: str) -> dict:
     return out
 
 
+def _variants(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, dict]:
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        try:
+            fields = json.loads(text) if sep else None
+        except json.JSONDecodeError as e:
+            ap.error(f"--variant {item!r}: the part after '=' is not JSON ({e})")
+        if not name or not isinstance(fields, dict):
+            ap.error(f"--variant {item!r}: expected NAME={{JSON object of SparseXConfig fields}}")
+        out[name] = fields
+    return out
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -101,10 +120,12 @@ def main(argv=None) -> int:
     if not args.model:
         ap.error("--model is required (unless --merge)")
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
-    settings = EvalSettings(tasks=tasks, lengths=args.lengths, methods=args.methods, samples=args.samples,
+    variants = _variants(ap, args.variant)
+    methods = args.methods or [*METHODS, *(f"sparsex:{v}" for v in variants)]
+    settings = EvalSettings(tasks=tasks, lengths=args.lengths, methods=methods, samples=args.samples,
                             seed=args.seed, batch_size=args.batch_size, ppl_samples=args.ppl_samples,
                             fidelity_samples=args.fidelity_samples, fidelity_variants=args.fidelity_variants,
-                            progress=not args.no_progress)
+                            variants=variants, progress=not args.no_progress)
     settings.check()  # before loading anything
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -6,6 +6,8 @@
   longest evaluated length, computed by the same kernels (``stride=0, topk=0``).
 * ``stride_window``: Sparse-X without top-k selection; its window grows by the top-k tokens so that the
   budget stays the same (the paper's ablation).
+* ``sparsex:NAME``: Sparse-X with the config's fields changed by the variant ``NAME`` (``--variant NAME=JSON``),
+  to compare selection choices on the same inputs.
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ from ...hf.model import set_sparsex_config
 METHODS = ("sdpa", "sparsex", "window", "stride_window")
 
 
-def method_config(method: str, cfg: SparseXConfig, max_length: int) -> SparseXConfig | None:
+def method_config(method: str, cfg: SparseXConfig, max_length: int, variants: dict | None = None) -> SparseXConfig | None:
     """The Sparse-X config that realises ``method`` (None for dense ``sdpa``)."""
     if method == "sdpa":
         return None
     if method == "sparsex":
         return cfg
+    if method.startswith("sparsex:"):
+        name = method.split(":", 1)[1]
+        if name not in (variants or {}):
+            raise ValueError(f"method {method!r} names no variant; variants are {sorted(variants or {})}")
+        return cfg.replace(**variants[name])
     budget = cfg.keys_per_query(max_length)
     if method == "window":
         return cfg.replace(window=max(1, budget - cfg.sink_tokens), stride=0, topk=0)
     if method == "stride_window":
         return cfg.replace(window=cfg.window + cfg.topk * cfg.block_size, topk=0)
-    raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)} and sparsex:NAME for a variant")
 
 
-def use_method(model, method: str, cfg: SparseXConfig, max_length: int) -> SparseXConfig | None:
+def use_method(model, method: str, cfg: SparseXConfig, max_length: int, variants: dict | None = None) -> SparseXConfig | None:
     """Switch ``model`` (already loaded) to ``method``; returns the Sparse-X config in use (None: dense)."""
-    mc = method_config(method, cfg, max_length)
+    mc = method_config(method, cfg, max_length, variants)
     if mc is None:
         model.set_attn_implementation("sdpa")
     else:

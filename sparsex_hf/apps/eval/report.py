@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ...config import SparseXConfig
@@ -19,8 +20,29 @@ except ImportError:
 NAMES = {"sdpa": "dense (sdpa)", "sparsex": "Sparse-X", "window": "sliding window", "stride_window": "stride + window"}
 
 
+def wilson(share: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval (in %) of a proportion measured as ``share`` (0..1) over ``n`` samples."""
+    if n <= 0:
+        return [float("nan"), float("nan")]
+    d = 1 + z * z / n
+    c = (share + z * z / (2 * n)) / d
+    h = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / d
+    return [round(100 * max(0.0, c - h), 1), round(100 * min(1.0, c + h), 1)]
+
+
 def _fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _acc(x, ci) -> str:
+    """An accuracy with its 95% interval."""
+    return "-" if x is None else (f"{x:.1f} [{ci[0]:.0f}, {ci[1]:.0f}]" if ci else f"{x:.1f}")
+
+
+def display_name(method: str) -> str:
+    if method.startswith("sparsex:"):
+        return f"Sparse-X {method[8:]}"
+    return NAMES.get(method, method)
 
 
 def tables(results: dict) -> str:
@@ -28,8 +50,10 @@ def tables(results: dict) -> str:
     methods = results["settings"]["methods"]
     lengths = [str(n) for n in results["settings"]["lengths"]]
     tasks = results["settings"]["tasks"]
+    ci, mean_ci = s.get("ci", {}), s.get("mean_ci", {})
     lines = [f"Model: `{results['meta']['model']}` ({results['meta']['dtype']}, {results['meta']['device']}), "
-             f"{results['settings']['samples']} samples per task and length, seed {results['meta']['seed']}.", ""]
+             f"{results['settings']['samples']} samples per task and length, seed {results['meta']['seed']}; "
+             "accuracies in % with their 95% Wilson interval.", ""]
     lines += ["Mean accuracy over tasks (%):", "",
               "| method | keys/query at the longest length | " + " | ".join(lengths) + " |",
               "|---|---|" + "---|" * len(lengths)]
@@ -37,17 +61,19 @@ def tables(results: dict) -> str:
     for m in methods:
         cfg = results["configs"].get(m)
         budget = "all" if cfg is None else _budget(cfg, longest)
-        lines.append(f"| {NAMES.get(m, m)} | {budget} | " + " | ".join(_fmt(s["mean"].get(m, {}).get(n)) for n in lengths) + " |")
+        lines.append(f"| {display_name(m)} | {budget} | " + " | ".join(
+            _acc(s["mean"].get(m, {}).get(n), mean_ci.get(m, {}).get(n)) for n in lengths) + " |")
     for n in lengths:
-        lines += ["", f"Per task at {n} tokens (%):", "", "| task | " + " | ".join(NAMES.get(m, m) for m in methods) + " |",
+        lines += ["", f"Per task at {n} tokens (%):", "", "| task | " + " | ".join(display_name(m) for m in methods) + " |",
                   "|---|" + "---|" * len(methods)]
         for t in tasks:
-            lines.append(f"| {t} | " + " | ".join(_fmt(s["accuracy"].get(m, {}).get(n, {}).get(t)) for m in methods) + " |")
+            lines.append(f"| {t} | " + " | ".join(
+                _acc(s["accuracy"].get(m, {}).get(n, {}).get(t), ci.get(m, {}).get(n, {}).get(t)) for m in methods) + " |")
     if s.get("ppl"):
         lines += ["", "Perplexity of real text (Python documentation):", "", "| method | " + " | ".join(lengths) + " |",
                   "|---|" + "---|" * len(lengths)]
         for m in methods:
-            lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(_fmt(s["ppl"].get(m, {}).get(n), 3) for n in lengths) + " |")
+            lines.append(f"| {display_name(m)} | " + " | ".join(_fmt(s["ppl"].get(m, {}).get(n), 3) for n in lengths) + " |")
     fid = results.get("fidelity") or {}
     if fid:
         lines += ["", "Fidelity of Sparse-X against dense attention (mean over layers; queries past the window):", "",
@@ -80,7 +106,7 @@ def plot(results: dict, path: str) -> bool:
     for m in results["settings"]["methods"]:
         pts = sorted((int(n), v) for n, v in s.get(m, {}).items())
         if pts:
-            ax.plot(*zip(*pts), "o-", label=NAMES.get(m, m))
+            ax.plot(*zip(*pts), "o-", label=display_name(m))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context tokens")
     ax.set_ylabel("mean accuracy over tasks (%)")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ...config import SparseXConfig
 from .fidelity import VARIANTS, fidelity
 from .methods import METHODS, use_method
-from .report import write_all
+from .report import wilson, write_all
 from .tasks import TASKS, make_sample, score, text_sentences
 
 
@@ -32,15 +32,22 @@ class EvalSettings:
     ppl_samples: int = 0
     fidelity_samples: int = 0
     fidelity_variants: list[str] = field(default_factory=lambda: ["config"])
+    variants: dict[str, dict] = field(default_factory=dict)  # NAME -> SparseXConfig fields, run as "sparsex:NAME"
     progress: bool = True
 
     def check(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)}")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in METHODS and not (m.startswith("sparsex:") and m[8:] in self.variants)]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}; available: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {bad}; available: {', '.join(METHODS)}, and sparsex:NAME for a "
+                             f"variant NAME of {sorted(self.variants)}")
+        for name, fields in self.variants.items():
+            try:
+                SparseXConfig().replace(**fields)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"variant {name!r}: {e}") from e
         if not self.lengths or min(self.lengths) < 128:
             raise ValueError(f"lengths must be >= 128 tokens, got {self.lengths}")
         if self.samples < 1 or self.batch_size < 1:
@@ -149,7 +156,7 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
     def collect() -> dict:
         return dict(meta=_meta(model, model_name, settings, dev, t0),
                     settings=dict(tasks=settings.tasks, lengths=settings.lengths, methods=settings.methods,
-                                  samples=settings.samples, batch_size=settings.batch_size),
+                                  samples=settings.samples, batch_size=settings.batch_size, variants=settings.variants),
                     configs=configs, tasks={t: TASKS[t].description for t in settings.tasks},
                     samples=records, ppl=ppl, fidelity=fid, summary=summarize(records, ppl))
 
@@ -159,7 +166,7 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
 
     try:
         for method in settings.methods:
-            mc = use_method(model, method, cfg, max_len)
+            mc = use_method(model, method, cfg, max_len, settings.variants)
             configs[method] = mc.to_dict() if mc is not None else None
             _run_method(model, tokenizer, method, mc, batches, ppl_inputs, bar, records, ppl)
             checkpoint()
@@ -184,12 +191,16 @@ def summarize(records: list[dict], ppl: list[dict]) -> dict:
     acc: dict = {}
     for r in records:
         acc.setdefault(r["method"], {}).setdefault(str(r["length"]), {}).setdefault(r["task"], []).append(r["score"])
-    out: dict = {"accuracy": {}, "mean": {}, "ppl": {}}
+    out: dict = {"accuracy": {}, "mean": {}, "ppl": {}, "ci": {}, "mean_ci": {}, "n": {}}
     for m, by_len in acc.items():
         for n, by_task in by_len.items():
             means = {t: sum(v) / len(v) for t, v in by_task.items()}
             out["accuracy"].setdefault(m, {})[n] = means
             out["mean"].setdefault(m, {})[n] = sum(means.values()) / len(means)
+            out["ci"].setdefault(m, {})[n] = {t: wilson(means[t] / 100, len(v)) for t, v in by_task.items()}
+            pooled = [x for v in by_task.values() for x in v]
+            out["mean_ci"].setdefault(m, {})[n] = wilson(sum(pooled) / len(pooled) / 100, len(pooled))
+            out["n"].setdefault(m, {})[n] = {t: len(v) for t, v in by_task.items()}
     nll: dict = {}
     for r in ppl:
         nll.setdefault(r["method"], {}).setdefault(str(r["length"]), []).append(r["nll"])

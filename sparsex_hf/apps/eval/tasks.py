@@ -12,6 +12,8 @@ Scoring follows RULER's rule: the share of reference strings found (case-insensi
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import pydoc_data.topics as pydoc_topics
 import random
 import re
@@ -85,6 +87,22 @@ def text_sentences() -> tuple[str, ...]:
     return tuple(sents)
 
 
+# modules of the standard library whose source is the code haystack (available offline; the Python version,
+# which results.json records, fixes their text)
+CODE_MODULES = ("argparse", "json.decoder", "json.encoder", "collections", "dataclasses", "textwrap", "shlex",
+                "configparser", "csv", "difflib", "fractions", "heapq", "ipaddress", "pprint", "string", "tokenize")
+
+
+@cache
+def code_lines() -> tuple[str, ...]:
+    """Non-empty lines of real Python source code available offline (standard-library modules)."""
+    lines = []
+    for name in CODE_MODULES:
+        src = inspect.getsource(importlib.import_module(name))
+        lines += [ln.rstrip() for ln in src.splitlines() if ln.strip() and len(ln) <= 200]
+    return tuple(lines)
+
+
 # ------------------------------------------------------------------------------------------------ builders
 # A builder takes (rng, units, depth) and returns (prompt, answers, meta); `units` is the haystack size it
 # is asked for (sentences, distractor needles or words), chosen by the length fit.
@@ -93,7 +111,7 @@ def text_sentences() -> tuple[str, ...]:
 def _haystack(kind: str, rng_seed: int, units: int) -> list[str]:
     if kind == "noise":
         return [NOISE] * units
-    sents = text_sentences()
+    sents = code_lines() if kind == "code" else text_sentences()
     start = random.Random(rng_seed).randrange(len(sents))
     return [sents[(start + i) % len(sents)] for i in range(units)]
 
@@ -151,6 +169,17 @@ def _niah(haystack: str, n_keys: int, n_values: int, n_queries: int, distractor_
         return prompt, answers, {"keys": queried}
 
     return build
+
+
+def _niah_code(rng: random.Random, units: int, depth: float, seed: int):
+    """A needle assignment inside real Python source code; its value is asked about (a format no other task uses)."""
+    name = "special_magic_number_" + _key(rng).replace("-", "_")
+    value = _number(rng)
+    lines = _insert(_haystack("code", seed, units), [f"{name} = {value}"], [depth])
+    prompt = ("Below is a long piece of Python source code. One line in it assigns a special magic number to a "
+              "variable. Memorize it.\n\n" + "\n".join(lines) + f"\n\nQuestion: What is the value assigned to "
+              f"{name} in the code above? Answer: The value assigned to {name} is")
+    return prompt, [value], {"keys": [name]}
 
 
 def _passkey(rng: random.Random, units: int, depth: float, seed: int):
@@ -231,6 +260,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          description="one needle in real text (RULER niah_single_2, Python docs instead of essays)"),
     Task("niah_multikey", _niah("text", 4, 1, 1, False, False), 12,
          description="4 needles with different keys in real text, one queried (RULER niah_multikey_1)"),
+    Task("niah_code", _niah_code, 12,
+         description="one variable assignment needle inside real Python source code (standard library modules)"),
     Task("niah_multikey_needles", _niah("", 1, 1, 1, True, False), 12,
          description="haystack made of distractor needles, words -> numbers (RULER niah_multikey_2)"),
     Task("niah_multikey_uuid", _niah("", 1, 1, 1, True, True), 40,
