@@ -8,16 +8,16 @@
 #          eval                                  sparsex-eval --output OUT/eval ARGS...
 #
 # OUT is $OUT when set (the device tool's output folder), else benchmarks/results. The package is installed
-# from this checkout first (no network needed). Wheels placed in .whl/ are installed into /tmp/site, which is
-# put on PYTHONPATH; a wheel too large for one transfer may come as NAME.whl.part-K-of-N files over several
-# calls to the same machine: parts wait in /root/whl until all N are there, then they are joined.
+# from this checkout first (no network needed). Wheels placed in .whl/ (or .whl2/, ...) are installed into
+# /tmp/site, which is put on PYTHONPATH; a wheel too large for one transfer may come as NAME.whl.part-K-of-N
+# files over several calls to the same machine: parts wait in /root/whl until all N are there, then are joined.
 set -euo pipefail
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
-if [ -d .whl ]; then
-    mkdir -p /root/whl && cp .whl/* /root/whl/
+if ls -d .whl* >/dev/null 2>&1; then
+    mkdir -p /root/whl && for d in .whl*/; do cp "$d"* /root/whl/; done
     for first in /root/whl/*.part-1-of-*; do
         [ -e "$first" ] || continue
         whl="${first%.part-1-of-*}"; n="${first##*-of-}"

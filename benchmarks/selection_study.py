@@ -12,7 +12,10 @@ first token of the needle's value) is looked up:
 * ``b32`` / ``b16``: minmax with blocks of 32 / 16 keys and 2x / 4x as many blocks (same keys read);
 * ``rerank-R``: minmax shortlists ``R * topk`` blocks, the exact max logit of each block's keys ranks them;
 * ``exact``: the exact max logit over every block (rerank with every block on the shortlist);
-* ``per-head``: minmax, but each query head selects on its own (counted as kept if any head of the group keeps it).
+* ``per-head``: minmax, but each query head selects on its own (counted as kept if any head of the group keeps it);
+* ``tile64-rerank-R`` / ``tile64-exact``: the same two-stage / exact scores for the mean query of the last 64 positions;
+* ``exact-lse`` / ``rerank-4-lse``: blocks scored by the log-sum-exp of their logits (their attention mass) instead
+  of the largest logit.
 
 A (layer, KV head) "needs" the needle when its block is in the oracle's top-k and receives at least
 ``--min-mass`` of the group's attention. The table gives, per candidate, the share of those pairs whose needle
@@ -74,9 +77,22 @@ def minmax_scores(qv: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor
     return qv.clamp(min=0) @ kmax.T + qv.clamp(max=0) @ kmin.T
 
 
-def exact_scores(qv: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+def exact_logits(qv: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
     nb = k.shape[0] // block
-    return (qv @ k[: nb * block].T).view(*qv.shape[:-1], nb, block).amax(-1)
+    return (qv @ k[: nb * block].T).view(*qv.shape[:-1], nb, block)
+
+
+def exact_scores(qv: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+    """The largest logit of each block's keys."""
+    return exact_logits(qv, k, block).amax(-1)
+
+
+def _reranked(first: torch.Tensor, second: torch.Tensor, r: int, target: int) -> bool:
+    """``r * TOPK`` best blocks by ``first`` (ineligible ones are -inf), the ``TOPK`` best of them by ``second``."""
+    short = torch.sort(first, descending=True, stable=True).indices[: r * TOPK]
+    short = short[first[short] > -math.inf]
+    order = short[torch.sort(second[short], descending=True, stable=True).indices]
+    return bool((order[:TOPK] == target).any())
 
 
 def rank_of(scores: torch.Tensor, ok: torch.Tensor, target: int) -> int:
@@ -116,11 +132,17 @@ def study_layer(q_last: torch.Tensor, k: torch.Tensor, pos: int, needle: int, sc
         mm = minmax_scores(q, kh, BLOCK).amax(0).masked_fill(~ok, -math.inf)
         ex = exact_scores(q, kh, BLOCK).amax(0).masked_fill(~ok, -math.inf)
         for r in (2, 4, 8):
-            short = torch.sort(mm, descending=True, stable=True).indices[: r * TOPK]
-            short = short[mm[short] > -math.inf]
-            order = short[torch.sort(ex[short], descending=True, stable=True).indices]
-            kept[f"rerank-{r}"] = bool((order[:TOPK] == b_needle).any())
+            kept[f"rerank-{r}"] = _reranked(mm, ex, r, b_needle)
         kept["exact"] = 0 <= rank_of(ex, ok, b_needle) < TOPK
+        qm = qg.mean(1)  # the last 64 positions' mean query, per head
+        mm_t = minmax_scores(qm, kh, BLOCK).amax(0).masked_fill(~ok, -math.inf)
+        ex_t = exact_scores(qm, kh, BLOCK).amax(0).masked_fill(~ok, -math.inf)
+        for r in (2, 4):
+            kept[f"tile64-rerank-{r}"] = _reranked(mm_t, ex_t, r, b_needle)
+        kept["tile64-exact"] = 0 <= rank_of(ex_t, ok, b_needle) < TOPK
+        lse = torch.logsumexp(exact_logits(q, kh, BLOCK), -1).amax(0).masked_fill(~ok, -math.inf)
+        kept["exact-lse"] = 0 <= rank_of(lse, ok, b_needle) < TOPK
+        kept["rerank-4-lse"] = _reranked(mm, lse, 4, b_needle)
         per_head = minmax_scores(q, kh, BLOCK).masked_fill(~ok, -math.inf)  # [G, nb]
         kept["per-head"] = any(0 <= rank_of(per_head[i], ok, b_needle) < TOPK for i in range(g))
         out.append(kept)
@@ -130,7 +152,7 @@ def study_layer(q_last: torch.Tensor, k: torch.Tensor, pos: int, needle: int, sc
 def needle_position(tok, prompt: str, value: str) -> int:
     """Token index of the first token of the needle's value in the prompt."""
     enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    char = prompt.index(f"is: {value}.") + 4
+    char = prompt.index(f"is: {value}.") + 4 if f"is: {value}." in prompt else prompt.index(f" = {value}") + 3
     for i, (a, b) in enumerate(enc["offset_mapping"]):
         if a <= char < b or a >= char:
             return i

@@ -44,6 +44,10 @@ class SparseXConfig:
             that share one top-k selection (a power of two in [1, 256]); 1 = every query selects alone,
             strictly causally. With a tile, the selection of ``p`` also looks at the queries after ``p`` in
             its tile (at most ``select_tile - 1`` positions ahead); the attention itself stays causal.
+        rerank: two-stage selection when > 0: the ``rerank * topk`` blocks with the best ``score`` are ranked again by
+            their exact score, the largest logit of the block's keys for the selection's queries (max over the GQA
+            group; with tiles, the tile's mean query, or with ``select_query="each"`` every query of the tile), and
+            the ``topk`` best are kept; 0 = one stage. An integer in [0, 16]; not with ``score="hybrid"``.
         select_query: with ``select_tile > 1``, ``"mean"`` scores the tile's mean query
             (``1/select_tile`` of the selection work; best recall measured on SmolLM2) and ``"each"``
             scores every query and takes the max over the tile.
@@ -71,6 +75,7 @@ class SparseXConfig:
     score: str = "minmax"
     select_tile: int = 64
     select_query: str = "mean"
+    rerank: int = 0
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     dense_below: int = 0
     respect_sliding_window: bool = True
@@ -82,7 +87,7 @@ class SparseXConfig:
             return ValueError(f"SparseXConfig.{name}={getattr(self, name)!r} is invalid: allowed is {allowed}.")
 
         for name in ("block_size", "sink_tokens", "window", "stride", "topk", "dense_below", "select_tile",
-                     "prefill_chunk"):
+                     "prefill_chunk", "rerank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad(name, "an integer")
@@ -90,6 +95,10 @@ class SparseXConfig:
             raise bad("block_size", "a power of two in [1, 4096]")
         if not (_is_power_of_two(self.select_tile) and self.select_tile <= 256):
             raise bad("select_tile", "a power of two in [1, 256]")
+        if not 0 <= self.rerank <= 16:
+            raise bad("rerank", "an integer in [0, 16] (0: one-stage selection)")
+        if self.rerank and self.score == "hybrid":
+            raise bad("rerank", "0 with score='hybrid' (the exact second stage ranks one score's shortlist)")
         if self.select_query not in SELECT_QUERIES:
             raise bad("select_query", f"one of {SELECT_QUERIES}")
         if self.sink_tokens < 0:

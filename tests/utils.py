@@ -43,6 +43,9 @@ def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: 
 
     if cfg.topk == 0:
         chosen = []
+    elif cfg.rerank:  # the summary score's shortlist, ranked again by the largest logit of each block's keys
+        exact = {b: (qg @ blocks[b].T).max().item() for b in candidates}
+        chosen = sorted(top(cfg.score, cfg.rerank * cfg.topk), key=lambda b: (-exact[b], b))[: cfg.topk]
     elif cfg.score == "hybrid":
         first = top("minmax", (cfg.topk + 1) // 2)
         chosen = first + top("mean", cfg.topk - len(first), exclude=first)

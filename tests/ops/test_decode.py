@@ -73,6 +73,13 @@ def test_decode_scores_match_reference(backend, score):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("score", ["minmax", "mean"])
+def test_decode_two_stage_selection_matches_reference(backend, score):
+    """rerank: the summary shortlist ranked again by the exact scores of the shortlisted keys, per query."""
+    _check(SparseXConfig(**dict(SPARSE_SMALL, score=score, rerank=3, topk=3)), backend, t=300, tq=3, seed=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_mix_and_sliding_window(backend):
     cfg = SparseXConfig(**SPARSE_SMALL, combine="mix", alpha=1.0, beta=0.5, gamma=2.0)
     _check(cfg, backend, t=280, tq=2, mix=torch.rand(4, 3, device=DEV) + 0.1)

@@ -27,6 +27,9 @@ CONFIGS = {
     "mix": dict(SPARSE_SMALL, combine="mix", beta=0.5, gamma=2.0),
     "tile16-each": dict(SPARSE_SMALL, select_tile=16),
     "tile8-mean-hybrid": dict(SPARSE_SMALL, select_tile=8, select_query="mean", score="hybrid"),
+    "rerank2-per-query": dict(SPARSE_SMALL, select_tile=1, rerank=2, topk=3),
+    "tile16-mean-rerank3": dict(SPARSE_SMALL, select_tile=16, select_query="mean", rerank=3, topk=2),
+    "tile8-each-mean-rerank2": dict(SPARSE_SMALL, select_tile=8, select_query="each", score="mean", rerank=2, topk=2),
 }
 
 

@@ -22,7 +22,8 @@ SHAPES = [
     ("T400-g2", 1, 4, 2, 400, 400, 64),
 ]
 # a fixed seed per config (inputs identical in every run)
-SEEDS = {"union": 101, "mix": 102, "tile64-hybrid": 103, "tile16-mean-nostride": 104, "wide-window": 105, "tile16-each": 106}
+SEEDS = {"union": 101, "mix": 102, "tile64-hybrid": 103, "tile16-mean-nostride": 104, "wide-window": 105, "tile16-each": 106,
+         "tile64-rerank": 107}
 CONFIGS = {
     "union": dict(SPARSE_SMALL),
     "mix": dict(SPARSE_SMALL, combine="mix", beta=0.5, gamma=2.0),
@@ -30,6 +31,7 @@ CONFIGS = {
     "tile16-mean-nostride": dict(SPARSE_SMALL, select_tile=16, select_query="mean", stride=0, sink_tokens=5),
     "wide-window": dict(SPARSE_SMALL, window=160),  # chunks wholly inside every row's window (no mask)
     "tile16-each": dict(SPARSE_SMALL, select_tile=16, select_query="each"),
+    "tile64-rerank": dict(SPARSE_SMALL, rerank=3, topk=2),
 }
 
 
@@ -119,6 +121,9 @@ SELECTIONS = {
     "tile16-each": (dict(SPARSE_SMALL, select_tile=16, select_query="each"), {}),
     "tile32-hybrid-sink5": (dict(SPARSE_SMALL, select_tile=32, score="hybrid", sink_tokens=5, topk=5), {}),
     "per-query-mean-sw": (dict(SPARSE_SMALL, select_tile=1, score="mean"), dict(sliding_window=150)),
+    "per-query-rerank": (dict(SPARSE_SMALL, select_tile=1, rerank=3, topk=3), {}),
+    "tile16-mean-rerank": (dict(SPARSE_SMALL, select_tile=16, rerank=2), {}),
+    "tile16-each-rerank-sw": (dict(SPARSE_SMALL, select_tile=16, select_query="each", rerank=2), dict(sliding_window=150)),
 }
 
 
@@ -131,7 +136,7 @@ def test_selection_matches_reference(name, tq):
     q, k, v = _inputs(("", b, hq, hkv, tq, tk, d), torch.float32, seed=11)
     _, stats = sparsex_attention(q, k, v, cfg, backend="torch", return_stats=True, **kw)
     sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
-                    cfg.score, cfg.select_tile, cfg.select_query, kw.get("sliding_window", 0))
+                    cfg.score, cfg.select_tile, cfg.select_query, kw.get("sliding_window", 0), cfg.rerank)
     # same sets (the kernel's order is unspecified)
     assert torch.equal(sel.long().sort(-1).values, stats.selected_blocks.sort(-1).values)
 

@@ -125,14 +125,31 @@ def save_json(results: dict, path: str) -> None:
         json.dump(results, fh, indent=1)
 
 
+def compact(results: dict) -> dict:
+    """A small copy of ``results`` to keep beside the code: everything but the samples' texts; per (method, length,
+    task) the samples' scores in index order (``scores``) and their needle depths (``depths``)."""
+    out = {k: v for k, v in results.items() if k != "samples"}
+    scores: dict = {}
+    depths: dict = {}
+    for r in sorted(results["samples"], key=lambda r: r["index"]):
+        key = f"{r['method']}|{r['length']}|{r['task']}"
+        scores.setdefault(key, []).append(r["score"])
+        depths.setdefault(f"{r['length']}|{r['task']}", {})[r["index"]] = r["depth"]
+    out["scores"] = scores
+    out["depths"] = {k: [v[i] for i in sorted(v)] for k, v in depths.items()}
+    return out
+
+
 def write_all(results: dict, output_dir: str) -> list[str]:
-    """``results.json``, ``table.md`` and (with matplotlib) ``accuracy.png`` in ``output_dir``; returns the
-    names of the files written."""
+    """``results.json`` (every sample), ``summary.json`` (:func:`compact`), ``table.md`` and (with matplotlib)
+    ``accuracy.png`` in ``output_dir``; returns the names of the files written."""
     os.makedirs(output_dir, exist_ok=True)
     save_json(results, os.path.join(output_dir, "results.json"))
+    with open(os.path.join(output_dir, "summary.json"), "w") as fh:
+        json.dump(compact(results), fh, separators=(",", ":"))
     with open(os.path.join(output_dir, "table.md"), "w") as fh:
         fh.write(tables(results))
-    written = ["results.json", "table.md"]
+    written = ["results.json", "summary.json", "table.md"]
     if plot(results, os.path.join(output_dir, "accuracy.png")):
         written.append("accuracy.png")
     return written

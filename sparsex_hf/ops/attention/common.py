@@ -16,6 +16,9 @@ from ...config import SparseXConfig
 
 __all__ = [
     "block_scores",
+    "exact_block_scores",
+    "max_block_logits",
+    "rerank_blocks",
     "block_summaries",
     "eligible_blocks",
     "resolve_mix_weights",
@@ -85,11 +88,12 @@ def shared_scores(q: torch.Tensor, p: torch.Tensor | None, summaries, kind: str,
     return tile[:, inv]
 
 
-def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
+def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k block indices per query: ``[Hkv, m, topk]`` (-1 where fewer blocks are eligible).
 
     ``eligible [m, nb]`` (or ``[Hkv, m, nb]``) marks, per query, the complete causal blocks not fully covered
-    by sink or local. ``p`` (positions) is only read when ``select_tile > 1``.
+    by sink or local. ``p`` (positions) is only read when ``select_tile > 1``. ``keys [Hkv, n, D]`` (the
+    document's keys) are read by the exact second stage (``cfg.rerank > 0``).
     """
     neg = torch.tensor(-math.inf, dtype=q.dtype, device=q.device)
     if cfg.score == "hybrid":
@@ -103,7 +107,61 @@ def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig) -
         sel_mean = top_blocks(s_mean.masked_fill(taken[..., :nb], -math.inf), cfg.topk - first)
         return torch.cat([sel_mm, sel_mean], -1)
     s = torch.where(eligible, shared_scores(q, p, summaries, cfg.score, cfg), neg)
+    if cfg.rerank:
+        if keys is None:
+            raise ValueError("rerank > 0 needs the keys for the exact second stage")
+        short = top_blocks(s, cfg.rerank * cfg.topk)
+        return rerank_blocks(short, exact_block_scores(q, p, keys, short, cfg), cfg.topk)
     return top_blocks(s, cfg.topk)
+
+
+def max_block_logits(qr: torch.Tensor, kb: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+    """``qr [Hkv, G, R, D]`` queries of ``R`` rows, ``kb [Hkv, nb, bs, D]`` the blocks' keys, ``short [Hkv, R, S]``
+    block indices (-1 = none) -> ``[Hkv, R, S]``: each listed block's largest logit, max over the group's heads
+    (-inf for -1). One shortlist slot at a time, so memory stays ``R * bs * D`` per KV head."""
+    hkv = kb.shape[0]
+    out = torch.full(short.shape, -math.inf, dtype=qr.dtype, device=qr.device)
+    heads = torch.arange(hkv, device=qr.device)[:, None]
+    for s in range(short.shape[-1]):
+        blk = kb[heads, short[..., s].clamp(min=0)]  # [Hkv, R, bs, D]
+        logits = torch.einsum("hgrd,hrkd->hgrk", qr, blk).amax(-1).amax(1)
+        out[..., s] = torch.where(short[..., s] >= 0, logits, out[..., s])
+    return out
+
+
+def exact_block_scores(q: torch.Tensor, p, keys: torch.Tensor, short: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
+    """The second stage's exact scores ``[Hkv, m, S]`` of each query's shortlisted blocks ``short [Hkv, m, S]``
+    (-1 = none): the largest logit of the block's keys ``keys [Hkv, n, D]``, max over the group's heads, for the
+    same queries as the first stage (the query; the tile's mean query; the max over the tile's queries)."""
+    hkv, g, m, d = q.shape
+    bs = cfg.block_size
+    nb = keys.shape[1] // bs
+    kb = keys[:, : nb * bs].reshape(hkv, nb, bs, d).to(q.dtype)
+    if cfg.select_tile == 1:
+        return max_block_logits(q, kb, short)
+    _, inv = torch.unique_consecutive(p // cfg.select_tile, return_inverse=True)
+    n_tiles = int(inv[-1]) + 1
+    if cfg.select_query == "mean":
+        total = q.new_zeros(hkv, g, n_tiles, d).index_add_(2, inv, q)
+        count = torch.bincount(inv, minlength=n_tiles).to(q.dtype)
+        first = torch.zeros(n_tiles, dtype=torch.long, device=q.device).scatter_reduce(
+            0, inv, torch.arange(m, device=q.device), "amin", include_self=False)
+        return max_block_logits(total / count[:, None], kb, short[:, first])[:, inv]
+    s = max_block_logits(q, kb, short)  # a tile shares its shortlist: the max over its queries
+    tile = s.new_full((hkv, n_tiles, s.shape[2]), -math.inf)
+    tile.scatter_reduce_(1, inv[None, :, None].expand_as(s), s, "amax")
+    return tile[:, inv]
+
+
+def rerank_blocks(short: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` shortlisted blocks (``short [..., S]``, -1 = none) with the best ``exact`` scores (equal scores:
+    lower block index first), -1 where fewer are listed."""
+    big = torch.iinfo(torch.long).max
+    by_index = torch.sort(torch.where(short >= 0, short, big), dim=-1).indices  # ascending block index
+    short, exact = short.gather(-1, by_index), exact.gather(-1, by_index)
+    order = torch.sort(exact, dim=-1, descending=True, stable=True).indices[..., :k]
+    best, score = short.gather(-1, order), exact.gather(-1, order)
+    return torch.where(score > -math.inf, best, torch.full_like(best, -1))
 
 
 def eligible_blocks(p: torch.Tensor, nb: int, cfg: SparseXConfig, sliding_window: int | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import math
 import torch
 
 from ...config import SparseXConfig
-from .common import block_scores, eligible_blocks, resolve_mix_weights, select_blocks
+from .common import block_scores, eligible_blocks, rerank_blocks, resolve_mix_weights, select_blocks
 
 # A decode step is at most this many new queries per sequence; longer inputs take the prefill path.
 MAX_DECODE_QUERIES = 16
@@ -34,15 +34,22 @@ def decode_positions(offsets: torch.Tensor, seq_len: int, tq: int) -> torch.Tens
     return n[:, None] - tq + torch.arange(tq, device=offsets.device)[None, :]
 
 
-def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXConfig, sliding_window) -> torch.Tensor:
+def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXConfig, sliding_window,
+                  k_cache: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k blocks ``[B, Hkv, Tq, topk]`` (long, -1 where fewer are eligible) of queries ``q [B, Hq, Tq, D]``
-    at document positions ``pos [B, Tq]`` from the summaries ``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]``."""
+    at document positions ``pos [B, Tq]`` from the summaries ``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]``;
+    with ``cfg.rerank`` the shortlist is ranked again by exact scores read from ``k_cache`` (rows start at
+    ``offsets``)."""
     bsz, hq, tq, d = q.shape
     kmin = summaries[0]
     hkv, nb = kmin.shape[1], kmin.shape[2]
     out = torch.full((bsz, hkv, tq, cfg.topk), -1, dtype=torch.long, device=q.device)
     if nb == 0 or cfg.topk == 0:
         return out
+    if cfg.rerank:
+        short = decode_select(q, pos, summaries, cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0), sliding_window)
+        exact = decode_exact_scores(q, short, k_cache, offsets, cfg.block_size)
+        return rerank_blocks(short, exact, cfg.topk)
     eligible = eligible_blocks(pos.flatten(), nb, cfg, sliding_window).view(bsz, 1, tq, nb)
     eligible = eligible.expand(bsz, hkv, tq, nb).flatten(0, 1)
     qf = q.float().reshape(bsz * hkv, hq // hkv, tq, d)
@@ -55,6 +62,23 @@ def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXCon
     else:
         sel = select_blocks(qf, None, summ, eligible, cfg.replace(select_tile=1))
     out[..., : sel.shape[-1]] = sel.view(bsz, hkv, tq, -1)
+    return out
+
+
+def decode_exact_scores(q, short, k_cache, offsets, block_size: int) -> torch.Tensor:
+    """``[B, Hkv, Tq, S]``: the largest logit (max over the GQA group) of each shortlisted block's keys
+    (``short [B, Hkv, Tq, S]``, -1 = none -> -inf), read from the cache where it lives."""
+    bsz, hq, tq, d = q.shape
+    hkv = k_cache.shape[1]
+    qg = q.float().view(bsz, hkv, hq // hkv, tq, d)
+    base = offsets.long().to(short.device)[:, None, None, None] + torch.arange(block_size, device=short.device)
+    out = torch.full(short.shape, -math.inf, dtype=torch.float32, device=q.device)
+    for s in range(short.shape[-1]):  # one shortlist slot at a time: memory B * Hkv * Tq * block_size * D
+        cols = (short[..., s, None].clamp(min=0) * block_size + base).flatten(2)  # [B, Hkv, Tq * bs]
+        keys = torch.gather(k_cache, 2, cols.to(k_cache.device)[..., None].expand(-1, -1, -1, d))
+        keys = keys.to(q.device, torch.float32).view(bsz, hkv, tq, block_size, d)
+        logits = torch.einsum("bhgtd,bhtkd->bhgtk", qg, keys).amax(-1).amax(2)
+        out[..., s] = torch.where(short[..., s] >= 0, logits, out[..., s])
     return out
 
 
@@ -145,6 +169,6 @@ def sparsex_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     :func:`sparsex_hf.ops.attention.sparsex_decode_attention`): selection from the summaries, then the
     attention stage by gathering (any device; an offloaded cache gathers on its own device)."""
     pos = decode_positions(offsets, seq_len, q.shape[2])
-    sel = decode_select(q, pos, summaries, cfg, sliding_window)
+    sel = decode_select(q, pos, summaries, cfg, sliding_window, k_cache, offsets)
     return decode_attention_torch(q, k_cache, v_cache, offsets, seq_len, max_doc_len, pos, sel, cfg, scale,
                                   sliding_window, mix_weights)

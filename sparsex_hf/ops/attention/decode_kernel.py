@@ -26,8 +26,8 @@ import triton.language as tl
 from torch import empty, empty_like  # module-level names: tests poison them (NaN) to catch unwritten elements
 
 from ...config import SparseXConfig
-from .common import resolve_mix_weights
-from .decode import decode_positions, decode_select
+from .common import rerank_blocks, resolve_mix_weights
+from .decode import decode_exact_scores, decode_positions, decode_select
 
 
 @triton.jit
@@ -390,6 +390,10 @@ def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int,
     off = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
     if cfg.score == "hybrid":
         sel = decode_select(q, decode_positions(off, seq_len, q.shape[2]), summaries, cfg, sliding_window)
+    elif cfg.rerank:  # the shortlist by the kernels, the exact second stage by gathering the shortlisted keys
+        short = decode_select_triton(q, summaries, off, seq_len, cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0),
+                                     sliding_window).long()
+        sel = rerank_blocks(short, decode_exact_scores(q, short, k_cache, off, cfg.block_size), cfg.topk)
     else:
         sel = decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window)
     return decode_attention_triton(q, k_cache, v_cache, sel, off, seq_len, max_doc_len, cfg, scale, sliding_window,

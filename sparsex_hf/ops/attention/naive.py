@@ -42,16 +42,19 @@ class SparseXStats:
     valid: torch.Tensor
 
 
-def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_elements: int) -> torch.Tensor:
-    """Selection stage for one document: ``q [Hkv, G, m, D]``, ``p [m]`` (consecutive positions) ->
-    ``[Hkv, m, topk]``. Queries are processed in chunks of whole selection tiles (bounded memory)."""
-    hkv, g, m, _ = q.shape
+def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_elements: int,
+                    keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Selection stage for one document: ``q [Hkv, G, m, D]``, ``p [m]`` (consecutive positions), ``keys
+    [Hkv, n, D]`` (read by the exact second stage) -> ``[Hkv, m, topk]``. Queries are processed in chunks of
+    whole selection tiles (bounded memory)."""
+    hkv, g, m, d = q.shape
     nb = summaries[0].shape[1]
     out = torch.full((hkv, m, cfg.topk), -1, dtype=torch.long, device=q.device)
     if nb == 0 or cfg.topk == 0 or m == 0:
         return out
     tile = cfg.select_tile
-    chunk = max(tile, (tile_elements // max(1, hkv * g * nb)) // tile * tile)
+    per_query = hkv * g * nb + (hkv * (g + 1) * cfg.block_size * d if cfg.rerank else 0)  # scores + exact-stage keys
+    chunk = max(tile, (tile_elements // max(1, per_query)) // tile * tile)
     first = (tile - int(p[0]) % tile) % tile  # queries before the first tile boundary
     starts = ([0] if first else []) + list(range(first, m, chunk))
     for a, b in zip(starts, starts[1:] + [m]):
@@ -61,7 +64,7 @@ def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_el
             shared = torch.ones(int(inv[-1]) + 1, nb, dtype=torch.bool, device=q.device)
             shared = shared.long().scatter_reduce(0, inv[:, None].expand(-1, nb), eligible.long(), "amin").bool()
             eligible = shared[inv]
-        sel = select_blocks(q[:, :, a:b], p[a:b], summaries, eligible, cfg)  # fewer columns if nb < topk
+        sel = select_blocks(q[:, :, a:b], p[a:b], summaries, eligible, cfg, keys)  # fewer columns if nb < topk
         out[:, a:b, : sel.shape[-1]] = sel
     return out
 
@@ -215,7 +218,7 @@ def _attend_document(q, k, v, doc: Document, config, scale, sliding_window, dens
         doc_sel = torch.full((hkv, m, config.topk), -1, dtype=torch.long, device=q.device)
     elif doc_sel is None:
         summaries = block_summaries(kd, config.block_size)
-        doc_sel = select_document(qd, doc.q_pos, summaries, config, sliding_window, tile_elements)
+        doc_sel = select_document(qd, doc.q_pos, summaries, config, sliding_window, tile_elements, kd)
     tile = max(1, min(m, tile_elements // max(1, hq * n)))
     outs, stats = [], []
     for t0 in range(0, m, tile):

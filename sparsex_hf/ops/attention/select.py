@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ...config import SparseXConfig
+from .common import max_block_logits, rerank_blocks
 from .layout import KernelLayout
 
 
@@ -30,10 +31,12 @@ class SelectParams(NamedTuple):
     score: str
     select_tile: int
     select_query: str
+    rerank: int = 0
 
     @classmethod
     def of(cls, cfg: SparseXConfig) -> SelectParams:
-        return cls(cfg.block_size, cfg.sink_tokens, cfg.window, cfg.topk, cfg.score, cfg.select_tile, cfg.select_query)
+        return cls(cfg.block_size, cfg.sink_tokens, cfg.window, cfg.topk, cfg.score, cfg.select_tile, cfg.select_query,
+                   cfg.rerank)
 
 
 @triton.jit
@@ -159,6 +162,21 @@ def _tile_means(qd: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tile: int)
     return torch.cat(parts, 1)
 
 
+def _rerank(rows, kd, short, g: int, reduce: int, k: int) -> torch.Tensor:
+    """The exact second stage (``common.exact_block_scores``) for the kernel's score rows: ``rows [Hq, R, D]``
+    (``reduce`` consecutive rows share a selection: the max over them), ``kd [Hkv, nb, bs, D]``, ``short
+    [Hkv, R // reduce, S]`` -> ``[Hkv, R // reduce, k]``."""
+    hq, r, d = rows.shape
+    hkv = hq // g
+    short = short.long()
+    qr = rows.view(hkv, g, r, d)
+    if reduce > 1:
+        exact = max_block_logits(qr, kd, short.repeat_interleave(reduce, 1)).view(hkv, r // reduce, reduce, -1).amax(2)
+    else:
+        exact = max_block_logits(qr, kd, short)
+    return rerank_blocks(short, exact, k)
+
+
 def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_window=None) -> torch.Tensor:
     """Top-k blocks of every query row: ``[B, Hkv, Tq, topk]`` int32, -1 where none (rows of no document too).
 
@@ -206,6 +224,8 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
             if cfg.score == "hybrid":
                 top_mm = topk_of("minmax", (cfg.topk + 1) // 2)
                 top = torch.cat([top_mm, topk_of("mean", cfg.topk - top_mm.shape[-1], top_mm.contiguous())], -1)
+            elif cfg.rerank:  # shortlist by the kernel, the exact second stage on the shortlisted keys
+                top = _rerank(rows, kd, topk_of(cfg.score, cfg.rerank * cfg.topk), g, reduce, cfg.topk)
             else:
                 top = topk_of(cfg.score, cfg.topk)
             # each tile's choice, for each of its rows
