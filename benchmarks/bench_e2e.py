@@ -132,6 +132,7 @@ def main():
     ap.add_argument("--attn", type=int, nargs="*", default=[131072, 1048576])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tag", default="e2e")
+    ap.add_argument("--config", default="", help="SparseXConfig overrides of the attention step, e.g. rerank=4")
     ap.add_argument("--profile", type=int, default=0, help="profile one decode step at this context (0: off)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -148,7 +149,7 @@ def main():
               f"peak {peak_gb} GB {note}", flush=True)
 
     # attention alone: one decode step of one layer
-    cfg = SparseXConfig()
+    cfg = SparseXConfig(**{k: int(v) for k, v in (kv.split("=") for kv in filter(None, args.config.split(",")))})
     for t in args.attn:
         layer = SparseXLayer()
         gen = torch.Generator(device="cuda").manual_seed(1)

@@ -43,9 +43,9 @@ def _poison_kernel_outputs(monkeypatch):
     element a kernel leaves unwritten fails the comparison instead of passing by luck."""
     if not HAS_TRITON:
         return
-    from sparsex_hf.ops.attention import decode_kernel, prefill
+    from sparsex_hf.ops.attention import decode_kernel, prefill, select
 
-    for mod in (prefill, decode_kernel):
+    for mod in (prefill, decode_kernel, select):
         for name in ("empty", "empty_like"):
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, _poisoned(getattr(torch, name)))

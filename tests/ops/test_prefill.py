@@ -214,6 +214,7 @@ GPU_CASES = [
     ("32K-g3-d64-bf16-b2", 2, 9, 3, 32768, 64, torch.bfloat16, dict(window=4096, stride=256, topk=8)),
     ("64K-g4-d128-bf16-tile64", 1, 8, 2, 65536, 128, torch.bfloat16, dict(window=4096, stride=256, topk=8, select_tile=64)),
     ("16K-g8-d128-fp16-mix", 1, 16, 2, 16384, 128, torch.float16, dict(window=2048, stride=128, topk=8, combine="mix")),
+    ("16K-g3-d64-bf16-rerank", 1, 9, 3, 16384, 64, torch.bfloat16, dict(window=1024, stride=64, topk=12, rerank=4)),
 ]
 
 
@@ -228,7 +229,7 @@ def test_gpu_realistic_sizes(case):
     out = sparsex_attention(q, k, v, cfg, backend="triton")
     last = 256  # the reference runs on the last queries (bottom-right aligned, whole selection tiles)
     sel = select_op(q.detach(), k.detach(), None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window,
-                    cfg.stride, cfg.topk, cfg.score, cfg.select_tile, cfg.select_query, 0)
+                    cfg.stride, cfg.topk, cfg.score, cfg.select_tile, cfg.select_query, 0, cfg.rerank)
     args = (k.detach().double(), v.detach().double(), cfg)
     ref = sparsex_attention_naive(q[:, :, -last:].detach().double(), *args, scale=d**-0.5, selected=sel[:, :, -last:])
     rounded = sparsex_attention_naive(q[:, :, -last:].detach().float(), k.detach().float(), v.detach().float(), cfg,

@@ -27,7 +27,8 @@ from torch import empty, empty_like  # module-level names: tests poison them (Na
 
 from ...config import SparseXConfig
 from .common import rerank_blocks, resolve_mix_weights
-from .decode import decode_exact_scores, decode_positions, decode_select
+from .decode import decode_positions, decode_select
+from .select import exact_scores_triton
 
 
 @triton.jit
@@ -382,6 +383,18 @@ def decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window) -> tor
     return sel
 
 
+def decode_exact_scores_triton(q, short, k_cache, off, block_size: int) -> torch.Tensor:
+    """``decode.decode_exact_scores`` with the exact-score kernel: ``short [B, Hkv, Tq, S]`` -> same shape, fp32."""
+    bsz, hq, tq, _ = q.shape
+    hkv = k_cache.shape[1]
+    b = torch.arange(bsz, device=q.device, dtype=torch.int64)
+    q_rows = (b[:, None] * q.stride(0) + torch.arange(tq, device=q.device)[None, :] * q.stride(2)).flatten()
+    k_rows = (b * k_cache.stride(0) + off.long() * k_cache.stride(2))[:, None].expand(bsz, tq).flatten()
+    listed = short.permute(1, 0, 2, 3).reshape(hkv, bsz * tq, -1)
+    exact = exact_scores_triton(_rows(q), q_rows, k_cache, k_rows, listed, hq // hkv, block_size)
+    return exact.view(hkv, bsz, tq, -1).permute(1, 0, 2, 3)
+
+
 def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int, max_doc_len: int,
                           cfg: SparseXConfig, *, scale: float, sliding_window=None, mix_weights=None) -> torch.Tensor:
     """A decode step with the kernels (same contract as ``decode.sparsex_decode_torch``): selection (one split
@@ -390,10 +403,10 @@ def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int,
     off = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
     if cfg.score == "hybrid":
         sel = decode_select(q, decode_positions(off, seq_len, q.shape[2]), summaries, cfg, sliding_window)
-    elif cfg.rerank:  # the shortlist by the kernels, the exact second stage by gathering the shortlisted keys
+    elif cfg.rerank:  # the shortlist by the selection kernels, then the exact second stage on the shortlisted keys
         short = decode_select_triton(q, summaries, off, seq_len, cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0),
                                      sliding_window).long()
-        sel = rerank_blocks(short, decode_exact_scores(q, short, k_cache, off, cfg.block_size), cfg.topk)
+        sel = rerank_blocks(short, decode_exact_scores_triton(q, short, k_cache, off, cfg.block_size), cfg.topk)
     else:
         sel = decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window)
     return decode_attention_triton(q, k_cache, v_cache, sel, off, seq_len, max_doc_len, cfg, scale, sliding_window,

@@ -14,9 +14,10 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
 from ...config import SparseXConfig
-from .common import max_block_logits, rerank_blocks
+from .common import rerank_blocks
 from .layout import KernelLayout
 
 
@@ -162,19 +163,20 @@ def _tile_means(qd: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tile: int)
     return torch.cat(parts, 1)
 
 
-def _rerank(rows, kd, short, g: int, reduce: int, k: int) -> torch.Tensor:
-    """The exact second stage (``common.exact_block_scores``) for the kernel's score rows: ``rows [Hq, R, D]``
-    (``reduce`` consecutive rows share a selection: the max over them), ``kd [Hkv, nb, bs, D]``, ``short
-    [Hkv, R // reduce, S]`` -> ``[Hkv, R // reduce, k]``."""
-    hq, r, d = rows.shape
-    hkv = hq // g
+def _rerank(rows, k, b: int, k_col0: int, short, g: int, reduce: int, cfg: SelectParams) -> torch.Tensor:
+    """The exact second stage (``common.exact_block_scores``) for the kernel's score rows of one document:
+    ``rows [Hq, R, D]`` contiguous (``reduce`` consecutive rows share a selection: the max over them), the
+    document's keys from column ``k_col0`` of row ``b`` of ``k``, ``short [Hkv, R // reduce, S]`` ->
+    ``[Hkv, R // reduce, topk]``."""
+    r = rows.shape[1]
     short = short.long()
-    qr = rows.view(hkv, g, r, d)
+    listed = short.repeat_interleave(reduce, 1) if reduce > 1 else short
+    q_rows = torch.arange(r, device=rows.device, dtype=torch.int64) * rows.stride(1)
+    k_rows = torch.full((r,), b * k.stride(0) + k_col0 * k.stride(2), device=rows.device, dtype=torch.int64)
+    exact = exact_scores_triton(rows, q_rows, k, k_rows, listed, g, cfg.block_size)
     if reduce > 1:
-        exact = max_block_logits(qr, kd, short.repeat_interleave(reduce, 1)).view(hkv, r // reduce, reduce, -1).amax(2)
-    else:
-        exact = max_block_logits(qr, kd, short)
-    return rerank_blocks(short, exact, k)
+        exact = exact.view(exact.shape[0], r // reduce, reduce, -1).amax(2)
+    return rerank_blocks(short, exact, cfg.topk)
 
 
 def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_window=None) -> torch.Tensor:
@@ -225,7 +227,7 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
                 top_mm = topk_of("minmax", (cfg.topk + 1) // 2)
                 top = torch.cat([top_mm, topk_of("mean", cfg.topk - top_mm.shape[-1], top_mm.contiguous())], -1)
             elif cfg.rerank:  # shortlist by the kernel, the exact second stage on the shortlisted keys
-                top = _rerank(rows, kd, topk_of(cfg.score, cfg.rerank * cfg.topk), g, reduce, cfg.topk)
+                top = _rerank(rows, k, b, k_col0, topk_of(cfg.score, cfg.rerank * cfg.topk), g, reduce, cfg)
             else:
                 top = topk_of(cfg.score, cfg.topk)
             # each tile's choice, for each of its rows
@@ -236,3 +238,52 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
                 row_sel = top.repeat_interleave((c_hi - c_lo).to(q.device), dim=1, output_size=int(c_hi[-1] - c_lo[0]))
             sel[b, :, r0 : r0 + row_sel.shape[1], : row_sel.shape[2]] = row_sel.to(torch.int32)
     return sel
+
+
+@triton.jit
+def _exact_scores_kernel(Q, K, ROWQ, ROWK, SHORT, OUT, s_qh, s_kh, s_kt, R,
+                         S: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                         IEEE: tl.constexpr):
+    """The exact second stage: for score row ``r`` and KV head ``h``, the largest logit (max over the group's
+    ``G`` heads) of the keys of each of its ``S`` shortlisted blocks. Row ``r``'s queries start at element
+    ``ROWQ[r]`` of ``Q`` (head ``h*G+g`` at ``+ (h*G+g) * s_qh``), its blocks' keys at ``ROWK[r]`` of ``K`` (key
+    ``j`` at ``+ h * s_kh + j * s_kt``); ``SHORT [Hkv, R, S]`` (-1 = none) -> ``OUT [Hkv, R, S]`` fp32."""
+    i_r, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    o_g = tl.arange(0, GP)
+    o_d = tl.arange(0, D)
+    o_j = tl.arange(0, BS)
+    q_base = tl.load(ROWQ + i_r)
+    b_q = tl.load(Q + q_base + (i_h * G + o_g)[:, None] * s_qh + o_d[None, :], mask=(o_g < G)[:, None], other=0.0)
+    k_base = K + tl.load(ROWK + i_r) + i_h * s_kh
+    p_s = (i_h * R + i_r) * S
+    for s in range(S):
+        blk = tl.load(SHORT + p_s + s)
+        cols = (tl.maximum(blk, 0) * BS + o_j).to(tl.int64)
+        listed = ((o_j >= 0) & (blk >= 0)).to(tl.int32) != 0  # (a fresh boolean: the interpreter keeps some as ints)
+        b_k = tl.load(k_base + cols[:, None] * s_kt + o_d[None, :], mask=listed[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        else:
+            sc = tl.dot(b_q, tl.trans(b_k))
+        sc = tl.where((o_g < G)[:, None], sc, float("-inf"))
+        best = tl.max(tl.max(sc, 1), 0)
+        tl.store(OUT + p_s + s, tl.where(blk >= 0, best, float("-inf")))
+
+
+def exact_scores_triton(q, q_rows, k, k_rows, short, group: int, block_size: int) -> torch.Tensor:
+    """``[Hkv, R, S]`` fp32 exact scores of the shortlisted blocks ``short [Hkv, R, S]`` (-1 = none -> -inf).
+
+    ``q``: a tensor whose query of head ``hq`` for row ``r`` starts at element ``q_rows[r] + hq * q.stride(-3)``
+    (unit stride along the head dim); ``k``: ``[..., Hkv, T, D]`` keys, row ``r``'s block ``b`` at columns
+    ``k_rows[r] / k.stride(-2) + b * block_size + j`` (``k_rows`` are element offsets)."""
+    hkv, r, s = short.shape
+    d = q.shape[-1]
+    out = empty(hkv, r, s, dtype=torch.float32, device=q.device)
+    if r == 0 or s == 0:
+        return out
+    _exact_scores_kernel[(r, hkv)](
+        q, k, q_rows, k_rows, short.to(torch.int32).contiguous(), out, q.stride(-3), k.stride(-3), k.stride(-2), r,
+        S=s, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size, IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    return out
