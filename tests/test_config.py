@@ -54,3 +54,17 @@ def test_keys_per_query_matches_spec_budget():
     cfg = SparseXConfig()
     assert cfg.keys_per_query(1 << 20) == 64 + 4096 + (1 << 20) // 256 + 1 + 512
     assert cfg.keys_per_query(1000) == 1000
+
+
+def test_rerank_is_validated_and_the_retrieval_preset_turns_it_on():
+    assert SparseXConfig().rerank == 0
+    assert SparseXConfig.preset("retrieval").rerank == 2
+    assert SparseXConfig.preset("retrieval", window=128).window == 128
+    assert SparseXConfig.preset("default") == SparseXConfig()
+    for bad in (-1, 17, 1.5, True):
+        with pytest.raises(ValueError, match="rerank"):
+            SparseXConfig(rerank=bad)
+    with pytest.raises(ValueError, match="hybrid"):
+        SparseXConfig(rerank=2, score="hybrid")
+    with pytest.raises(ValueError, match="presets are"):
+        SparseXConfig.preset("fast")

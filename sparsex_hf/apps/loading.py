@@ -106,6 +106,7 @@ SPARSEX_FLAGS = (
     ("select-tile", int, "query positions sharing one selection"),
     ("select-query", str, "'mean' or 'each' (how a tile scores)"),
     ("score", str, "'minmax', 'mean' or 'hybrid'"),
+    ("rerank", int, "two-stage selection: exact scores rank the rerank*topk best blocks (0: off)"),
     ("backend", str, "'auto', 'torch' or 'triton'"),
 )
 
