@@ -28,7 +28,7 @@ from torch import empty, empty_like  # module-level names: tests poison them (Na
 from ...config import SparseXConfig
 from .common import rerank_blocks, resolve_mix_weights
 from .decode import decode_positions, decode_select
-from .select import exact_scores_triton
+from .select import exact_scores_triton, merge_topk
 
 
 @triton.jit
@@ -316,16 +316,7 @@ def _decode_select_kernel(
         if HAS_SW:
             ok &= b_end[None, :] > (pos - sliding)[:, None]
         best = tl.where(ok, best, float("-inf"))
-        for _ in tl.static_range(K):
-            c_v = tl.max(best, 1)
-            c_i = tl.argmax(best, 1)
-            cur_min = tl.min(top_v, 1)
-            slot = tl.argmin(top_v, 1)
-            take = c_v > cur_min
-            hit = take[:, None] & (o_k[None, :] == slot[:, None])
-            top_v = tl.where(hit, c_v[:, None], top_v)
-            top_i = tl.where(hit, (b0 + c_i).to(tl.int32)[:, None], top_i)
-            best = tl.where(tl.arange(0, BNB)[None, :] == c_i[:, None], float("-inf"), best)
+        top_v, top_i = merge_topk(top_v, top_i, best, b0, o_k, K, BNB)
     top_v = tl.where(o_k[None, :] < K, top_v, float("-inf"))
     # candidates laid out [B*Hkv, TQP, NSPLIT * KP2] for the merge
     p_c = i_bh.to(tl.int64) * TQP * NSPLIT * KP2 + o_t[:, None] * NSPLIT * KP2 + i_s * KP2 + o_k[None, :]

@@ -41,6 +41,24 @@ class SelectParams(NamedTuple):
 
 
 @triton.jit
+def merge_topk(top_v, top_i, best, b0, o_k, K: tl.constexpr, BNB: tl.constexpr):
+    """Merge a chunk of block scores ``best [rows, BNB]`` (blocks ``b0 + j``) into each row's running top-K
+    ``(top_v, top_i) [rows, KP2]``: K rounds of "take the chunk's best, replace the current minimum if strictly
+    greater". Chunks visited in increasing block order thus keep the lower block index on ties."""
+    for _ in tl.static_range(K):
+        c_v = tl.max(best, 1)
+        c_i = tl.argmax(best, 1)
+        cur_min = tl.min(top_v, 1)
+        slot = tl.argmin(top_v, 1)
+        take = c_v > cur_min
+        hit = take[:, None] & (o_k[None, :] == slot[:, None])
+        top_v = tl.where(hit, c_v[:, None], top_v)
+        top_i = tl.where(hit, (b0 + c_i).to(tl.int32)[:, None], top_i)
+        best = tl.where(tl.arange(0, BNB)[None, :] == c_i[:, None], float("-inf"), best)
+    return top_v, top_i
+
+
+@triton.jit
 def _block_topk_kernel(
     Q, KA, KB, PF, PL, EXCL, VAL, IDX,
     s_qh, s_qr, s_kh, s_kb, s_vh, s_vr, s_eh, s_er,
@@ -103,17 +121,7 @@ def _block_topk_kernel(
             ex = tl.load(EXCL + i_kh * s_eh + o_out * s_er + e, mask=m_out, other=-1)
             ok &= o_b[None, :] != ex[:, None]
         best = tl.where(ok, best, float("-inf"))
-        # merge: K rounds of "take the chunk's best, replace the current minimum if strictly greater"
-        for _ in tl.static_range(K):
-            c_v = tl.max(best, 1)
-            c_i = tl.argmax(best, 1)
-            cur_min = tl.min(top_v, 1)
-            slot = tl.argmin(top_v, 1)
-            take = c_v > cur_min
-            hit = take[:, None] & (o_k[None, :] == slot[:, None])
-            top_v = tl.where(hit, c_v[:, None], top_v)
-            top_i = tl.where(hit, (b0 + c_i).to(tl.int32)[:, None], top_i)
-            best = tl.where(tl.arange(0, BNB)[None, :] == c_i[:, None], float("-inf"), best)
+        top_v, top_i = merge_topk(top_v, top_i, best, b0, o_k, K, BNB)
     top_i = tl.where(top_v > float("-inf"), top_i, -1)
     m_st = m_out[:, None] & (o_k[None, :] < K)
     tl.store(VAL + i_kh * s_vh + o_out[:, None] * s_vr + o_k[None, :], top_v, mask=m_st)
