@@ -34,6 +34,8 @@ VARIANTS = {
     "tile64 each minmax": dict(select_tile=64, select_query="each", score="minmax"),
     "tile64 mean-query mean": dict(select_tile=64, select_query="mean", score="mean"),
     "no top-k": dict(topk=0),
+    "two-stage x2": dict(rerank=2),
+    "two-stage x4": dict(rerank=4),
 }
 
 

@@ -8,6 +8,7 @@ reference (the executable form of ``docs/spec.md``, and the CPU backend); the Tr
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +43,7 @@ def log_once(message: str) -> None:
 
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEADS = 1024  # more heads than any model has: a [B, T, H, D] tensor passed by mistake
 TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -84,6 +86,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
     bsz, hq, tq, d = q.shape
+    if hq > MAX_HEADS:
+        raise ValueError(f"q has {hq} heads (dim 1): did you pass [batch, seq, heads, head_dim]? Sparse-X takes "
+                         "[batch, heads, seq, head_dim] (use .transpose(1, 2)).")
     if k.shape[0] != bsz or k.shape[3] != d:
         raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head_dim.")
     hkv, tk = k.shape[1], k.shape[2]
@@ -149,8 +154,13 @@ def sparsex_attention(
         raise ValueError("cu_seqlens_q needs cu_seqlens (the key boundaries) as well.")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}.")
+    if q.numel() == 0:  # no batch rows, no queries or zero-width heads: nothing to attend
+        out = q.new_zeros(q.shape)
+        return (out, _empty_stats(q, k, cfg)) if return_stats else out
     if not cfg.respect_sliding_window:
         sliding_window = None
     dense = layer_idx is not None and layer_idx in cfg.dense_layers
@@ -169,6 +179,13 @@ def sparsex_attention(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,
         sliding_window=sliding_window, dense=dense, mix_weights=mix_weights, return_stats=return_stats,
     )
+
+
+def _empty_stats(q: torch.Tensor, k: torch.Tensor, cfg: SparseXConfig) -> SparseXStats:
+    bsz, hq, tq, _ = q.shape
+    nan = torch.full((bsz, hq, tq), math.nan, device=q.device)
+    return SparseXStats(torch.full((bsz, k.shape[1], tq, cfg.topk), -1, dtype=torch.long, device=q.device), nan,
+                        nan.clone(), torch.zeros(bsz, tq, dtype=torch.bool, device=q.device))
 
 
 def sparsex_decode_attention(

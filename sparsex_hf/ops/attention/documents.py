@@ -77,6 +77,13 @@ def check_layout_args(batch_size, k_len, attention_mask, cu_seqlens_k) -> None:
             f"attention_mask must be a 2-D padding mask [batch, kv_len] = [{batch_size}, {k_len}], "
             f"got shape {tuple(attention_mask.shape)}. Sparse-X handles causality itself; 4-D masks are not supported."
         )
+    if attention_mask is not None and attention_mask.is_floating_point() and attention_mask.numel():
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(
+                "attention_mask must be a padding mask with 1/True for a real token and 0/False for padding; it holds "
+                "other values (an additive mask with 0 = keep and -inf or a large negative number = pad?). Pass "
+                "(additive_mask == 0) instead."
+            )
 
 
 def split_documents(

@@ -254,6 +254,9 @@ def tile_union(sel: torch.Tensor, layout: KernelLayout, window: int, block_size:
     n_tiles, hkv, topk = tiles.shape[0], sel.shape[1], sel.shape[3]
     bm = layout.block_m
     per_tile = topk * max(1, -(-bm // select_tile))
+    if n_tiles == 0 or topk == 0:  # no query row belongs to a document (all padding), or no top-k
+        zeros = torch.zeros(n_tiles, hkv, 0, dtype=torch.int32, device=sel.device)
+        return zeros, torch.zeros(n_tiles, hkv, dtype=torch.int32, device=sel.device)
     if select_tile >= bm:  # one selection for the whole kernel tile: its first row says it
         rows = tiles[:, 1:2]
     else:
