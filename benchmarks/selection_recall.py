@@ -1,4 +1,4 @@
-"""Attention-mass recall of selection variants on a real pretrained model (SPEC 'Quality').
+"""Attention-mass recall of selection variants on a real pretrained model (docs/spec.md, 'Quality').
 
 For every layer and head, the reference's fidelity stats give the share of the dense softmax mass that
 Sparse-X keeps (and the oracle's, with the best possible top-k blocks). Inputs are real text available
@@ -75,7 +75,7 @@ def main():
         with torch.no_grad(), override_attention_op(recording):
             for ids in inputs.values():
                 model(ids, logits_to_keep=1)
-        # per layer means, then over layers (SPEC: mean over layers and inputs; p5 over layer means)
+        # per layer means, then over layers (docs/spec.md: mean over layers and inputs; p5 over layer means)
         n_layers = model.config.num_hidden_layers
         per_layer = torch.stack([torch.cat([kept[i * n_layers + i_l][0] for i in range(len(inputs))]).mean() for i_l in range(n_layers)])
         oracle = torch.stack([torch.cat([kept[i * n_layers + i_l][1] for i in range(len(inputs))]).mean() for i_l in range(n_layers)])

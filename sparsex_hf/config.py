@@ -27,7 +27,7 @@ def _is_power_of_two(x: int) -> bool:
 
 @dataclass(frozen=True)
 class SparseXConfig:
-    """Hyper-parameters of Sparse-X attention (see SPEC.md for the exact semantics).
+    """Hyper-parameters of Sparse-X attention (see docs/spec.md for the exact semantics).
 
     Args:
         block_size: tokens per key block used by top-k selection; a power of two in [1, 4096].
@@ -186,7 +186,7 @@ class SparseXConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
     def keys_per_query(self, num_keys: int) -> int:
-        """Upper bound on the keys one query at position ``num_keys - 1`` attends (SPEC 'Complexity')."""
+        """Upper bound on the keys one query at position ``num_keys - 1`` attends (docs/spec.md, 'Complexity')."""
         stride_keys = num_keys // self.stride + 1 if self.stride else 0
         budget = self.sink_tokens + self.window + stride_keys + self.topk * self.block_size
         return min(num_keys, budget)

@@ -50,7 +50,7 @@ def test_unknown_field_is_rejected_with_the_allowed_list():
 
 
 def test_keys_per_query_matches_spec_budget():
-    # SPEC 'Complexity': window + T/stride + topk*B + sink at 1M tokens is about 8.7K keys
+    # docs/spec.md, 'Complexity': window + T/stride + topk*B + sink at 1M tokens is about 8.7K keys
     cfg = SparseXConfig()
     assert cfg.keys_per_query(1 << 20) == 64 + 4096 + (1 << 20) // 256 + 1 + 512
     assert cfg.keys_per_query(1000) == 1000

@@ -8,7 +8,7 @@ from sparsex_hf import SparseXConfig
 
 
 def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: SparseXConfig, sliding_window=None, tile_positions=None):
-    """S(i) built literally from SPEC.md for one query at position ``p`` of a document with ``n`` keys.
+    """S(i) built literally from docs/spec.md for one query at position ``p`` of a document with ``n`` keys.
 
     k: ``[n, D]`` keys of one KV head; qg: ``[G, D]`` the group's queries (selection is shared).
     Returns (sorted list of key positions, list of the selected blocks).

@@ -1,4 +1,4 @@
-"""The PyTorch reference against the SPEC, written out independently in tests/utils.py."""
+"""The PyTorch reference against docs/spec.md, written out independently in tests/utils.py."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Fidelity of Sparse-X against dense attention inside the same model on the same input (SPEC 'Quality').
+"""Fidelity of Sparse-X against dense attention inside the same model on the same input (docs/spec.md, 'Quality').
 
 Per layer, over the queries whose window does not already cover every key (position >= window):
 

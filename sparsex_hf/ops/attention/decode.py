@@ -8,7 +8,7 @@ row ``b``'s sequence starting at column ``offsets[b]`` (its left padding), and t
 Selection scores the cached block summaries (no key is read), per query (a decode step has no later
 queries to share a selection tile with) and shared by the GQA group, as ``naive.select_blocks`` does with
 ``select_tile=1``. The attention stage reads only the attended keys: sink, window, the stride keys below
-the window and the selected blocks below the window, four disjoint sets whose union is SPEC's ``S(i)``.
+the window and the selected blocks below the window, four disjoint sets whose union is the spec's ``S(i)`` (docs/spec.md).
 
 Two implementations of the attention stage: ``backend="torch"`` gathers the attended keys (any device;
 the offloaded cache gathers on the CPU and copies only those keys to the GPU) and ``backend="triton"``

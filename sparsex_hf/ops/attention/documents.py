@@ -1,6 +1,6 @@
 """Where each sequence ("document") of a batch lives, and the position of every token in it.
 
-SPEC: positions count from a sequence's first real token. With a 2-D padding mask, pads are not
+docs/spec.md: positions count from a sequence's first real token. With a 2-D padding mask, pads are not
 counted; with packed sequences (``cu_seqlens``) each document starts at position 0. This module turns
 those layouts into a list of :class:`Document`, each one a plain causal sequence.
 """

@@ -2,7 +2,7 @@
 
 One program handles one query tile (``BM`` positions of one document) of one query head; programs are
 ordered head-fastest so the ``G`` heads of a KV head read the same keys from L2. The key set of the tile
-is visited in four disjoint loops feeding one online softmax (SPEC 'union'):
+is visited in four disjoint loops feeding one online softmax (docs/spec.md, 'union'):
 
   B  sink keys below the window range              (all rows)
   C  stride keys below the window range            (all rows; strided row loads)
