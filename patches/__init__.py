@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["MODEL_TABLE", "SUPPORTED_MODEL_TYPES", "ModelSpec", "attention_class", "check_model_type"]
+__all__ = ["MODEL_TABLE", "SUPPORTED_MODEL_TYPES", "ModelSpec", "attention_class", "check_model_type", "model_class"]
 
 
 @dataclass(frozen=True)
@@ -23,20 +23,24 @@ class ModelSpec:
         model_type: ``config.model_type``.
         attention_module: the module holding the attention class (``transformers.models.<x>.modeling_<x>``).
         attention_class: the attention class's name; its ``forward`` is wrapped to lend the attention the cache.
+        model_class: the decoder stack's class (below the LM head); its ``forward`` is wrapped to give a left-padded
+            batch without ``position_ids`` the positions ``generate()`` gives it (counted from each row's first
+            real token), so that such a row gets the same result as alone.
     """
 
     model_type: str
     attention_module: str
     attention_class: str
+    model_class: str
 
 
 MODEL_TABLE: dict[str, ModelSpec] = {
     spec.model_type: spec
     for spec in (
-        ModelSpec("llama", "transformers.models.llama.modeling_llama", "LlamaAttention"),
+        ModelSpec("llama", "transformers.models.llama.modeling_llama", "LlamaAttention", "LlamaModel"),
         # Mistral passes config.sliding_window (4096 by default; None from v0.2) to the attention function as
         # the `sliding_window` kwarg, which Sparse-X honours (SparseXConfig.respect_sliding_window)
-        ModelSpec("mistral", "transformers.models.mistral.modeling_mistral", "MistralAttention"),
+        ModelSpec("mistral", "transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralModel"),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(MODEL_TABLE))
@@ -57,3 +61,9 @@ def attention_class(model_type: str) -> type:
     """The Transformers attention class of ``model_type`` (its module imported on demand)."""
     spec = check_model_type(model_type)
     return getattr(importlib.import_module(spec.attention_module), spec.attention_class)
+
+
+def model_class(model_type: str) -> type:
+    """The Transformers decoder-stack class of ``model_type`` (its module imported on demand)."""
+    spec = check_model_type(model_type)
+    return getattr(importlib.import_module(spec.attention_module), spec.model_class)

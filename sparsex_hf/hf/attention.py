@@ -26,7 +26,7 @@ from ..ops.attention import (
     sparsex_decode_attention,
 )
 from ..patches import check_model_type
-from .wrap import ATTN_NAME, wrap_loaded_classes
+from .wrap import ATTN_NAME, install, wrap_loaded_classes
 
 __all__ = [
     "ATTN_NAME",
@@ -177,6 +177,8 @@ def sparsex_mask(
 
 
 def register() -> None:
-    """Register ``"sparsex"`` with Transformers' attention and mask registries (idempotent)."""
+    """Register ``"sparsex"`` with Transformers' attention and mask registries, and wrap the supported model
+    classes when their modules are imported (idempotent)."""
     AttentionInterface.register(ATTN_NAME, sparsex_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, sparsex_mask)
+    install()

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..config import SparseXConfig
 from ..patches import check_model_type
 from .attention import TYPE_DEFAULTS, get_sparsex_config
-from .wrap import ATTN_NAME, is_wrapped, unwrap_class, wrap_class
+from .wrap import ATTN_NAME, unwrap_class, wrap_class
 
 __all__ = ["apply_sparsex", "from_pretrained", "revert_sparsex", "set_sparsex_config"]
 
@@ -82,7 +82,6 @@ def apply_sparsex(model_or_model_type, **config: Any):
     if not hasattr(model, "_sparsex_saved"):
         gen = getattr(model, "generation_config", None)
         model._sparsex_saved = {
-            "class_wrapped": is_wrapped(model_type),
             "attn": model.config._attn_implementation,
             "sparsex": getattr(model.config, "sparsex", None),
             "has_sparsex": hasattr(model.config, "sparsex"),
@@ -99,11 +98,11 @@ def apply_sparsex(model_or_model_type, **config: Any):
 def revert_sparsex(model_or_model_type) -> None:
     """Undo :func:`apply_sparsex` exactly.
 
-    ``revert_sparsex("llama")``: the attention class gets its original ``forward`` back (the function object
-    itself) and is no longer wrapped automatically; models of that type in ``"sparsex"`` mode then decode by the
-    general path, which reads every key, until the class is wrapped again. ``revert_sparsex(model)``: the model
-    gets back its attention implementation, config and generation config, and the class is unwrapped if that
-    ``apply_sparsex`` call wrapped it (it stays wrapped automatically at the next ``"sparsex"`` forward)."""
+    ``revert_sparsex("llama")``: the attention and decoder-stack classes get their original ``forward`` back (the
+    function objects themselves) and are no longer wrapped automatically; models of that type in ``"sparsex"`` mode
+    then decode by the general path, which reads every key, until the classes are wrapped again.
+    ``revert_sparsex(model)``: the model gets back its attention implementation, config and generation config (the
+    classes stay wrapped: the wrappers step aside for every attention but ``"sparsex"``)."""
     if isinstance(model_or_model_type, str):
         unwrap_class(model_or_model_type)
         TYPE_DEFAULTS.pop(model_or_model_type, None)
@@ -112,8 +111,6 @@ def revert_sparsex(model_or_model_type) -> None:
     saved = getattr(model, "_sparsex_saved", None)
     if saved is None:
         return
-    if not saved["class_wrapped"]:
-        unwrap_class(model.config.model_type, keep_auto=True)
     if saved["has_sparsex"]:
         model.config.sparsex = saved["sparsex"]
     elif hasattr(model.config, "sparsex"):

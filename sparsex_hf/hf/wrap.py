@@ -1,4 +1,4 @@
-"""Lending the KV cache to the attention: the one patch Sparse-X makes to a model class.
+"""Lending the KV cache to the attention, and positions to a left-padded batch: the patches Sparse-X makes.
 
 Transformers' attention registry hands the attention function the keys and values but not the cache, which
 holds what a decode step needs (the block summaries, each row's left padding). So the ``forward`` of each
@@ -8,24 +8,28 @@ the attention function for that call (``module._sparsex_layer``). For any other 
 original at once. No model forward is copied and no private Transformers helper is touched; gradient
 checkpointing is unaffected (only the attention forward is wrapped).
 
-Classes are wrapped lazily, so that ``import sparsex_hf`` does not import any model module: by
-:func:`wrap_loaded_classes`, which the ``"sparsex"`` mask function calls at the start of every forward (a set
-lookup once all are wrapped), and by ``apply_sparsex`` / ``sparsex_hf.from_pretrained``.
+Classes are wrapped when their modeling module is imported, so that ``import sparsex_hf`` imports no model module
+and a model is wrapped before its first forward: ``install()`` (run by ``import sparsex_hf``) wraps the modules
+already imported and puts a finder on ``sys.meta_path`` that wraps a supported model's module right after it
+executes. The ``"sparsex"`` mask function calls :func:`wrap_loaded_classes` as a fallback (a set lookup once all
+are wrapped).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
 import sys
 
 import torch
 
-from ..patches import MODEL_TABLE, attention_class, check_model_type
+from ..patches import MODEL_TABLE, attention_class, check_model_type, model_class
 from .cache import upgrade_layer
 
 ATTN_NAME = "sparsex"
 
-__all__ = ["ATTN_NAME", "is_wrapped", "unwrap_class", "wrap_class", "wrap_loaded_classes"]
+__all__ = ["ATTN_NAME", "install", "is_wrapped", "unwrap_class", "wrap_class", "wrap_loaded_classes"]
 
 # model types wrapped automatically once their modeling module is loaded; revert_sparsex("llama") removes one
 _AUTO: set[str] = set(MODEL_TABLE)
@@ -54,15 +58,46 @@ def _wrap_forward(original):
     return forward
 
 
+def _wrap_model_forward(original):
+    """The decoder stack's ``forward``: for a ``"sparsex"`` model called with a 2-D padding mask and no
+    ``position_ids``, the positions count from each row's first real token, as ``generate()`` makes them (RoPE is
+    relative, so dense attention gives the same logits either way; Sparse-X's block summaries of rotated keys
+    are not shift-invariant, so a left-padded row would otherwise differ from the same row alone)."""
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if (getattr(self.config, "_attn_implementation", None) == ATTN_NAME and kwargs.get("position_ids") is None
+                and len(args) <= 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            hidden = kwargs.get("inputs_embeds")
+            ids = args[0] if args else kwargs.get("input_ids")
+            q_len = (ids if ids is not None else hidden).shape[1]
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        return original(self, *args, **kwargs)
+
+    forward.__sparsex_original__ = original
+    return forward
+
+
+def _wrap(cls, wrapper) -> None:
+    if not hasattr(cls.forward, "__sparsex_original__"):
+        cls.forward = wrapper(cls.forward)
+
+
+def _unwrap(cls) -> None:
+    original = getattr(cls.forward, "__sparsex_original__", None)
+    if original is not None:
+        cls.forward = original
+
+
 def is_wrapped(model_type: str) -> bool:
     return hasattr(attention_class(model_type).forward, "__sparsex_original__")
 
 
 def wrap_class(model_type: str) -> None:
-    """Wrap the attention class of ``model_type`` (idempotent); imports its modeling module."""
-    cls = attention_class(model_type)
-    if not hasattr(cls.forward, "__sparsex_original__"):
-        cls.forward = _wrap_forward(cls.forward)
+    """Wrap the attention and decoder-stack classes of ``model_type`` (idempotent); imports its modeling module."""
+    _wrap(attention_class(model_type), _wrap_forward)
+    _wrap(model_class(model_type), _wrap_model_forward)
     _DONE.add(model_type)
     _AUTO.add(model_type)
 
@@ -74,10 +109,48 @@ def unwrap_class(model_type: str, keep_auto: bool = False) -> None:
     if not keep_auto:
         _AUTO.discard(model_type)
     _DONE.discard(model_type)
-    cls = attention_class(model_type)
-    original = getattr(cls.forward, "__sparsex_original__", None)
-    if original is not None:
-        cls.forward = original
+    _unwrap(attention_class(model_type))
+    _unwrap(model_class(model_type))
+
+
+class _Loader(importlib.abc.Loader):
+    """The modeling module's own loader, then the wrapping of its classes."""
+
+    def __init__(self, loader, model_type: str):
+        self.loader, self.model_type = loader, model_type
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        if self.model_type in _AUTO:
+            spec = MODEL_TABLE[self.model_type]
+            _wrap(getattr(module, spec.attention_class), _wrap_forward)
+            _wrap(getattr(module, spec.model_class), _wrap_model_forward)
+            _DONE.add(self.model_type)
+
+
+class _WrapOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for a supported model's modeling module it returns the regular spec with a loader
+    that wraps the module's classes after executing it."""
+
+    def find_spec(self, fullname, path, target=None):
+        model_type = next((t for t, s in MODEL_TABLE.items() if s.attention_module == fullname), None)
+        if model_type is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _Loader(spec.loader, model_type)
+        return spec
+
+
+def install() -> None:
+    """Wrap the supported modeling modules already imported, and those imported later (idempotent)."""
+    if not any(isinstance(f, _WrapOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WrapOnImport())
+    wrap_loaded_classes()
 
 
 def wrap_loaded_classes() -> None:

@@ -113,6 +113,27 @@ def test_positions_count_from_first_real_token(model_type):
         torch.testing.assert_close(p[0, 400:], alone_b[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_left_padded_batch_without_positions_equals_each_row_alone(model_type):
+    """A plain forward (no position_ids) and generate() of a left-padded batch give each row what it gets alone:
+    the positions count from each row's first real token, as generate() makes them."""
+    _, sparse = model_pair(model_type)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL)
+    gen = torch.Generator().manual_seed(3)
+    long, short = torch.randint(3, 256, (1, 400), generator=gen), torch.randint(3, 256, (1, 310), generator=gen)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 90, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :90] = 0
+    with torch.no_grad():
+        batched = sparse(ids, attention_mask=mask).logits
+        alone_long, alone_short = sparse(long).logits, sparse(short).logits
+    torch.testing.assert_close(batched[0], alone_long[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1, 90:], alone_short[0], atol=1e-5, rtol=1e-5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = sparse.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(out[1, 90:], sparse.generate(short, **kw)[0])
+
+
 def test_config_is_read_at_each_forward():
     _, sparse = model_pair("llama")
     ids = torch.randint(3, 256, (1, 700))

@@ -163,23 +163,24 @@ def test_apply_and_revert_on_an_instance():
     assert model.generation_config.prefill_chunk_size == chunk_before
 
 
-def test_classes_are_wrapped_at_the_first_sparsex_forward():
+def test_classes_unwrapped_by_hand_are_wrapped_again_at_the_next_sparsex_forward():
     from sparsex_hf.hf.wrap import is_wrapped, unwrap_class
 
     unwrap_class("mistral", keep_auto=True)
     assert not is_wrapped("mistral")
     model = tiny_model("mistral", "sparsex")
-    assert not is_wrapped("mistral")  # building the model wraps nothing
     model(torch.randint(3, 256, (1, 20)))
     assert is_wrapped("mistral")
 
 
 @pytest.mark.slow
-def test_import_loads_no_model_module():
+def test_import_loads_no_model_module_and_wraps_one_when_it_is_imported():
     code = ("import sys, sparsex_hf; "
-            "print([m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]", out
+            "print([m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m]); "
+            "from transformers.models.llama import modeling_llama as m; "
+            "print(hasattr(m.LlamaAttention.forward, '__sparsex_original__'), hasattr(m.LlamaModel.forward, '__sparsex_original__'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0].strip() == "[]" and out[1].strip() == "True True", out
 
 
 def test_apply_refuses_other_model_types():
