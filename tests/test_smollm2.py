@@ -60,3 +60,14 @@ def test_sparse_budget_retrieves_passkey_at_1k(smollm2):
     with torch.no_grad():
         blind = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.eos_token_id)
     assert key not in tok.decode(blind[0, ids.shape[1]:])
+
+
+def test_a_gguf_loaded_model_saves_with_the_helper_and_reloads_with_its_config(smollm2, tmp_path):
+    tok, model = smollm2
+    sparsex_hf.set_sparsex_config(model, window=256, topk=4)
+    sparsex_hf.save_pretrained(model, tmp_path / "saved")
+    again = sparsex_hf.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert sparsex_hf.get_sparsex_config(again) == sparsex_hf.get_sparsex_config(model)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)

@@ -71,7 +71,10 @@ def load_documents(files: list[str], tokenizer, text_field: str = "text") -> lis
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     for kind, paths in by_kind.items():
         kw = {"sample_by": "document"} if kind == "text" else {}
-        ds = load_dataset(kind, data_files=paths, split="train", **kw)
+        try:
+            ds = load_dataset(kind, data_files=paths, split="train", **kw)
+        except StopIteration:  # what `datasets` raises for an empty JSON / JSONL file
+            raise ValueError(f"--data {paths}: no documents (an empty file?)") from None
         if "input_ids" in ds.column_names:
             rows = [list(map(int, x)) for x in ds["input_ids"]]
         else:
@@ -82,6 +85,8 @@ def load_documents(files: list[str], tokenizer, text_field: str = "text") -> lis
                 raise ValueError("the data are text but the model has no tokenizer; pass --tokenizer or pre-tokenized input_ids")
             rows = [tokenizer(t, add_special_tokens=False).input_ids for t in ds[column] if t]
         docs += [r + ([eos] if eos is not None else []) for r in rows if r]
+    if not docs:
+        raise ValueError(f"--data {files}: no documents (the files are empty)")
     return docs
 
 
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="stop (and save everything) after the first step that ends past this wall time (0: off)")
     ap.add_argument("--no-progress", action="store_true")
-    add_sparsex_arguments(ap, "--sparsex-config")
+    add_sparsex_arguments(ap)
     return ap
 
 
@@ -354,8 +359,9 @@ def train(args) -> dict:
     eval's metrics."""
     acc = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if _use_bf16(args) else "no")
     set_seed(args.seed)
+    s = setup(args, device=acc.device)  # bad input fails here, before the output folder exists
     os.makedirs(args.output_dir, exist_ok=True)
-    run = _Run(args, acc, setup(args, device=acc.device))
+    run = _Run(args, acc, s)
     run.model.train()
     bar = tqdm(total=args.max_steps, initial=run.start, disable=args.no_progress or not acc.is_main_process,
                desc="train", dynamic_ncols=True)
@@ -410,6 +416,8 @@ def save_outputs(model, s: Setup, args) -> None:
         merged.save_pretrained(path, safe_serialization=True)
         if s.tokenizer is not None:
             s.tokenizer.save_pretrained(path)
+    print(f"saved to {args.output_dir}; a saved or merged model loads with Sparse-X only when asked: "
+          "from_pretrained(..., attn_implementation='sparsex') or sparsex_hf.from_pretrained(...)", flush=True)
 
 
 def load_extended(model: str, adapter_dir: str, *, attn_implementation: str = "sparsex", dtype=None, device=None):
@@ -428,10 +436,16 @@ def load_extended(model: str, adapter_dir: str, *, attn_implementation: str = "s
 
 
 def main(argv=None) -> int:
+    """The command: ``error: ...`` and exit status 2 for bad input (no traceback)."""
     args = build_parser().parse_args(argv)
     if args.target_length < 16:
-        raise SystemExit("--target-length must be >= 16")
-    res = train(args)
+        print("sparsex-finetune: error: --target-length must be >= 16", file=sys.stderr)
+        return 2
+    try:
+        res = train(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"sparsex-finetune: error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(res))
     return 0

@@ -111,10 +111,12 @@ SPARSEX_FLAGS = (
 )
 
 
-def add_sparsex_arguments(parser: argparse.ArgumentParser, json_flag: str = "--config") -> None:
-    """A "Sparse-X config" argument group: ``json_flag`` (a JSON object or file) and one flag per field."""
+def add_sparsex_arguments(parser: argparse.ArgumentParser, *json_flags: str) -> None:
+    """A "Sparse-X config" argument group: ``--sparsex-config`` (a JSON object or file; other names as aliases in
+    ``json_flags``) and one flag per field."""
     g = parser.add_argument_group("Sparse-X config (default: the model's stored config, else SparseXConfig())")
-    g.add_argument(json_flag, dest="sparsex_json", default=None, help="JSON object or path to a JSON file with SparseXConfig fields")
+    g.add_argument(*(json_flags or ("--sparsex-config",)), dest="sparsex_json", default=None,
+                   help="JSON object or path to a JSON file with SparseXConfig fields")
     for name, kind, text in SPARSEX_FLAGS:
         g.add_argument(f"--{name}", type=kind, default=None, help=text)
 
@@ -124,6 +126,10 @@ def sparsex_config_from_args(args, model_config=None, **forced) -> SparseXConfig
     base = get_sparsex_config(model_config) if model_config is not None else SparseXConfig()
     if args.sparsex_json:
         text = open(args.sparsex_json).read() if os.path.isfile(args.sparsex_json) else args.sparsex_json
-        base = SparseXConfig.from_any(json.loads(text))
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--sparsex-config: neither a file nor a JSON object ({e})") from e
+        base = SparseXConfig.from_any(fields)
     fields = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in SPARSEX_FLAGS}
     return base.replace(**{k: v for k, v in fields.items() if v is not None}, **forced)

@@ -11,9 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..config import SparseXConfig
 from ..patches import check_model_type
 from .attention import TYPE_DEFAULTS, get_sparsex_config
+from .training import drop_gguf_marker
 from .wrap import ATTN_NAME, unwrap_class, wrap_class
 
-__all__ = ["apply_sparsex", "from_pretrained", "revert_sparsex", "set_sparsex_config"]
+__all__ = ["apply_sparsex", "from_pretrained", "revert_sparsex", "save_pretrained", "set_sparsex_config"]
 
 
 def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | None = None, **changes: Any) -> SparseXConfig:
@@ -22,6 +23,7 @@ def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | N
     ``set_sparsex_config(model, window=1024)`` changes fields of the current config;
     ``set_sparsex_config(model, SparseXConfig(...))`` replaces it.
     """
+    check_model_type(getattr(getattr(model, "config", None), "model_type", None))
     base = get_sparsex_config(model) if config is None else SparseXConfig.from_any(config)
     cfg = base.replace(**changes) if changes else base
     model.config.sparsex = cfg.to_dict()
@@ -119,3 +121,12 @@ def revert_sparsex(model_or_model_type) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.prefill_chunk_size = saved["prefill_chunk_size"]
     del model._sparsex_saved
+
+
+def save_pretrained(model, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)`` that also works for a model loaded from a GGUF file (its
+    weights are dequantized floats, but Transformers keeps a GGUF quantizer marker that refuses to save; it is
+    dropped). The Sparse-X config is saved in ``config.json``; the saved model loads with Sparse-X when asked:
+    ``from_pretrained(dir, attn_implementation="sparsex")`` or ``sparsex_hf.from_pretrained(dir)``."""
+    drop_gguf_marker(model)
+    model.save_pretrained(save_directory, **kwargs)

@@ -221,3 +221,30 @@ def test_code_haystack_task_is_real_python(tok):
     name = s.meta["keys"][0]
     assert f"{name} = {s.answers[0]}" in s.prompt and s.prompt.count(s.answers[0]) == 1
     assert "def " in s.prompt and s.prompt.rstrip().endswith(f"The value assigned to {name} is")
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsex-eval: error:") and "no such directory" in err
+    assert main(["--merge", str(tmp_path / "a"), "--output", str(tmp_path / "m")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_different_configs_or_sample_counts(tmp_path, capsys):
+    def run(length, samples, window):
+        recs = [dict(method="sparsex", task="passkey", length=length, index=i, depth=0.5, n_tokens=length - 8,
+                     answers=["1"], output="1", score=100.0, keys_per_query=length) for i in range(samples)]
+        return dict(meta=dict(model="m", dtype="x", device="cpu", seed=0, seconds=1.0),
+                    settings=dict(tasks=["passkey"], lengths=[length], methods=["sparsex"], samples=samples, batch_size=2),
+                    configs={"sparsex": {"window": window}}, tasks={"passkey": ""}, samples=recs, ppl=[], fidelity={},
+                    summary=summarize(recs, []))
+
+    write_all(run(1024, 2, 64), str(tmp_path / "a"))
+    write_all(run(2048, 3, 64), str(tmp_path / "b"))
+    write_all(run(2048, 2, 128), str(tmp_path / "c"))
+    assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "m")]) == 2
+    assert "sample counts" in capsys.readouterr().err
+    assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--output", str(tmp_path / "m")]) == 2
+    assert "configs differ" in capsys.readouterr().err

@@ -176,3 +176,19 @@ def test_two_processes_with_torchrun(tmp_path):
     assert all(r["tokens"] == 256 for r in single)
     peft_model = finetune.load_extended(model, str(tmp_path / "ddp"), dtype=torch.float32)
     assert sum("lora_" in n for n, _ in peft_model.named_parameters()) > 0
+
+
+def test_command_errors_are_one_line_and_leave_no_output_folder(tmp_path, capsys):
+    model = _model_dir(tmp_path, "llama")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "never"
+    capsys.readouterr()  # (the progress bars of saving the model above)
+    rc = finetune.main(["--model", model, "--data", str(empty), "--target-length", "256", "--output-dir", str(out),
+                        "--max-steps", "1", "--bf16", "no", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sparsex-finetune: error:") and "no documents" in err and "Traceback" not in err
+    assert not out.exists()
+    rc = finetune.main(["--model", str(tmp_path / "nope"), "--data", str(empty), "--target-length", "256",
+                        "--output-dir", str(out), "--max-steps", "1"])
+    assert rc == 2 and "no such directory" in capsys.readouterr().err

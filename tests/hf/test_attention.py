@@ -333,3 +333,14 @@ def test_cached_decode_steps_equal_the_full_forward_with_per_query_selection(mod
             cache = out.past_key_values
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, n:], atol=1e-4, rtol=1e-4)
+
+
+def test_set_sparsex_config_refuses_an_unsupported_model_type():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ValueError, match="supported model types"):
+        sparsex_hf.set_sparsex_config(model, window=64)
+    assert not hasattr(model.config, "sparsex")

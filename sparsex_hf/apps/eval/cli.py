@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on the CPU")
-    add_sparsex_arguments(ap)
+    add_sparsex_arguments(ap, "--sparsex-config", "--config")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                     help="instead of running: merge the results.json of runs over the same model (e.g. one per length "
@@ -70,11 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def merge(dirs: list[str], output: str) -> dict:
     """One result from several runs' ``results.json`` (samples, perplexities and fidelity are concatenated)."""
-    runs = [json.load(open(os.path.join(d, "results.json"))) for d in dirs]
+    runs = []
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--merge {d!r}: no results.json there")
+        runs.append(json.load(open(path)))
     out = dict(runs[0])
     models = {r["meta"]["model"] for r in runs}
     if len(models) > 1:
         raise ValueError(f"cannot merge runs of different models: {sorted(models)}")
+    samples = {r["settings"]["samples"] for r in runs}
+    if len(samples) > 1:
+        raise ValueError(f"cannot merge runs with different sample counts per task and length: {sorted(samples)}")
+    for m in {m for r in runs for m in r["configs"] if m == "sparsex" or m.startswith("sparsex:")}:
+        seen = {json.dumps(r["configs"][m], sort_keys=True) for r in runs if m in r["configs"]}
+        if len(seen) > 1:  # (the window baselines' budgets follow each run's longest length: they may differ)
+            raise ValueError(f"cannot merge runs whose {m!r} configs differ: {sorted(seen)}")
     out["samples"] = [x for r in runs for x in r["samples"]]
     out["ppl"] = [x for r in runs for x in r["ppl"]]
     fid: dict = {}
@@ -112,8 +124,17 @@ def _variants(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, dict]:
 
 
 def main(argv=None) -> int:
+    """The command: ``error: ...`` and exit status 2 for bad input (no traceback)."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    try:
+        return _run(ap, args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"sparsex-eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(ap: argparse.ArgumentParser, args) -> int:
     if args.merge:
         print(tables(merge(args.merge, args.output)))
         return 0

@@ -103,14 +103,18 @@ def plot(results: dict, path: str) -> bool:
         return False
     s = results["summary"]["mean"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in results["settings"]["methods"]:
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":")]
+    lengths = sorted({int(n) for v in s.values() for n in v})
+    for i, m in enumerate(results["settings"]["methods"]):
         pts = sorted((int(n), v) for n, v in s.get(m, {}).items())
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=display_name(m))
+        if pts:  # distinct markers and dashes: methods with equal accuracies stay visible
+            marker, dash = styles[i % len(styles)]
+            ax.plot(*zip(*pts), marker=marker, linestyle=dash, label=display_name(m), alpha=0.85)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
     ax.set_xlabel("context tokens")
     ax.set_ylabel("mean accuracy over tasks (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-3, 103)  # points at 0 and 100 are not clipped
     ax.set_title(os.path.basename(str(results["meta"]["model"])) or "accuracy")
     ax.legend()
     fig.tight_layout()
