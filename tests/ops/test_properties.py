@@ -55,6 +55,7 @@ def test_reference_equals_the_brute_force_oracle(case):
     assert (got.permute(0, 2, 1, 3)[~rows] == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @settings(**CASES)
 @given(cases(max_t=80))
