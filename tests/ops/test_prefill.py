@@ -243,3 +243,19 @@ def test_gpu_realistic_sizes(case):
     do = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad((out * do).sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("select_tile", [1, 16])
+def test_identical_blocks_tie_to_the_lower_index_on_both_backends(select_tile):
+    """Blocks with equal summaries get equal scores, so the documented rule (equal scores: the lower block first)
+    holds: the reference and the kernels pick the lowest eligible blocks."""
+    cfg = SparseXConfig(block_size=16, sink_tokens=0, window=16, stride=0, topk=2, select_tile=select_tile)
+    g = torch.Generator().manual_seed(8)
+    k = torch.randn(1, 1, 16, 32, generator=g).repeat(1, 1, 12, 1).to(DEVICE)
+    for seed in range(5):
+        q = torch.randn(1, 2, 192, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        _, stats = sparsex_attention(q, k, k, cfg, backend="torch", return_stats=True)
+        sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
+                        cfg.score, cfg.select_tile, cfg.select_query, 0, 0)
+        assert stats.selected_blocks[0, 0, -1].tolist() == [0, 1]
+        assert torch.equal(sel.long().sort(-1).values, stats.selected_blocks.sort(-1).values)

@@ -88,6 +88,25 @@ def shared_scores(q: torch.Tensor, p: torch.Tensor | None, summaries, kind: str,
     return tile[:, inv]
 
 
+def equal_summary_scores(scores: torch.Tensor, summaries, kind: str) -> torch.Tensor:
+    """``scores [Hkv, m, nb]`` with every block whose summary equals an earlier block's (same KV head) given that
+    block's score, bit for bit: matrix products may round equal columns differently, and the tie rule (equal
+    scores: lower block first) must see them equal."""
+    kmin, kmax, kmean = summaries
+    rows = torch.cat([kmin, kmax], -1) if kind == "minmax" else kmean
+    hkv, nb, _ = rows.shape
+    if nb < 2:
+        return scores
+    head = torch.arange(hkv, device=rows.device, dtype=rows.dtype)[:, None, None].expand(hkv, nb, 1)
+    _, inv = torch.unique(torch.cat([head, rows], -1).flatten(0, 1), dim=0, return_inverse=True)
+    if int(inv.max()) + 1 == hkv * nb:  # no two blocks alike
+        return scores
+    flat = torch.arange(hkv * nb, device=rows.device)
+    first = torch.full((hkv * nb,), hkv * nb, device=rows.device, dtype=torch.long).scatter_reduce(0, inv, flat, "amin")
+    rep = (first[inv] % nb).view(hkv, 1, nb).expand_as(scores)
+    return scores.gather(-1, rep)
+
+
 def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k block indices per query: ``[Hkv, m, topk]`` (-1 where fewer blocks are eligible).
 
@@ -98,15 +117,15 @@ def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig, k
     neg = torch.tensor(-math.inf, dtype=q.dtype, device=q.device)
     if cfg.score == "hybrid":
         first = (cfg.topk + 1) // 2
-        s_mm = torch.where(eligible, shared_scores(q, p, summaries, "minmax", cfg), neg)
+        s_mm = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, "minmax", cfg), summaries, "minmax"), neg)
         sel_mm = top_blocks(s_mm, first)
-        s_mean = torch.where(eligible, shared_scores(q, p, summaries, "mean", cfg), neg)
+        s_mean = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, "mean", cfg), summaries, "mean"), neg)
         nb = s_mean.shape[-1]
         taken = torch.zeros(*s_mean.shape[:-1], nb + 1, dtype=torch.bool, device=q.device)  # column nb: empty slots
         taken.scatter_(-1, torch.where(sel_mm >= 0, sel_mm, nb), True)
         sel_mean = top_blocks(s_mean.masked_fill(taken[..., :nb], -math.inf), cfg.topk - first)
         return torch.cat([sel_mm, sel_mean], -1)
-    s = torch.where(eligible, shared_scores(q, p, summaries, cfg.score, cfg), neg)
+    s = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, cfg.score, cfg), summaries, cfg.score), neg)
     if cfg.rerank:
         if keys is None:
             raise ValueError("rerank > 0 needs the keys for the exact second stage")
