@@ -279,6 +279,14 @@ class _Run:
         # prepared scheduler advances once per process), and saved with the checkpoints
         self.model, self.opt, self.loader = acc.prepare(s.model, opt, loader)
         acc.register_for_checkpointing(self.sched)
+        # checkpoints keep the trained parameters (adapter, norms, gates) and the optimizer, not the frozen base
+        trained = {n for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad}
+
+        def keep_trained(models, weights, output_dir):
+            for i, w in enumerate(weights):
+                weights[i] = {k: v for k, v in w.items() if k in trained}
+
+        acc.register_save_state_pre_hook(keep_trained)
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self.start = self._resume() if args.resume else self._fresh()
         done = (self.start * args.grad_accum) % len(self.loader)
@@ -288,7 +296,7 @@ class _Run:
         found = _latest_checkpoint(self.args.output_dir)
         if found is None:
             raise FileNotFoundError(f"--resume: no checkpoint-N with trainer_state.json in {self.args.output_dir}")
-        self.acc.load_state(found[0])
+        self.acc.load_state(found[0], strict=False)  # the checkpoint holds the trained parameters only
         if self.acc.is_main_process:
             print(f"resuming from {found[0]} (step {found[1]})", flush=True)
             if os.path.isfile(self.metrics_path):  # drop lines written after that checkpoint

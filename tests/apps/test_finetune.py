@@ -128,6 +128,8 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     finetune.train(_args(model, data, out, "--max-steps", "5", "--save-every", "2"))
     assert sorted(os.listdir(out / "checkpoint-4")) and os.path.isdir(out / "checkpoint-5")
+    kept = load_file(str(out / "checkpoint-4" / "model.safetensors"))  # the trained parameters, not the base model
+    assert kept and all(("lora_" in k) or ("norm" in k) or ("embed_tokens" in k) for k in kept)
     full = [r for r in _metrics(out) if "loss" in r]
     want = load_file(str(out / "adapter_model.safetensors"))
     shutil.rmtree(out / "checkpoint-5")  # as if the run died after step 4's checkpoint
