@@ -26,12 +26,14 @@ class ModelSpec:
         model_class: the decoder stack's class (below the LM head); its ``forward`` is wrapped to give a left-padded
             batch without ``position_ids`` the positions ``generate()`` gives it (counted from each row's first
             real token), so that such a row gets the same result as alone.
+        lora_targets: the attention projections the fine-tuning recipe puts LoRA on by default.
     """
 
     model_type: str
     attention_module: str
     attention_class: str
     model_class: str
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 MODEL_TABLE: dict[str, ModelSpec] = {
@@ -41,6 +43,12 @@ MODEL_TABLE: dict[str, ModelSpec] = {
         # Mistral passes config.sliding_window (4096 by default; None from v0.2) to the attention function as
         # the `sliding_window` kwarg, which Sparse-X honours (SparseXConfig.respect_sliding_window)
         ModelSpec("mistral", "transformers.models.mistral.modeling_mistral", "MistralAttention", "MistralModel"),
+        # Qwen2 / Qwen2.5: biases on q/k/v; layers of type "sliding_attention" pass their window as the kwarg
+        ModelSpec("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2Attention", "Qwen2Model"),
+        # Qwen3: per-head RMSNorm on q and k, applied before the attention function
+        ModelSpec("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3Attention", "Qwen3Model"),
+        # Phi-3: fused qkv projection, split before the attention function; config.sliding_window as the kwarg
+        ModelSpec("phi3", "transformers.models.phi3.modeling_phi3", "Phi3Attention", "Phi3Model", ("qkv_proj", "o_proj")),
     )
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(MODEL_TABLE))

@@ -136,17 +136,20 @@ def random_qkv(b, hq, hkv, tq, tk, d, dtype=torch.float64, seed=0, requires_grad
 
 
 def tiny_config(model_type: str, **overrides):
-    """A tiny Llama or Mistral config (hidden 64, 2 layers, GQA 4/2)."""
-    from transformers import LlamaConfig, MistralConfig
+    """A tiny config of a supported model type (hidden 64, 2 layers, GQA 4/2, head dim 16)."""
+    from transformers import AutoConfig
 
     kw = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=32768, pad_token_id=0,
         bos_token_id=1, eos_token_id=2,
     )
+    if model_type in ("qwen2", "qwen3"):
+        kw.update(use_sliding_window=False, head_dim=16)
+    if model_type == "phi3":
+        kw.update(original_max_position_embeddings=32768)
     kw.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig}[model_type]
-    return cls(**kw)
+    return AutoConfig.for_model(model_type, **kw)
 
 
 def tiny_model(model_type: str, attn="sdpa", seed=0, **overrides):

@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     ap.add_argument("--lora-alpha", type=float, default=16, help="LoRA scaling numerator (scale = alpha / r)")
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch")
-    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma list of module names")
+    ap.add_argument("--lora-targets", default=None,
+                    help="comma list of module names (default: the model type's attention projections, e.g. "
+                         "q_proj,k_proj,v_proj,o_proj; qkv_proj,o_proj for Phi-3)")
     ap.add_argument("--trainable", default="auto",
                     help="extra fully trained modules (LongLoRA): comma list of 'embed', 'norm', or 'none'; 'auto' = "
                          "embed,norm for untied embeddings, norm only when the input embedding is tied to the output head")
@@ -174,6 +176,12 @@ def _trainable_modules(spec: str, tied: bool) -> list[str]:
     return out
 
 
+def _lora_targets(args, model_type: str) -> list[str]:
+    if args.lora_targets:
+        return [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return list(check_model_type(model_type).lora_targets)
+
+
 def _use_bf16(args) -> bool:
     return args.bf16 == "yes" or (args.bf16 == "auto" and torch.cuda.is_available())
 
@@ -219,7 +227,7 @@ def setup(args, device=None) -> Setup:
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     save = _trainable_modules(args.trainable, tied) + (["sparsex_mix"] if gates else [])
     lcfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                      target_modules=_lora_targets(args, model.config.model_type),
                       modules_to_save=save or None, task_type="CAUSAL_LM")
     return Setup(get_peft_model(model, lcfg), tok, cfg, rope, train, held, gates)
 

@@ -212,15 +212,16 @@ def test_from_pretrained_helper_sets_config_on_a_plain_checkpoint(tmp_path):
 
 
 def test_unsupported_model_type_is_refused(tmp_path):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config
 
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
+    # Gemma 2 soft-caps its attention logits, which Sparse-X does not express: out of the table
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=128)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sparsex")
-    with pytest.raises(ValueError, match=r"supported model types are \['llama', 'mistral'\]"):
+    with pytest.raises(ValueError, match=r"supported model types are \['llama', 'mistral', 'phi3', 'qwen2', 'qwen3'\]"):
         model(torch.randint(0, 128, (1, 8)))
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="qwen2"):
+    with pytest.raises(ValueError, match="gemma2"):
         sparsex_hf.from_pretrained(tmp_path)
 
 
@@ -336,10 +337,10 @@ def test_cached_decode_steps_equal_the_full_forward_with_per_query_selection(mod
 
 
 def test_set_sparsex_config_refuses_an_unsupported_model_type():
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config
 
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128)
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=128)
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(ValueError, match="supported model types"):
         sparsex_hf.set_sparsex_config(model, window=64)

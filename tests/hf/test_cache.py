@@ -184,7 +184,7 @@ def test_import_loads_no_model_module_and_wraps_one_when_it_is_imported():
 
 
 def test_apply_refuses_other_model_types():
-    with pytest.raises(ValueError, match="supported model types are \\['llama', 'mistral'\\]"):
+    with pytest.raises(ValueError, match="supported model types are \\['llama', 'mistral', 'phi3', 'qwen2', 'qwen3'\\]"):
         apply_sparsex("gpt2")
 
 
