@@ -72,7 +72,7 @@ def test_sparse_decode_steps_equal_the_reference_on_the_whole_sequence(model_typ
     torch.testing.assert_close(steps, full[:, 299:-1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", sparsex_hf.SUPPORTED_MODEL_TYPES)
 def test_chunked_prefill_equals_one_pass(model_type):
     _, sparse = model_pair(model_type)
     sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL)  # select_tile 64: chunks are multiples of 64
