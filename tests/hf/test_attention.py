@@ -6,28 +6,20 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from utils import SPARSE_SMALL, brute_force, model_pair
+from utils import SPARSE_SMALL, brute_force, left_padded, model_pair
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig
 from sparsex_hf.hf import attention as attention_mod
 
 MODEL_TYPES = ["llama", "mistral"]
+ALL_TYPES = list(sparsex_hf.SUPPORTED_MODEL_TYPES)  # the checks every supported family gets
 
 
-def _left_padded(batch=2, length=150, pad=23, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (batch, length), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :pad] = 0
-    ids[0, :pad] = 0
-    return ids, mask
-
-
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_full_budget_logits_match_sdpa(model_type):
     dense, sparse = model_pair(model_type)
-    ids, mask = _left_padded()
+    ids, mask = left_padded()
     with torch.no_grad():
         a = dense(ids, attention_mask=mask).logits
         b = sparse(ids, attention_mask=mask).logits
@@ -38,7 +30,7 @@ def test_full_budget_logits_match_sdpa(model_type):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_greedy_generate_matches_sdpa_left_padded(model_type):
     dense, sparse = model_pair(model_type)
-    ids, mask = _left_padded(length=60, pad=11)
+    ids, mask = left_padded(length=60, pad=11)
     kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     assert torch.equal(dense.generate(ids, **kw), sparse.generate(ids, **kw))
 
@@ -113,7 +105,7 @@ def test_positions_count_from_first_real_token(model_type):
         torch.testing.assert_close(p[0, 400:], alone_b[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_left_padded_batch_without_positions_equals_each_row_alone(model_type):
     """A plain forward (no position_ids) and generate() of a left-padded batch give each row what it gets alone:
     the positions count from each row's first real token, as generate() makes them."""
@@ -294,7 +286,7 @@ def test_no_quadratic_tensor_at_8k(monkeypatch):
 def test_full_budget_logits_match_sdpa_on_gpu(model_type):
     dense, sparse = model_pair(model_type)
     dense, sparse = dense.cuda(), sparse.cuda()
-    ids, mask = _left_padded(length=300, pad=41)
+    ids, mask = left_padded(length=300, pad=41)
     ids, mask = ids.cuda(), mask.cuda()
     with torch.no_grad():
         a = dense(ids, attention_mask=mask).logits
@@ -318,7 +310,7 @@ def test_torch_compile_model_on_gpu():
     assert (eager - full).abs().max() > 1e-3  # the Triton path really is sparse here
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_cached_decode_steps_equal_the_full_forward_with_per_query_selection(model_type):
     _, sparse = model_pair(model_type)
     sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
@@ -334,6 +326,9 @@ def test_cached_decode_steps_equal_the_full_forward_with_per_query_selection(mod
             cache = out.past_key_values
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, n:], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert (full - model_pair(model_type)[0](ids).logits).abs().max() > 1e-3  # the budget is sparse
+    assert type(cache.layers[0]).__name__ == "SparseXLayer"
 
 
 def test_set_sparsex_config_refuses_an_unsupported_model_type():

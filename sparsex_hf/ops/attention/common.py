@@ -8,6 +8,7 @@ the lower block), and the ``mix`` branch weights. The reference (``naive.py``), 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "exact_block_scores",
     "max_block_logits",
     "rerank_blocks",
+    "shortlist_config",
     "block_summaries",
     "eligible_blocks",
     "resolve_mix_weights",
@@ -170,6 +172,13 @@ def exact_block_scores(q: torch.Tensor, p, keys: torch.Tensor, short: torch.Tens
     tile = s.new_full((hkv, n_tiles, s.shape[2]), -math.inf)
     tile.scatter_reduce_(1, inv[None, :, None].expand_as(s), s, "amax")
     return tile[:, inv]
+
+
+@functools.lru_cache(maxsize=64)
+def shortlist_config(cfg: SparseXConfig) -> SparseXConfig:
+    """The one-stage config whose top-k is the two-stage selection's shortlist (``rerank * topk`` blocks); cached,
+    so that a decode step does not build and validate a config per layer."""
+    return cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0)
 
 
 def rerank_blocks(short: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:

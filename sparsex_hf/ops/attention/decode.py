@@ -22,7 +22,7 @@ import math
 import torch
 
 from ...config import SparseXConfig
-from .common import block_scores, eligible_blocks, rerank_blocks, resolve_mix_weights, select_blocks
+from .common import block_scores, eligible_blocks, rerank_blocks, resolve_mix_weights, select_blocks, shortlist_config
 
 # A decode step is at most this many new queries per sequence; longer inputs take the prefill path.
 MAX_DECODE_QUERIES = 16
@@ -47,7 +47,7 @@ def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXCon
     if nb == 0 or cfg.topk == 0:
         return out
     if cfg.rerank:
-        short = decode_select(q, pos, summaries, cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0), sliding_window)
+        short = decode_select(q, pos, summaries, shortlist_config(cfg), sliding_window)
         exact = decode_exact_scores(q, short, k_cache, offsets, cfg.block_size)
         return rerank_blocks(short, exact, cfg.topk)
     eligible = eligible_blocks(pos.flatten(), nb, cfg, sliding_window).view(bsz, 1, tq, nb)

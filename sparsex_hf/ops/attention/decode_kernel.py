@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import empty, empty_like  # module-level names: tests poison them (NaN) to catch unwritten elements
 
 from ...config import SparseXConfig
-from .common import rerank_blocks, resolve_mix_weights
+from .common import rerank_blocks, resolve_mix_weights, shortlist_config
 from .decode import decode_positions, decode_select
 from .select import exact_scores_triton, merge_topk
 
@@ -395,7 +395,7 @@ def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int,
     if cfg.score == "hybrid":
         sel = decode_select(q, decode_positions(off, seq_len, q.shape[2]), summaries, cfg, sliding_window)
     elif cfg.rerank:  # the shortlist by the selection kernels, then the exact second stage on the shortlisted keys
-        short = decode_select_triton(q, summaries, off, seq_len, cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0),
+        short = decode_select_triton(q, summaries, off, seq_len, shortlist_config(cfg),
                                      sliding_window).long()
         sel = rerank_blocks(short, decode_exact_scores_triton(q, short, k_cache, off, cfg.block_size), cfg.topk)
     else:

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
-from ...config import SparseXConfig
 from .common import rerank_blocks
 from .layout import KernelLayout
 
@@ -33,11 +32,6 @@ class SelectParams(NamedTuple):
     select_tile: int
     select_query: str
     rerank: int = 0
-
-    @classmethod
-    def of(cls, cfg: SparseXConfig) -> SelectParams:
-        return cls(cfg.block_size, cfg.sink_tokens, cfg.window, cfg.topk, cfg.score, cfg.select_tile, cfg.select_query,
-                   cfg.rerank)
 
 
 @triton.jit
