@@ -9,6 +9,7 @@ the cache's block summaries and only the attended keys.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -62,7 +63,7 @@ def get_sparsex_config(obj: Any) -> SparseXConfig:
     if hit is not None and hit[0] == stored:
         return hit[1]
     cfg = SparseXConfig.from_any(stored)
-    _PARSED[config] = (dict(stored) if isinstance(stored, dict) else stored, cfg)
+    _PARSED[config] = (copy.deepcopy(stored), cfg)  # deep: an in-place edit of a list field is seen too
     return cfg
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from utils import SPARSE_SMALL, brute_force, left_padded, model_pair
+from utils import SPARSE_SMALL, brute_force, left_padded, model_pair, tiny_model
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig
@@ -340,3 +340,13 @@ def test_set_sparsex_config_refuses_an_unsupported_model_type():
     with pytest.raises(ValueError, match="supported model types"):
         sparsex_hf.set_sparsex_config(model, window=64)
     assert not hasattr(model.config, "sparsex")
+
+
+def test_parsed_config_sees_in_place_edits_of_the_stored_dict():
+    model = tiny_model("llama", "sparsex")
+    sparsex_hf.set_sparsex_config(model, dense_layers=[])
+    assert sparsex_hf.get_sparsex_config(model).dense_layers == ()
+    model.config.sparsex["dense_layers"].append(1)  # in place, a list inside the stored dict
+    assert sparsex_hf.get_sparsex_config(model).dense_layers == (1,)
+    model.config.sparsex["window"] = 77
+    assert sparsex_hf.get_sparsex_config(model).window == 77
