@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import sparsex_hf
 from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXConfig, SparseXLayer
-from sparsex_hf.ops.attention import sparsex_decode_attention
+from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_prompt_anchor
 from sparsex_hf.ops.attention.decode import decode_positions, decode_select
 from sparsex_hf.ops.attention.decode_kernel import decode_select_triton
 
@@ -149,7 +149,8 @@ def main():
               f"peak {peak_gb} GB {note}", flush=True)
 
     # attention alone: one decode step of one layer
-    cfg = SparseXConfig(**{k: int(v) for k, v in (kv.split("=") for kv in filter(None, args.config.split(",")))})
+    fields = dict(kv.split("=") for kv in filter(None, args.config.split(",")))
+    cfg = SparseXConfig(**{k: bool(int(v)) if k == "anchor" else int(v) for k, v in fields.items()})
     for t in args.attn:
         layer = SparseXLayer()
         gen = torch.Generator(device="cuda").manual_seed(1)
@@ -161,7 +162,13 @@ def main():
         q = torch.randn(1, 32, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
         summ, off = layer.summaries(64), layer.offsets_tensor("cuda", torch.int32)
         step_args = (q, layer.keys, layer.values, summ, off, t, cfg)
-        sparse = lambda: sparsex_decode_attention(*step_args, max_doc_len=t, backend="triton")  # noqa: E731
+        anchor = None
+        if cfg.anchor:  # the blocks of a prompt's last tile (random queries), added to every step's shortlist
+            q_tile = torch.randn(1, 32, 64, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+            anchor = sparsex_prompt_anchor(q_tile, layer.keys, off, t, cfg)
+            ms_anchor = float(np.median(events(lambda: sparsex_prompt_anchor(q_tile, layer.keys, off, t, cfg), 20, 2)))
+            record("sparsex", "prompt_anchor", t, 1, ms_anchor, note="once per prefill and layer")
+        sparse = lambda: sparsex_decode_attention(*step_args, max_doc_len=t, backend="triton", anchor=anchor)  # noqa: E731
         ms = float(np.median(events(sparse, 200, 10)))
         record("sparsex", "attn", t, 1, ms, note="selection + split-K kernel")
         pos = decode_positions(off, t, 1)

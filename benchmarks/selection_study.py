@@ -14,6 +14,7 @@ first token of the needle's value) is looked up:
 * ``exact``: the exact max logit over every block (rerank with every block on the shortlist);
 * ``per-head``: minmax, but each query head selects on its own (counted as kept if any head of the group keeps it);
 * ``tile64-rerank-R`` / ``tile64-exact``: the same two-stage / exact scores for the mean query of the last 64 positions;
+* ``tile64-exact-each``: the exact max logit over every block, max over the last 64 positions' queries (the anchor tile);
 * ``exact-lse`` / ``rerank-4-lse``: blocks scored by the log-sum-exp of their logits (their attention mass) instead
   of the largest logit.
 
@@ -140,6 +141,8 @@ def study_layer(q_last: torch.Tensor, k: torch.Tensor, pos: int, needle: int, sc
         for r in (2, 4):
             kept[f"tile64-rerank-{r}"] = _reranked(mm_t, ex_t, r, b_needle)
         kept["tile64-exact"] = 0 <= rank_of(ex_t, ok, b_needle) < TOPK
+        ex_each = exact_scores(qg, kh, BLOCK).amax(1).amax(0).masked_fill(~ok, -math.inf)  # max over the 64 queries
+        kept["tile64-exact-each"] = 0 <= rank_of(ex_each, ok, b_needle) < TOPK
         lse = torch.logsumexp(exact_logits(q, kh, BLOCK), -1).amax(0).masked_fill(~ok, -math.inf)
         kept["exact-lse"] = 0 <= rank_of(lse, ok, b_needle) < TOPK
         kept["rerank-4-lse"] = _reranked(mm, lse, 4, b_needle)

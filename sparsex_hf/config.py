@@ -18,7 +18,7 @@ SELECT_QUERIES = ("each", "mean")
 BACKENDS = ("auto", "torch", "triton")
 
 
-PRESETS: dict[str, dict[str, Any]] = {"default": {}, "retrieval": {"rerank": 2}}
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "retrieval": {"rerank": 2, "anchor": True}}
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -51,6 +51,10 @@ class SparseXConfig:
             their exact score, the largest logit of the block's keys for the selection's queries (max over the GQA
             group; with tiles, the tile's mean query, or with ``select_query="each"`` every query of the tile), and
             the ``topk`` best are kept; 0 = one stage. An integer in [0, 16]; not with ``score="hybrid"``.
+        anchor: with ``rerank > 0``, the last selection tile of each document's queries in a call (the end of the
+            prompt, where the question is read) ranks every eligible block by the exact score, max over the tile's
+            queries, instead of a shortlist; a cache keeps those blocks and every later decode step adds them to
+            its shortlist. One tile reads every key once; decode steps score ``topk`` more blocks.
         select_query: with ``select_tile > 1``, ``"mean"`` scores the tile's mean query
             (``1/select_tile`` of the selection work; best recall measured on SmolLM2) and ``"each"``
             scores every query and takes the max over the tile.
@@ -79,6 +83,7 @@ class SparseXConfig:
     select_tile: int = 64
     select_query: str = "mean"
     rerank: int = 0
+    anchor: bool = False
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     dense_below: int = 0
     respect_sliding_window: bool = True
@@ -102,6 +107,10 @@ class SparseXConfig:
             raise bad("rerank", "an integer in [0, 16] (0: one-stage selection)")
         if self.rerank and self.score == "hybrid":
             raise bad("rerank", "0 with score='hybrid' (the exact second stage ranks one score's shortlist)")
+        if not isinstance(self.anchor, bool):
+            raise bad("anchor", "True or False")
+        if self.anchor and not self.rerank:
+            raise bad("anchor", "False when rerank=0 (the exact second stage ranks the anchor blocks)")
         if self.select_query not in SELECT_QUERIES:
             raise bad("select_query", f"one of {SELECT_QUERIES}")
         if self.sink_tokens < 0:

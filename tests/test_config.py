@@ -68,3 +68,12 @@ def test_rerank_is_validated_and_the_retrieval_preset_turns_it_on():
         SparseXConfig(rerank=2, score="hybrid")
     with pytest.raises(ValueError, match="presets are"):
         SparseXConfig.preset("fast")
+
+
+def test_anchor_needs_the_exact_stage_and_is_in_the_retrieval_preset():
+    assert not SparseXConfig().anchor
+    assert SparseXConfig.preset("retrieval").anchor
+    with pytest.raises(ValueError, match="anchor=True is invalid: allowed is False when rerank=0"):
+        SparseXConfig(anchor=True)
+    with pytest.raises(ValueError, match="anchor"):
+        SparseXConfig(rerank=1, anchor=1)

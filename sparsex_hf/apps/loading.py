@@ -96,6 +96,14 @@ def load_model(model: str, *, dtype=None, device=None, attn_implementation: str 
     return out
 
 
+def _flag(text: str) -> bool:
+    """A boolean flag value: true/false, yes/no, 1/0."""
+    value = text.strip().lower()
+    if value not in ("true", "false", "yes", "no", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "yes", "1")
+
+
 # Sparse-X config flags shared by the command-line tools (sparsex-eval, sparsex-finetune)
 SPARSEX_FLAGS = (
     ("block-size", int, "keys per selection block"),
@@ -107,6 +115,7 @@ SPARSEX_FLAGS = (
     ("select-query", str, "'mean' or 'each' (how a tile scores)"),
     ("score", str, "'minmax', 'mean' or 'hybrid'"),
     ("rerank", int, "two-stage selection: exact scores rank the rerank*topk best blocks (0: off)"),
+    ("anchor", _flag, "true: the prompt's last tile ranks every block exactly; decode adds its blocks (needs rerank)"),
     ("backend", str, "'auto', 'torch' or 'triton'"),
 )
 

@@ -25,6 +25,7 @@ from ..ops.attention import (
     cu_seqlens_from_position_ids,
     sparsex_attention,
     sparsex_decode_attention,
+    sparsex_prompt_anchor,
 )
 from ..patches import check_model_type
 from .wrap import ATTN_NAME, install, wrap_loaded_classes
@@ -120,6 +121,7 @@ def sparsex_attention_forward(
                 query, layer.keys, layer.values, layer.summaries(cfg.block_size),
                 layer.offsets_tensor(query.device, torch.int32), layer.get_seq_length(), cfg,
                 max_doc_len=layer.max_doc_len(), scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
+                anchor=layer.anchor,
             )
             return out.transpose(1, 2).contiguous(), None
         if layer.offload_kv:  # a prefill chunk over an offloaded cache reads every past key
@@ -137,6 +139,10 @@ def sparsex_attention_forward(
         scale=scaling, attention_mask=attention_mask, cu_seqlens=cu_k, cu_seqlens_q=cu_q,
         layer_idx=layer_idx, sliding_window=sliding_window, mix_weights=mix_weights,
     )
+    if layer is not None and cfg.anchor and layer.offsets is not None and layer_idx not in cfg.dense_layers:
+        # the end of the prompt: blocks that every later decode step adds to its shortlist
+        layer.anchor = sparsex_prompt_anchor(query, key, layer.offsets_tensor(query.device), layer.get_seq_length(),
+                                             cfg, sliding_window=sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -41,7 +41,8 @@ class SparseXLayer(DynamicLayer):
 
     Attributes beyond ``DynamicLayer``'s: ``offsets`` (host list: left padding of each row, or None until
     the first forward), ``counts`` (host list: summarised blocks of each row), ``kmin/kmax/kmean``
-    (``[B, Hkv, nb, D]``, valid for block ``i < counts[b]``), ``offload`` and ``device`` (the compute
+    (``[B, Hkv, nb, D]``, valid for block ``i < counts[b]``), ``anchor`` (``[B, Hkv, topk]``: the last
+    prefill's anchor blocks with ``SparseXConfig.anchor``, else None), ``offload`` and ``device`` (the compute
     device; with ``offload`` the key/value buffers are on the CPU).
     """
 
@@ -58,6 +59,7 @@ class SparseXLayer(DynamicLayer):
         self.counts: list[int] = []
         self.block_size: int | None = None
         self.kmin = self.kmax = self.kmean = None
+        self.anchor: torch.Tensor | None = None
         self._kbuf = self._vbuf = None
         self._len = 0
 
@@ -203,6 +205,8 @@ class SparseXLayer(DynamicLayer):
         if self.kmin is not None:
             didx = index.to(self.device)
             self.kmin, self.kmax, self.kmean = self.kmin[didx], self.kmax[didx], self.kmean[didx]
+        if self.anchor is not None:
+            self.anchor = self.anchor[index.to(self.anchor.device)]
         if self.offsets is not None:
             self.offsets = [self.offsets[i] for i in host]
             self._off_t = None

@@ -270,3 +270,25 @@ def test_offloaded_layer_decodes_like_a_resident_one():
             q[:, :, -1:], layer.keys, layer.values, layer.summaries(16), layer.offsets_tensor("cpu", torch.int32),
             layer.get_seq_length(), cfg, max_doc_len=layer.max_doc_len(), backend="torch"))
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_anchor_is_kept_by_the_cache_and_follows_the_rows(count_decode):
+    """``anchor``: the prefill leaves each layer the blocks of every row's last tile; decode steps read them; a
+    padded batch equals each row alone, in either order, and beam search (the cache reordered every step) runs."""
+    _, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, rerank=1, anchor=True)
+    ids, mask = _prompts(length=300, pads=(0, 37))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = SparseXCache(sparse.config)
+    out = sparse.generate(ids, attention_mask=mask, **{CACHE_KWARG: cache}, **kw).sequences
+    assert count_decode
+    for layer in cache.layers:
+        assert layer.anchor is not None and layer.anchor.shape == (2, 2, SPARSE_SMALL["topk"])
+        # both rows' last tile starts at position 256: eligible blocks start at or below 256 - window
+        assert (layer.anchor >= 0).all() and (layer.anchor <= (256 - 64) // 16).all()
+    rows = [sparse.generate(ids[i : i + 1, p:], **kw).sequences for i, p in enumerate((0, 37))]
+    assert torch.equal(out[0], rows[0][0]) and torch.equal(out[1, 37:], rows[1][0])
+    swapped = sparse.generate(ids.flip(0), attention_mask=mask.flip(0), **kw).sequences
+    assert torch.equal(swapped.flip(0), out)
+    beams = sparse.generate(ids, attention_mask=mask, num_beams=3, **kw).sequences
+    assert beams.shape == (2, 312)

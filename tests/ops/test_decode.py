@@ -6,7 +6,7 @@ import torch
 from utils import SPARSE_SMALL, random_qkv
 
 from sparsex_hf import SparseXConfig
-from sparsex_hf.ops.attention import HAS_TRITON, sparsex_attention, sparsex_decode_attention
+from sparsex_hf.ops.attention import HAS_TRITON, sparsex_attention, sparsex_decode_attention, sparsex_prompt_anchor
 from sparsex_hf.ops.attention.common import block_summaries
 from sparsex_hf.ops.attention.decode import decode_positions, decode_select
 
@@ -178,3 +178,38 @@ def test_select_kernel_matches_reference_over_many_splits(score, ties):
         got = decode_select_triton(qq, summ, off, t, cfg, None)
         assert got.dtype == torch.int32 and got.shape == ref.shape
         assert torch.equal(got.long().cpu(), ref.cpu()), (got, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_anchor_blocks_join_the_shortlist(backend):
+    """``anchor``: the prompt's anchor blocks join every query's shortlist. Given the blocks an exact selection
+    over every block picks (``rerank`` large enough to list them all), a one-block-per-slot shortlist plus that
+    anchor reaches the same selection, so the step equals the reference with the exact selection; an anchor of
+    -1 changes nothing."""
+    q, k, v, mask = _case(t=300, seed=9)
+    cfg = SparseXConfig(**dict(SPARSE_SMALL, rerank=1, topk=3, anchor=True))
+    exact_cfg = cfg.replace(select_tile=1, rerank=16, anchor=False)
+    ref, stats = sparsex_attention(q, k, v, exact_cfg, attention_mask=mask, backend="torch", return_stats=True)
+    cache = Cache(k, v, mask, cfg.block_size)
+    anchor = stats.selected_blocks[:, :, -1]  # [B, Hkv, topk]
+    out = cache(q[:, :, -1:], cfg, backend=backend, anchor=anchor)
+    torch.testing.assert_close(out, ref[:, :, -1:], atol=2e-5, rtol=2e-5)
+    plain = sparsex_attention(q, k, v, cfg.replace(select_tile=1, anchor=False), attention_mask=mask, backend="torch")
+    assert (plain[:, :, -1:] - ref[:, :, -1:]).abs().amax() > 1e-3  # the anchor is what makes the difference
+    out = cache(q[:, :, -1:], cfg, backend=backend, anchor=torch.full_like(anchor, -1))
+    torch.testing.assert_close(out, plain[:, :, -1:], atol=2e-5, rtol=2e-5)
+
+
+def test_prompt_anchor_is_the_prefill_choice_for_the_last_tile():
+    """``sparsex_prompt_anchor``: the blocks the prefill (with ``anchor``) selects for each row's last tile, for
+    left-padded rows, a prefill of the last queries only, and a sliding window."""
+    q, k, v, mask = _case(t=300, seed=10)
+    cfg = SparseXConfig(**dict(SPARSE_SMALL, select_tile=16, rerank=1, topk=3, anchor=True))
+    offsets = (300 - mask.long().sum(-1)).to(DEV)
+    for tq, sw in ((300, None), (40, None), (300, 120)):
+        _, stats = sparsex_attention(q[:, :, -tq:], k, v, cfg, attention_mask=mask, backend="torch",
+                                     return_stats=True, sliding_window=sw)
+        got = sparsex_prompt_anchor(q[:, :, -tq:], k, offsets, 300, cfg, sliding_window=sw)
+        want = stats.selected_blocks[:, :, -1]
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values.to(got.device)), (tq, sw)
+        assert (got >= 0).any()

@@ -30,6 +30,8 @@ CONFIGS = {
     "rerank2-per-query": dict(SPARSE_SMALL, select_tile=1, rerank=2, topk=3),
     "tile16-mean-rerank3": dict(SPARSE_SMALL, select_tile=16, select_query="mean", rerank=3, topk=2),
     "tile8-each-mean-rerank2": dict(SPARSE_SMALL, select_tile=8, select_query="each", score="mean", rerank=2, topk=2),
+    "tile16-mean-anchor": dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor=True, topk=2),
+    "per-query-anchor": dict(SPARSE_SMALL, select_tile=1, rerank=2, anchor=True, topk=3),
 }
 
 
@@ -254,3 +256,22 @@ def test_reference_on_gpu_matches_cpu():
     gpu = sparsex_attention(q.cuda(), k.cuda(), v.cuda(), cfg, attention_mask=mask.cuda(), backend="torch")
     torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-5, rtol=1e-4)
     assert math.isfinite(gpu.abs().sum().item())
+
+
+@pytest.mark.parametrize("case", ["padding", "packed", "sliding"])
+def test_anchor_tile_matches_brute_force(case):
+    """With ``anchor``, each document's last selection tile ranks every eligible block exactly: padded rows,
+    packed documents (each document's own last tile) and a sliding window, against the brute force."""
+    cfg = SparseXConfig(**dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor=True, topk=2))
+    q, k, v = random_qkv(2, 4, 2, 300, 300, 64, seed=11)
+    kw = {}
+    if case == "padding":
+        kw["attention_mask"] = torch.arange(300)[None] >= torch.tensor([[0], [37]])
+    elif case == "packed":
+        q, k, v = q[:1], k[:1], v[:1]
+        kw["cu_seqlens"] = torch.tensor([0, 150, 300])
+    else:
+        kw["sliding_window"] = 200
+    out = sparsex_attention(q, k, v, cfg, **kw)
+    torch.testing.assert_close(out, brute_force(q, k, v, cfg, **kw), atol=1e-10, rtol=1e-10)
+    assert (out - sparsex_attention(q, k, v, cfg.replace(anchor=False), **kw)).abs().amax() > 1e-3  # it does change

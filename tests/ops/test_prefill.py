@@ -23,7 +23,7 @@ SHAPES = [
 ]
 # a fixed seed per config (inputs identical in every run)
 SEEDS = {"union": 101, "mix": 102, "tile64-hybrid": 103, "tile16-mean-nostride": 104, "wide-window": 105, "tile16-each": 106,
-         "tile64-rerank": 107}
+         "tile64-rerank": 107, "tile64-anchor": 108}
 CONFIGS = {
     "union": dict(SPARSE_SMALL),
     "mix": dict(SPARSE_SMALL, combine="mix", beta=0.5, gamma=2.0),
@@ -32,6 +32,7 @@ CONFIGS = {
     "wide-window": dict(SPARSE_SMALL, window=160),  # chunks wholly inside every row's window (no mask)
     "tile16-each": dict(SPARSE_SMALL, select_tile=16, select_query="each"),
     "tile64-rerank": dict(SPARSE_SMALL, rerank=3, topk=2),
+    "tile64-anchor": dict(SPARSE_SMALL, rerank=2, anchor=True, topk=2),
 }
 
 
@@ -124,12 +125,15 @@ SELECTIONS = {
     "per-query-rerank": (dict(SPARSE_SMALL, select_tile=1, rerank=3, topk=3), {}),
     "tile16-mean-rerank": (dict(SPARSE_SMALL, select_tile=16, rerank=2), {}),
     "tile16-each-rerank-sw": (dict(SPARSE_SMALL, select_tile=16, select_query="each", rerank=2), dict(sliding_window=150)),
+    "tile16-mean-anchor": (dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor=True), {}),
+    "per-query-anchor-sw": (dict(SPARSE_SMALL, select_tile=1, rerank=1, anchor=True), dict(sliding_window=150)),
 }
 
 
 @pytest.mark.parametrize("tq", [300, 77], ids=["Tq=Tk", "Tq<Tk"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "rerank" in n and n != "tile16-mean-rerank" else n
-                                  for n in SELECTIONS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if ("rerank" in n or "anchor" in n) and n not in ("tile16-mean-rerank", "tile16-mean-anchor")
+                                  else n for n in SELECTIONS])
 def test_selection_matches_reference(name, tq):
     cfg, kw = SELECTIONS[name]
     cfg = SparseXConfig(**cfg)
@@ -137,7 +141,7 @@ def test_selection_matches_reference(name, tq):
     q, k, v = _inputs(("", b, hq, hkv, tq, tk, d), torch.float32, seed=11)
     _, stats = sparsex_attention(q, k, v, cfg, backend="torch", return_stats=True, **kw)
     sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
-                    cfg.score, cfg.select_tile, cfg.select_query, kw.get("sliding_window", 0), cfg.rerank)
+                    cfg.score, cfg.select_tile, cfg.select_query, kw.get("sliding_window", 0), cfg.rerank, cfg.anchor)
     # same sets (the kernel's order is unspecified)
     assert torch.equal(sel.long().sort(-1).values, stats.selected_blocks.sort(-1).values)
 

@@ -36,6 +36,7 @@ VARIANTS = {
     "no top-k": dict(topk=0),
     "two-stage x2": dict(rerank=2),
     "two-stage x4": dict(rerank=4),
+    "two-stage x2 + anchor": dict(rerank=2, anchor=True),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ...config import SparseXConfig
 from .common import block_summaries
-from .decode import MAX_DECODE_QUERIES, sparsex_decode_torch
+from .decode import MAX_DECODE_QUERIES, prompt_anchor, sparsex_decode_torch
 from .documents import Document, cu_seqlens_from_position_ids, split_documents
 from .naive import SparseXStats, sparsex_attention_naive
 
@@ -202,11 +202,12 @@ def sparsex_decode_attention(
     backend: str | None = None,
     sliding_window: int | None = None,
     mix_weights: torch.Tensor | None = None,
+    anchor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse-X attention of a decode step: the queries of the last ``Tq`` tokens of a KV cache.
 
-    Same result as :func:`sparsex_attention` over the whole cached sequence with ``select_tile=1``; reads the
-    block summaries and the attended keys only.
+    Same result as :func:`sparsex_attention` over the whole cached sequence with ``select_tile=1`` (and
+    ``anchor=False``); reads the block summaries and the attended keys only.
 
     Args:
         q: ``[B, Hq, Tq, D]``, ``Tq <= MAX_DECODE_QUERIES`` (16), the queries of cache positions
@@ -221,6 +222,8 @@ def sparsex_decode_attention(
         seq_len: the cache length (host int).
         max_doc_len: ``seq_len - min(offsets)`` (host int; computed from ``offsets`` with a device sync if None).
         sliding_window, mix_weights, scale, backend: as for :func:`sparsex_attention`.
+        anchor: with ``config.anchor``, the prompt's anchor blocks ``[B, Hkv, A]`` (integer, -1 = none; from
+            :func:`sparsex_prompt_anchor`), added to every query's shortlist; None: no anchor blocks.
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q``.
     """
@@ -239,6 +242,10 @@ def sparsex_decode_attention(
         raise ValueError(f"offsets must be an integer tensor [B] = [{bsz}], got {offsets.dtype} {tuple(offsets.shape)}.")
     if len(summaries) != 3 or summaries[0].shape[:2] != k_cache.shape[:2]:
         raise ValueError("summaries must be (kmin, kmax, kmean), each [B, Hkv, nb, D].")
+    if anchor is not None and (anchor.dim() != 3 or tuple(anchor.shape[:2]) != tuple(k_cache.shape[:2])
+                               or anchor.dtype.is_floating_point):
+        raise ValueError(f"anchor must be an integer tensor [B, Hkv, A] = [{bsz}, {k_cache.shape[1]}, A], got "
+                         f"{anchor.dtype} {tuple(anchor.shape)}.")
     if max_doc_len is None:
         max_doc_len = seq_len - int(offsets.min())
     if scale is None:
@@ -247,11 +254,39 @@ def sparsex_decode_attention(
         sliding_window = None
     backend = resolve_backend(backend or cfg.backend, q.device)
     args = (q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg)
-    kw = dict(scale=scale, sliding_window=sliding_window, mix_weights=mix_weights)
+    kw = dict(scale=scale, sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
     if backend == "triton" and k_cache.device == q.device:
         _check_triton(q, cfg, False)
         return sparsex_decode_triton(*args, **kw)
     return sparsex_decode_torch(*args, **kw)  # the reference, or an offloaded cache (gathered where it lives)
+
+
+def sparsex_prompt_anchor(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    offsets: torch.Tensor,
+    seq_len: int,
+    config: SparseXConfig | Mapping[str, Any] | None = None,
+    *,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The anchor blocks of a prefill (``config.anchor``), for :func:`sparsex_decode_attention`'s ``anchor``.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``, the prefill's queries (cache positions ``seq_len - Tq ... seq_len - 1``).
+        k_cache: ``[B, Hkv, L, D]``, ``L >= seq_len``, on ``q``'s device; offsets, seq_len: as for the decode.
+    Returns:
+        ``[B, Hkv, topk]`` long: per row, the blocks its last selection tile selects (-1 = none).
+    """
+    cfg = SparseXConfig.from_any(config)
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape[0] != q.shape[0] or q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"q [B, Hq, Tq, D] and k_cache [B, Hkv, L, D] do not match: {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}.")
+    if not q.shape[2] <= seq_len <= k_cache.shape[2]:
+        raise ValueError(f"seq_len={seq_len} must be in [Tq={q.shape[2]}, cache length {k_cache.shape[2]}].")
+    if not cfg.respect_sliding_window:
+        sliding_window = None
+    return prompt_anchor(q, k_cache.to(q.device), offsets, seq_len, cfg, sliding_window)
 
 
 __all__ = [
@@ -259,6 +294,7 @@ __all__ = [
     "HAS_TRITON",
     "MAX_DECODE_QUERIES",
     "sparsex_decode_attention",
+    "sparsex_prompt_anchor",
     "SparseXStats",
     "block_summaries",
     "cu_seqlens_from_position_ids",

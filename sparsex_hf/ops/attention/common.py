@@ -20,6 +20,7 @@ __all__ = [
     "exact_block_scores",
     "max_block_logits",
     "rerank_blocks",
+    "anchor_blocks",
     "shortlist_config",
     "block_summaries",
     "eligible_blocks",
@@ -178,7 +179,28 @@ def exact_block_scores(q: torch.Tensor, p, keys: torch.Tensor, short: torch.Tens
 def shortlist_config(cfg: SparseXConfig) -> SparseXConfig:
     """The one-stage config whose top-k is the two-stage selection's shortlist (``rerank * topk`` blocks); cached,
     so that a decode step does not build and validate a config per layer."""
-    return cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0)
+    return cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0, anchor=False)
+
+
+def anchor_blocks(q: torch.Tensor, keys: torch.Tensor, eligible: torch.Tensor, cfg: SparseXConfig,
+                  budget: int = 64 << 20) -> torch.Tensor:
+    """The anchor tile's selection (``cfg.anchor``): ``q [Hkv, G, r, D]`` the tile's queries, ``keys [Hkv, n, D]``
+    the document's keys, ``eligible [nb]`` the blocks eligible for every one of them -> ``[Hkv, min(topk, nb)]``:
+    every eligible block ranked by its exact score, the largest logit of its keys over the tile's queries and the
+    group's heads, computed in fp32 at least (ties: lower block first; -1 where fewer are eligible). Keys are read in
+    chunks of blocks so that the logits stay within ``budget`` bytes."""
+    hkv, g, r, d = q.shape
+    bs, nb = cfg.block_size, eligible.shape[-1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.full((hkv, nb), -math.inf, dtype=dtype, device=q.device)
+    qf = q.to(dtype)
+    step = max(1, budget // (4 * hkv * g * r * bs))
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        kc = keys[:, b0 * bs : b1 * bs].to(dtype)
+        logits = torch.einsum("hgrd,hkd->hgrk", qf, kc).view(hkv, g * r, b1 - b0, bs)
+        scores[:, b0:b1] = logits.amax(-1).amax(1)
+    return top_blocks(torch.where(eligible.to(q.device), scores, -math.inf), cfg.topk)
 
 
 def rerank_blocks(short: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:

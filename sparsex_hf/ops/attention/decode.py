@@ -22,7 +22,15 @@ import math
 import torch
 
 from ...config import SparseXConfig
-from .common import block_scores, eligible_blocks, rerank_blocks, resolve_mix_weights, select_blocks, shortlist_config
+from .common import (
+    anchor_blocks,
+    block_scores,
+    eligible_blocks,
+    rerank_blocks,
+    resolve_mix_weights,
+    select_blocks,
+    shortlist_config,
+)
 
 # A decode step is at most this many new queries per sequence; longer inputs take the prefill path.
 MAX_DECODE_QUERIES = 16
@@ -35,11 +43,12 @@ def decode_positions(offsets: torch.Tensor, seq_len: int, tq: int) -> torch.Tens
 
 
 def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXConfig, sliding_window,
-                  k_cache: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+                  k_cache: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                  anchor: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k blocks ``[B, Hkv, Tq, topk]`` (long, -1 where fewer are eligible) of queries ``q [B, Hq, Tq, D]``
     at document positions ``pos [B, Tq]`` from the summaries ``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]``;
-    with ``cfg.rerank`` the shortlist is ranked again by exact scores read from ``k_cache`` (rows start at
-    ``offsets``)."""
+    with ``cfg.rerank`` the shortlist (with ``anchor [B, Hkv, A]``'s blocks added, see :func:`add_anchor`) is
+    ranked again by exact scores read from ``k_cache`` (rows start at ``offsets``)."""
     bsz, hq, tq, d = q.shape
     kmin = summaries[0]
     hkv, nb = kmin.shape[1], kmin.shape[2]
@@ -48,6 +57,7 @@ def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXCon
         return out
     if cfg.rerank:
         short = decode_select(q, pos, summaries, shortlist_config(cfg), sliding_window)
+        short = add_anchor(short, anchor, pos, nb, cfg, sliding_window)
         exact = decode_exact_scores(q, short, k_cache, offsets, cfg.block_size)
         return rerank_blocks(short, exact, cfg.topk)
     eligible = eligible_blocks(pos.flatten(), nb, cfg, sliding_window).view(bsz, 1, tq, nb)
@@ -62,6 +72,45 @@ def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXCon
     else:
         sel = select_blocks(qf, None, summ, eligible, cfg.replace(select_tile=1))
     out[..., : sel.shape[-1]] = sel.view(bsz, hkv, tq, -1)
+    return out
+
+
+def add_anchor(short: torch.Tensor, anchor: torch.Tensor | None, pos: torch.Tensor, nb: int, cfg: SparseXConfig,
+               sliding_window) -> torch.Tensor:
+    """The decode shortlist ``short [B, Hkv, Tq, S]`` with the prompt's anchor blocks ``anchor [B, Hkv, A]``
+    (``cfg.anchor``; -1 = none) appended: ``[B, Hkv, Tq, S + A]``, an anchor block listed only where it is
+    eligible for the query at ``pos [B, Tq]`` and not already on the shortlist (-1 otherwise)."""
+    if anchor is None or not cfg.anchor or anchor.shape[-1] == 0:
+        return short
+    bsz, hkv, tq, _ = short.shape
+    a = anchor.to(short.device, torch.long)[:, :, None, :].expand(bsz, hkv, tq, -1)
+    eligible = eligible_blocks(pos.flatten(), nb, cfg, sliding_window).view(bsz, 1, tq, nb).expand(bsz, hkv, tq, nb)
+    ok = (a >= 0) & (a < nb)
+    ok &= eligible.gather(-1, a.clamp(0, nb - 1)) & ~(a[..., :, None] == short[..., None, :]).any(-1)
+    return torch.cat([short, torch.where(ok, a, -1)], -1)
+
+
+def prompt_anchor(q: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, seq_len: int, cfg: SparseXConfig,
+                  sliding_window=None) -> torch.Tensor:
+    """The anchor blocks a cache keeps after a prefill (``cfg.anchor``): ``[B, Hkv, topk]`` long (-1 = none).
+
+    ``q [B, Hq, Tq, D]`` are the queries of the call (cache positions ``seq_len - Tq ... seq_len - 1``),
+    ``keys [B, Hkv, >= seq_len, D]`` the cached keys, rows starting at ``offsets [B]``. Each row's blocks are
+    the prefill's choice for its last selection tile (``common.anchor_blocks`` over that tile's queries in
+    the call)."""
+    bsz, hq, tq, d = q.shape
+    hkv = keys.shape[1]
+    out = torch.full((bsz, hkv, cfg.topk), -1, dtype=torch.long, device=q.device)
+    for b, off in enumerate(offsets.tolist()):
+        n = seq_len - int(off)  # the row's length; its queries in this call are positions n - tq ... n - 1
+        nb = n // cfg.block_size
+        if nb == 0 or cfg.topk == 0:
+            continue
+        start = max((n - 1) // cfg.select_tile * cfg.select_tile, n - tq, 0)
+        eligible = eligible_blocks(torch.tensor([start, n - 1], device=q.device), nb, cfg, sliding_window).all(0)
+        rows = q[b, :, start - (n - tq) :].unflatten(0, (hkv, hq // hkv))
+        top = anchor_blocks(rows, keys[b, :, int(off) : seq_len], eligible, cfg)
+        out[b, :, : top.shape[-1]] = top
     return out
 
 
@@ -164,11 +213,11 @@ def decode_attention_torch(q, k_cache, v_cache, offsets, seq_len: int, max_doc_l
 
 def sparsex_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, summaries,
                          offsets: torch.Tensor, seq_len: int, max_doc_len: int, cfg: SparseXConfig, *, scale: float,
-                         sliding_window=None, mix_weights=None) -> torch.Tensor:
+                         sliding_window=None, mix_weights=None, anchor=None) -> torch.Tensor:
     """Sparse-X attention of the last ``Tq`` cached tokens' queries ``q [B, Hq, Tq, D]`` (inputs validated by
     :func:`sparsex_hf.ops.attention.sparsex_decode_attention`): selection from the summaries, then the
     attention stage by gathering (any device; an offloaded cache gathers on its own device)."""
     pos = decode_positions(offsets, seq_len, q.shape[2])
-    sel = decode_select(q, pos, summaries, cfg, sliding_window, k_cache, offsets)
+    sel = decode_select(q, pos, summaries, cfg, sliding_window, k_cache, offsets, anchor)
     return decode_attention_torch(q, k_cache, v_cache, offsets, seq_len, max_doc_len, pos, sel, cfg, scale,
                                   sliding_window, mix_weights)

@@ -27,7 +27,7 @@ from torch import empty, empty_like  # module-level names: tests poison them (Na
 
 from ...config import SparseXConfig
 from .common import rerank_blocks, resolve_mix_weights, shortlist_config
-from .decode import decode_positions, decode_select
+from .decode import add_anchor, decode_positions, decode_select
 from .select import exact_scores_triton, merge_topk
 
 
@@ -387,7 +387,8 @@ def decode_exact_scores_triton(q, short, k_cache, off, block_size: int) -> torch
 
 
 def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int, max_doc_len: int,
-                          cfg: SparseXConfig, *, scale: float, sliding_window=None, mix_weights=None) -> torch.Tensor:
+                          cfg: SparseXConfig, *, scale: float, sliding_window=None, mix_weights=None,
+                          anchor=None) -> torch.Tensor:
     """A decode step with the kernels (same contract as ``decode.sparsex_decode_torch``): selection (one split
     kernel + a merge kernel; the ``"hybrid"`` score selects with the torch code, same rule) and the split-K
     attention (+ its merge kernel)."""
@@ -397,6 +398,9 @@ def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int,
     elif cfg.rerank:  # the shortlist by the selection kernels, then the exact second stage on the shortlisted keys
         short = decode_select_triton(q, summaries, off, seq_len, shortlist_config(cfg),
                                      sliding_window).long()
+        if anchor is not None and cfg.anchor:
+            pos = decode_positions(off, seq_len, q.shape[2])
+            short = add_anchor(short, anchor, pos, summaries[0].shape[2], cfg, sliding_window)
         sel = rerank_blocks(short, decode_exact_scores_triton(q, short, k_cache, off, cfg.block_size), cfg.topk)
     else:
         sel = decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
-from .common import rerank_blocks
+from .common import anchor_blocks, eligible_blocks, rerank_blocks
 from .layout import KernelLayout
 
 
@@ -32,6 +32,7 @@ class SelectParams(NamedTuple):
     select_tile: int
     select_query: str
     rerank: int = 0
+    anchor: bool = False
 
 
 @triton.jit
@@ -239,6 +240,13 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
             else:
                 row_sel = top.repeat_interleave((c_hi - c_lo).to(q.device), dim=1, output_size=int(c_hi[-1] - c_lo[0]))
             sel[b, :, r0 : r0 + row_sel.shape[1], : row_sel.shape[2]] = row_sel.to(torch.int32)
+        if cfg.anchor:  # the last tile: every eligible block ranked by its exact score (common.anchor_blocks)
+            a = int(lo[-1])
+            ends = torch.tensor([first + a, n - 1], device=q.device)
+            eligible = eligible_blocks(ends, nb, cfg, sliding_window).all(0)
+            top = anchor_blocks(qd[:, a:].unflatten(0, (hkv, g)), k[b, :, k_col0 : k_col0 + n], eligible, cfg)
+            sel[b, :, q_row0 + a : q_row0 + m] = -1
+            sel[b, :, q_row0 + a : q_row0 + m, : top.shape[-1]] = top[:, None].to(torch.int32)
     return sel
 
 
