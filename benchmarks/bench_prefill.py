@@ -101,7 +101,9 @@ def main():
     cfg = SparseXConfig(**HEADLINE)
     for kv in filter(None, args.config.split(",")):
         key, val = kv.split("=")
-        cfg = cfg.replace(**{key: type(getattr(cfg, key))(val) if not isinstance(getattr(cfg, key), str) else val})
+        old = getattr(cfg, key)
+        cfg = cfg.replace(**{key: val in ("1", "true", "True") if isinstance(old, bool) else val if isinstance(old, str)
+                             else type(old)(val)})
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
     meta = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, triton=triton.__version__,
