@@ -172,7 +172,7 @@ def main():
         ms = float(np.median(events(sparse, 200, 10)))
         record("sparsex", "attn", t, 1, ms, note="selection + split-K kernel")
         pos = decode_positions(off, t, 1)
-        sel_torch = lambda: decode_select(q, pos, summ, cfg, None)  # noqa: E731
+        sel_torch = lambda: decode_select(q, pos, summ, cfg, None, layer.keys, off, anchor)  # noqa: E731
         record("sparsex", "attn_select_torch", t, 1, float(np.median(events(sel_torch, 100, 10))),
                note="selection alone, torch ops (score matrix + topk)")
         sel_only = lambda: decode_select_triton(q, summ, off, t, cfg, None)  # noqa: E731

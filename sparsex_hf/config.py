@@ -52,9 +52,10 @@ class SparseXConfig:
             group; with tiles, the tile's mean query, or with ``select_query="each"`` every query of the tile), and
             the ``topk`` best are kept; 0 = one stage. An integer in [0, 16]; not with ``score="hybrid"``.
         anchor: with ``rerank > 0``, the last selection tile of each document's queries in a call (the end of the
-            prompt, where the question is read) ranks every eligible block by the exact score, max over the tile's
-            queries, instead of a shortlist; a cache keeps those blocks and every later decode step adds them to
-            its shortlist. One tile reads every key once; decode steps score ``topk`` more blocks.
+            prompt) selects the ``topk`` eligible blocks with the best exact score for its last query (the one
+            that predicts the next token), over every block instead of a shortlist; a cache keeps those blocks and
+            every later decode step adds them to its shortlist. One query reads every key once per call; decode
+            steps score ``topk`` more blocks.
         select_query: with ``select_tile > 1``, ``"mean"`` scores the tile's mean query
             (``1/select_tile`` of the selection work; best recall measured on SmolLM2) and ``"each"``
             scores every query and takes the max over the tile.

@@ -184,21 +184,21 @@ def shortlist_config(cfg: SparseXConfig) -> SparseXConfig:
 
 def anchor_blocks(q: torch.Tensor, keys: torch.Tensor, eligible: torch.Tensor, cfg: SparseXConfig,
                   budget: int = 64 << 20) -> torch.Tensor:
-    """The anchor tile's selection (``cfg.anchor``): ``q [Hkv, G, r, D]`` the tile's queries, ``keys [Hkv, n, D]``
-    the document's keys, ``eligible [nb]`` the blocks eligible for every one of them -> ``[Hkv, min(topk, nb)]``:
-    every eligible block ranked by its exact score, the largest logit of its keys over the tile's queries and the
-    group's heads, computed in fp32 at least (ties: lower block first; -1 where fewer are eligible). Keys are read in
-    chunks of blocks so that the logits stay within ``budget`` bytes."""
-    hkv, g, r, d = q.shape
+    """The anchor tile's selection (``cfg.anchor``): ``q [Hkv, G, D]`` the tile's last query (the one that
+    predicts the next token), ``keys [Hkv, n, D]`` the document's keys, ``eligible [nb]`` the blocks eligible for
+    every query of the tile -> ``[Hkv, min(topk, nb)]``: every eligible block ranked by its exact score, the
+    largest logit of its keys over the group's heads, computed in fp32 at least (ties: lower block first; -1
+    where fewer are eligible). Keys are read in chunks of blocks so that the logits stay within ``budget`` bytes."""
+    hkv, g, d = q.shape
     bs, nb = cfg.block_size, eligible.shape[-1]
     dtype = torch.promote_types(q.dtype, torch.float32)
     scores = torch.full((hkv, nb), -math.inf, dtype=dtype, device=q.device)
     qf = q.to(dtype)
-    step = max(1, budget // (4 * hkv * g * r * bs))
+    step = max(1, budget // (4 * hkv * g * bs))
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
         kc = keys[:, b0 * bs : b1 * bs].to(dtype)
-        logits = torch.einsum("hgrd,hkd->hgrk", qf, kc).view(hkv, g * r, b1 - b0, bs)
+        logits = torch.einsum("hgd,hkd->hgk", qf, kc).view(hkv, g, b1 - b0, bs)
         scores[:, b0:b1] = logits.amax(-1).amax(1)
     return top_blocks(torch.where(eligible.to(q.device), scores, -math.inf), cfg.topk)
 

@@ -244,7 +244,7 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
             a = int(lo[-1])
             ends = torch.tensor([first + a, n - 1], device=q.device)
             eligible = eligible_blocks(ends, nb, cfg, sliding_window).all(0)
-            top = anchor_blocks(qd[:, a:].unflatten(0, (hkv, g)), k[b, :, k_col0 : k_col0 + n], eligible, cfg)
+            top = anchor_blocks(qd[:, -1].unflatten(0, (hkv, g)), k[b, :, k_col0 : k_col0 + n], eligible, cfg)
             sel[b, :, q_row0 + a : q_row0 + m] = -1
             sel[b, :, q_row0 + a : q_row0 + m, : top.shape[-1]] = top[:, None].to(torch.int32)
     return sel
