@@ -203,7 +203,7 @@ def main():
         k = v = layer = None  # free the cache before the next length
         torch.cuda.empty_cache()
 
-    for attn in ("sparsex", "sdpa"):
+    for attn in ("sparsex", "sdpa") if args.decode or args.prefill else ():
         model = build(attn)
         for t in args.decode:
             for bsz in (1, 8):
