@@ -11,7 +11,9 @@ Floors, each importing only downwards: ``sparsex_hf.ops`` (tensors in, tensors o
 from .config import SparseXConfig
 from .hf.attention import get_sparsex_config, register, sparsex_attention_forward, sparsex_mask
 from .hf.cache import CACHE_KWARG, SparseXCache, SparseXLayer
-from .hf.model import apply_sparsex, from_pretrained, revert_sparsex, save_pretrained, set_sparsex_config
+from .hf.model import (
+    apply_sparsex, from_pretrained, install_load_hooks, revert_sparsex, save_pretrained, set_sparsex_config,
+)
 from .hf.training import MixGates
 from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
 from .patches import SUPPORTED_MODEL_TYPES
@@ -19,6 +21,7 @@ from .patches import SUPPORTED_MODEL_TYPES
 __version__ = "0.2.0"
 
 register()
+install_load_hooks()
 
 __all__ = [
     "CACHE_KWARG",

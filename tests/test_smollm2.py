@@ -74,6 +74,18 @@ def test_a_gguf_loaded_model_saves_with_the_helper_and_reloads_with_its_config(s
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
 
 
+def test_auto_class_takes_sparsex_fields_on_a_gguf_checkpoint(smollm2):
+    """``AutoModelForCausalLM.from_pretrained(gguf, attn_implementation="sparsex", sparsex={...})``: a GGUF
+    checkpoint stores no Sparse-X config; the fields given go over the defaults (Transformers alone raises a
+    TypeError for the unknown keyword)."""
+    from transformers import AutoModelForCausalLM
+
+    path = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, attn_implementation="sparsex",
+                                                 sparsex={"window": 256, "topk": 4}, dtype=torch.float32)
+    assert sparsex_hf.get_sparsex_config(model) == sparsex_hf.SparseXConfig(window=256, topk=4)
+
+
 def test_the_retrieval_preset_finds_a_code_needle_the_default_loses(smollm2):
     """niah_code at 4K (47% of the keys), a needle near the start: dense attention and the two-stage selection
     (SparseXConfig.preset("retrieval")) answer it, the one-stage default does not (fp32 reference on the CPU)."""

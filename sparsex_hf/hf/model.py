@@ -6,7 +6,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto import modeling_auto  # noqa: F401  (defines the auto classes hooked below)
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from ..config import SparseXConfig
 from ..patches import check_model_type
@@ -14,7 +16,8 @@ from .attention import TYPE_DEFAULTS, get_sparsex_config
 from .training import drop_gguf_marker
 from .wrap import ATTN_NAME, unwrap_class, wrap_class
 
-__all__ = ["apply_sparsex", "from_pretrained", "revert_sparsex", "save_pretrained", "set_sparsex_config"]
+__all__ = ["apply_sparsex", "from_pretrained", "install_load_hooks", "revert_sparsex", "save_pretrained",
+           "set_sparsex_config"]
 
 
 def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | None = None, **changes: Any) -> SparseXConfig:
@@ -130,3 +133,73 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs: Any) -> 
     ``from_pretrained(dir, attn_implementation="sparsex")`` or ``sparsex_hf.from_pretrained(dir)``."""
     drop_gguf_marker(model)
     model.save_pretrained(save_directory, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- load hooks
+def _check_fields(sparsex) -> SparseXConfig | Mapping[str, Any]:
+    """The ``sparsex=`` argument of a load, validated before anything is loaded (fields over the defaults)."""
+    if isinstance(sparsex, SparseXConfig):
+        return sparsex
+    if not isinstance(sparsex, Mapping):
+        raise TypeError(f"sparsex= takes a SparseXConfig or a dict of its fields, got {type(sparsex).__name__}.")
+    SparseXConfig().replace(**dict(sparsex))
+    return dict(sparsex)
+
+
+def _attn_of(kwargs: Mapping[str, Any], config=None):
+    return kwargs.get("attn_implementation") or getattr(config, "_attn_implementation", None)
+
+
+def _sparsex_kwarg(kwargs: dict, config=None):
+    """Pop ``sparsex=`` from a load's keywords; it needs ``attn_implementation="sparsex"``."""
+    sparsex = kwargs.pop("sparsex", None)
+    if sparsex is not None and _attn_of(kwargs, config) != ATTN_NAME:
+        raise ValueError(f"sparsex=... configures Sparse-X attention; load with attn_implementation={ATTN_NAME!r} "
+                         f"(got {_attn_of(kwargs, config)!r}).")
+    return None if sparsex is None else _check_fields(sparsex)
+
+
+def _merge_into(config, sparsex) -> SparseXConfig:
+    """Check the model type, merge ``sparsex`` over the config's stored fields, validate, store."""
+    check_model_type(getattr(config, "model_type", None))
+    stored = get_sparsex_config(config)
+    if sparsex is None:
+        return stored
+    cfg = sparsex if isinstance(sparsex, SparseXConfig) else stored.replace(**sparsex)
+    config.sparsex = cfg.to_dict()
+    return cfg
+
+
+def _hook(original, before):
+    def load(cls, first, *args, **kwargs):
+        sparsex = _sparsex_kwarg(kwargs, first if before else None)
+        if before and _attn_of(kwargs, first) == ATTN_NAME:  # from_config: check the config before building
+            _merge_into(first, sparsex)
+            sparsex = None
+        model = original(cls, first, *args, **kwargs)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) == ATTN_NAME:
+            cfg = _merge_into(config, sparsex)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.prefill_chunk_size = cfg.prefill_chunk or None
+        return model
+
+    load._sparsex_original = original
+    return classmethod(load)
+
+
+def install_load_hooks() -> None:
+    """Make Transformers' loaders follow the package's rule (idempotent): ``from_pretrained(...,
+    attn_implementation="sparsex", sparsex={...})`` and ``from_config(...)`` on the auto classes and the model
+    classes merge ``sparsex`` over the stored config (the fields are validated before loading), refuse a model
+    type without Sparse-X support at load, and set chunked prefill, as :func:`from_pretrained` does."""
+    autos, todo = [], [_BaseAutoModelClass]
+    while todo:  # every auto class keeps its own copy of the loaders
+        autos.append(todo.pop())
+        todo.extend(autos[-1].__subclasses__())
+    targets = [(PreTrainedModel, "from_pretrained", False), (PreTrainedModel, "_from_config", True)]
+    targets += [(c, name, name == "from_config") for c in autos for name in ("from_pretrained", "from_config")]
+    for owner, name, before in targets:
+        current = owner.__dict__.get(name)
+        if isinstance(current, classmethod) and not hasattr(current.__func__, "_sparsex_original"):
+            setattr(owner, name, _hook(current.__func__, before))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from utils import SPARSE_SMALL, brute_force, left_padded, model_pair, tiny_model
+from utils import SPARSE_SMALL, brute_force, left_padded, model_pair, tiny_config, tiny_model
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig
@@ -177,8 +177,7 @@ def test_save_load_keeps_config_and_switching_implementations(tmp_path):
     assert sparsex_hf.get_sparsex_config(loaded) == sparsex_hf.get_sparsex_config(sparse)
     assert loaded.config._attn_implementation == "sparsex"
     override = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex", sparsex={"window": 32})
-    assert override.config.sparsex == {"window": 32}
-    assert sparsex_hf.get_sparsex_config(override).window == 32
+    assert sparsex_hf.get_sparsex_config(override) == sparsex_hf.get_sparsex_config(sparse).replace(window=32)
     ids = torch.randint(3, 256, (1, 200))
     with torch.no_grad():
         s1 = loaded(ids).logits
@@ -209,12 +208,42 @@ def test_unsupported_model_type_is_refused(tmp_path):
     # Gemma 2 soft-caps its attention logits, which Sparse-X does not express: out of the table
     cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, vocab_size=128)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sparsex")
-    with pytest.raises(ValueError, match=r"supported model types are \['llama', 'mistral', 'phi3', 'qwen2', 'qwen3'\]"):
-        model(torch.randint(0, 128, (1, 8)))
+    supported = r"supported model types are \['llama', 'mistral', 'phi3', 'qwen2', 'qwen3'\]"
+    with pytest.raises(ValueError, match=supported):  # at once, not at the first forward
+        AutoModelForCausalLM.from_config(cfg, attn_implementation="sparsex")
+    with pytest.raises(ValueError, match=supported):
+        AutoModelForCausalLM.from_config(cfg, attn_implementation="sparsex", sparsex={"window": 64})
+    model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="gemma2"):
         sparsex_hf.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="gemma2"):  # at load
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex")
+
+
+def test_transformers_loaders_merge_sparsex_over_the_stored_config(tmp_path):
+    """``from_pretrained(..., attn_implementation="sparsex", sparsex={...})`` on the auto and the model classes:
+    the fields given replace the stored ones, the others stay; bad values and a missing ``"sparsex"`` attention
+    are refused; ``from_config`` takes ``sparsex=`` too."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sparsex", sparsex={"window": 99})
+    assert sparsex_hf.get_sparsex_config(model).window == 99
+    sparsex_hf.set_sparsex_config(model, window=128, topk=3)
+    model.save_pretrained(tmp_path)
+    for cls in (AutoModelForCausalLM, LlamaForCausalLM):
+        loaded = cls.from_pretrained(tmp_path, attn_implementation="sparsex", sparsex={"topk": 5})
+        cfg = sparsex_hf.get_sparsex_config(loaded)
+        assert (cfg.window, cfg.topk) == (128, 5) and loaded.config.sparsex["window"] == 128
+        assert loaded.generation_config.prefill_chunk_size == cfg.prefill_chunk
+    with pytest.raises(ValueError, match="topk=-1 is invalid"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex", sparsex={"topk": -1})
+    with pytest.raises(ValueError, match="load with attn_implementation='sparsex'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", sparsex={"topk": 1})
+    with pytest.raises(TypeError, match="SparseXConfig or a dict"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex", sparsex=[1])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # without Sparse-X: untouched
+    assert plain.config._attn_implementation != "sparsex" and plain.config.sparsex["window"] == 128
 
 
 def test_attention_dropout_and_4d_masks_are_refused():
