@@ -12,7 +12,12 @@ from .config import SparseXConfig
 from .hf.attention import get_sparsex_config, register, sparsex_attention_forward, sparsex_mask
 from .hf.cache import CACHE_KWARG, SparseXCache, SparseXLayer
 from .hf.model import (
-    apply_sparsex, from_pretrained, install_load_hooks, revert_sparsex, save_pretrained, set_sparsex_config,
+    apply_sparsex,
+    from_pretrained,
+    install_load_hooks,
+    revert_sparsex,
+    save_pretrained,
+    set_sparsex_config,
 )
 from .hf.training import MixGates
 from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
