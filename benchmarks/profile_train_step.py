@@ -37,7 +37,6 @@ from triton.testing import do_bench
 
 from sparsex_hf.apps import finetune
 from sparsex_hf.config import SparseXConfig
-from sparsex_hf.hf.training import labels_for
 from sparsex_hf.ops.attention import sparsex_attention
 
 SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=int(os.environ.get("LAYERS", 30)), num_attention_heads=9,
@@ -86,10 +85,9 @@ def recipe_step(t: int, attn: str, model_dir: str, data: str, out_dir: str, step
     model.train()
 
     def step(i):
-        ids, pos = s.train[i % len(s.train)]
-        ids, pos = ids[None].to(dev), pos[None].to(dev)
+        ids, pos, labels = (t[None].to(dev) for t in s.train[i % len(s.train)])
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            loss = model(input_ids=ids, position_ids=pos, labels=labels_for(ids, pos)).loss
+            loss = model(input_ids=ids, position_ids=pos, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()

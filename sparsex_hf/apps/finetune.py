@@ -37,6 +37,7 @@ from ..config import SparseXConfig
 from ..hf.training import ROPE_TYPES, attach_mix_gates, drop_gguf_marker, extend_rope, labels_for, pack
 from ..patches import attention_class, check_model_type
 from .loading import add_sparsex_arguments, load_config, load_model, load_tokenizer, require, sparsex_config_from_args
+from .mixture import mix_sequences
 
 __all__ = ["build_parser", "load_documents", "load_extended", "main", "setup", "train"]
 
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", nargs="+", required=True, help="text (one document per file), .jsonl/.json or .parquet files")
     ap.add_argument("--text-field", default="text", help="JSONL/Parquet column holding the text (default: text)")
     ap.add_argument("--target-length", type=int, required=True, help="tokens per training sequence (the new context)")
+    ap.add_argument("--mix", type=float, default=0.0,
+                    help="share of training sequences that are synthetic long-context retrieval samples built from "
+                         "the corpus (answer-only loss; formats disjoint from sparsex-eval's), in [0, 1); 0: off")
     ap.add_argument("--rope", default="yarn", choices=ROPE_TYPES, help="RoPE rescaling (factor = target / original length)")
     ap.add_argument("--attn", default="sparsex", choices=["sparsex", "sdpa"], help="attention used while training")
     ap.add_argument("--output-dir", required=True)
@@ -187,8 +191,11 @@ def _use_bf16(args) -> bool:
 
 
 def _split_data(args, tok) -> tuple[list, list]:
+    """Training and held-out sequences ``(input_ids, position_ids, labels)``: the packed corpus (every token a
+    target but each document's first) and, with ``--mix``, synthetic retrieval samples (``apps/mixture.py``)
+    added to the training part only."""
     docs = load_documents(args.data, tok, args.text_field)
-    seqs = pack(docs, args.target_length)
+    seqs = [(ids, pos, labels_for(ids, pos)) for ids, pos in pack(docs, args.target_length)]
     random.Random(args.seed).shuffle(seqs)
     n_eval = args.eval_sequences
     if len(seqs) < 1 + n_eval:
@@ -196,7 +203,12 @@ def _split_data(args, tok) -> tuple[list, list]:
         raise ValueError(f"the data hold {total} tokens: {len(seqs)} packed sequence(s) of {args.target_length}; "
                          f"training needs at least {1 + n_eval} (1 + --eval-sequences {n_eval}). Add data or lower "
                          "--target-length / --eval-sequences.")
-    return seqs[n_eval:], seqs[:n_eval]
+    train = seqs[n_eval:]
+    if args.mix and tok is None:
+        raise ValueError("--mix builds text samples and needs the model's tokenizer: pass --tokenizer PATH")
+    if args.mix:
+        train = mix_sequences(train, tok, docs, args.target_length, args.mix, args.seed)
+    return train, seqs[:n_eval]
 
 
 def setup(args, device=None) -> Setup:
@@ -251,9 +263,8 @@ def _latest_checkpoint(out: str) -> tuple[str, int] | None:
 def eval_loss(model, seqs, device) -> float:
     model.eval()
     total, n = 0.0, 0
-    for ids, pos in seqs:
-        ids, pos = ids[None].to(device), pos[None].to(device)
-        labels = labels_for(ids, pos)
+    for ids, pos, labels in seqs:
+        ids, pos, labels = ids[None].to(device), pos[None].to(device), labels[None].to(device)
         out = model(input_ids=ids, position_ids=pos, labels=labels)
         k = int((labels[:, 1:] != -100).sum())
         total += out.loss.float().item() * k
@@ -346,10 +357,10 @@ class _Run:
         t0 = time.time()
         losses, tokens = [], 0
         for _ in range(args.grad_accum):
-            ids, pos = self._batch()
-            ids, pos = ids[None].to(acc.device), pos[None].to(acc.device)
+            ids, pos, labels = self._batch()
+            ids, pos, labels = ids[None].to(acc.device), pos[None].to(acc.device), labels[None].to(acc.device)
             with acc.accumulate(self.model):
-                out = self.model(input_ids=ids, position_ids=pos, labels=labels_for(ids, pos))
+                out = self.model(input_ids=ids, position_ids=pos, labels=labels)
                 acc.backward(out.loss)
                 if acc.sync_gradients and args.max_grad_norm:
                     acc.clip_grad_norm_(self.params, args.max_grad_norm)
