@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.models.auto import modeling_auto  # noqa: F401  (defines the auto classes hooked below)
-from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from ..config import SparseXConfig
 from ..patches import check_model_type
@@ -193,7 +191,8 @@ def install_load_hooks() -> None:
     attn_implementation="sparsex", sparsex={...})`` and ``from_config(...)`` on the auto classes and the model
     classes merge ``sparsex`` over the stored config (the fields are validated before loading), refuse a model
     type without Sparse-X support at load, and set chunked prefill, as :func:`from_pretrained` does."""
-    autos, todo = [], [_BaseAutoModelClass]
+    base = next(c for c in AutoModelForCausalLM.__mro__ if c.__name__ == "_BaseAutoModelClass")
+    autos, todo = [], [base]
     while todo:  # every auto class keeps its own copy of the loaders
         autos.append(todo.pop())
         todo.extend(autos[-1].__subclasses__())
