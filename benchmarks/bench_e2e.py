@@ -150,7 +150,8 @@ def main():
 
     # attention alone: one decode step of one layer
     fields = dict(kv.split("=") for kv in filter(None, args.config.split(",")))
-    cfg = SparseXConfig(**{k: bool(int(v)) if k == "anchor" else int(v) for k, v in fields.items()})
+    cfg = SparseXConfig(**{k: (v if v in ("last", "split") else bool(int(v))) if k == "anchor" else int(v)
+                           for k, v in fields.items()})
     for t in args.attn:
         layer = SparseXLayer()
         gen = torch.Generator(device="cuda").manual_seed(1)

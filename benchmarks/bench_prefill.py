@@ -102,6 +102,8 @@ def main():
     for kv in filter(None, args.config.split(",")):
         key, val = kv.split("=")
         old = getattr(cfg, key)
+        if key == "anchor" and val in ("last", "split"):
+            old = ""
         cfg = cfg.replace(**{key: val in ("1", "true", "True") if isinstance(old, bool) else val if isinstance(old, str)
                              else type(old)(val)})
     dev = torch.device("cuda")
@@ -145,7 +147,7 @@ def main():
         peak = torch.cuda.max_memory_allocated() - base + (q.numel() + 2 * k.numel()) * 2
         record("sparsex", "fwd", t, hq, hkv, d, ms, flops, peak, qkvo, f"{keys / t:.0f} keys/query")
         sel = lambda: select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride,  # noqa: E731
-                                cfg.topk, cfg.score, cfg.select_tile, cfg.select_query, 0, cfg.rerank, cfg.anchor)
+                                cfg.topk, cfg.score, cfg.select_tile, cfg.select_query, 0, cfg.rerank, cfg.anchor or "")
         record("sparsex", "select", t, hq, hkv, d, bench(sel, rep, runs), 0, 0, qkvo)
         if t <= args.bwd_max:
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -201,7 +203,7 @@ def flex_row(q, k, v, cfg, t, hq, hkv, d, rep, record, qkvo, keys):
     """FlexAttention with the same key sets: sink | window | stride (token level) | the selected blocks of
     each 64-query tile (a [Hkv, T/64, T/64] lookup table built from Sparse-X's own selection)."""
     sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
-                    cfg.score, cfg.select_tile, cfg.select_query, 0, cfg.rerank, cfg.anchor)
+                    cfg.score, cfg.select_tile, cfg.select_query, 0, cfg.rerank, cfg.anchor or "")
     nt = t // 64
     table = torch.zeros(hkv, nt, nt + 1, dtype=torch.bool, device=q.device)
     rows_sel = sel[0, :, ::64].long()  # one selection per 64-query tile

@@ -16,9 +16,10 @@ COMBINE_MODES = ("union", "mix")
 SELECTION_SCORES = ("minmax", "mean", "hybrid")
 SELECT_QUERIES = ("each", "mean")
 BACKENDS = ("auto", "torch", "triton")
+ANCHORS = (False, "last", "split")
 
 
-PRESETS: dict[str, dict[str, Any]] = {"default": {}, "retrieval": {"rerank": 2, "anchor": True}}
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "retrieval": {"rerank": 2, "anchor": "last"}}
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -55,7 +56,9 @@ class SparseXConfig:
             prompt) selects the ``topk`` eligible blocks with the best exact score for its last query (the one
             that predicts the next token), over every block instead of a shortlist; a cache keeps those blocks and
             every later decode step adds them to its shortlist. One query reads every key once per call; decode
-            steps score ``topk`` more blocks.
+            steps score ``topk`` more blocks. ``True`` or ``"last"``: as described; ``"split"`` (experimental, not
+            yet evaluated): half of the blocks by the last query's exact score, the rest by the largest exact
+            logit of any query of the tile (the question's tokens); the tile's queries then read every key.
         select_query: with ``select_tile > 1``, ``"mean"`` scores the tile's mean query
             (``1/select_tile`` of the selection work; best recall measured on SmolLM2) and ``"each"``
             scores every query and takes the max over the tile.
@@ -84,7 +87,7 @@ class SparseXConfig:
     select_tile: int = 64
     select_query: str = "mean"
     rerank: int = 0
-    anchor: bool = False
+    anchor: bool | str = False
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     dense_below: int = 0
     respect_sliding_window: bool = True
@@ -154,8 +157,10 @@ class SparseXConfig:
             raise bad("rerank", "an integer in [0, 16] (0: one-stage selection)")
         if self.rerank and self.score == "hybrid":
             raise bad("rerank", "0 with score='hybrid' (the exact second stage ranks one score's shortlist)")
-        if not isinstance(self.anchor, bool):
-            raise bad("anchor", "True or False")
+        if self.anchor is True:
+            object.__setattr__(self, "anchor", "last")
+        if self.anchor not in ANCHORS:
+            raise bad("anchor", f"False, True (= 'last') or one of {ANCHORS[1:]}")
         if self.anchor and not self.rerank:
             raise bad("anchor", "False when rerank=0 (the exact second stage ranks the anchor blocks)")
 

@@ -12,7 +12,8 @@ def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: 
     """S(i) built literally from docs/spec.md for one query at position ``p`` of a document with ``n`` keys.
 
     k: ``[n, D]`` keys of one KV head; qg: ``[G, D]`` the group's queries (selection is shared);
-    anchor_queries: ``[G, D]`` the group's queries at the anchor tile's last position, when ``p`` is in that tile.
+    anchor_queries: ``([G, D], [G * r, D])`` the group's queries at the anchor tile's last position and at all its
+    ``r`` positions, when ``p`` is in that tile.
     Returns (sorted list of key positions, list of the selected blocks).
     """
     B = cfg.block_size
@@ -45,9 +46,14 @@ def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: 
 
     if cfg.topk == 0:
         chosen = []
-    elif anchor_queries is not None:  # the anchor tile: every candidate by its largest logit for the tile's last query
-        exact = {b: (anchor_queries @ blocks[b].T).max().item() for b in candidates}
+    elif anchor_queries is not None:  # the anchor tile: candidates by the largest logit of the last query ...
+        last, tile = anchor_queries
+        exact = {b: (last @ blocks[b].T).max().item() for b in candidates}
         chosen = sorted(candidates, key=lambda b: (-exact[b], b))[: cfg.topk]
+        if cfg.anchor == "split":  # ... for half of them, the rest by the largest logit of any query of the tile
+            chosen = chosen[: (cfg.topk + 1) // 2]
+            exact = {b: (tile @ blocks[b].T).max().item() for b in candidates}
+            chosen += sorted(set(candidates) - set(chosen), key=lambda b: (-exact[b], b))[: cfg.topk - len(chosen)]
     elif cfg.rerank:  # the summary score's shortlist, ranked again by the largest logit of each block's keys
         exact = {b: (qg @ blocks[b].T).max().item() for b in candidates}
         chosen = sorted(top(cfg.score, cfg.rerank * cfg.topk), key=lambda b: (-exact[b], b))[: cfg.topk]
@@ -99,7 +105,7 @@ def brute_force(q, k, v, cfg: SparseXConfig, scale=None, attention_mask=None, cu
                 mate_pos = [pp for pp in positions if pp // cfg.select_tile == p // cfg.select_tile]
                 anchored = cfg.anchor and p // cfg.select_tile == positions[-1] // cfg.select_tile
                 sink, local, stride, topk, _ = brute_force_key_set(p, n, kd[h], qg, cfg, sliding_window, mate_pos,
-                                                                   qt[:, -1] if anchored else None)
+                                                                   (qt[:, -1], qt.reshape(-1, d)) if anchored else None)
                 for gi in range(g):
                     hh = h * g + gi
                     logits = (kd[h] @ q[b, hh, r]) * scale

@@ -96,11 +96,13 @@ def load_model(model: str, *, dtype=None, device=None, attn_implementation: str 
     return out
 
 
-def _flag(text: str) -> bool:
-    """A boolean flag value: true/false, yes/no, 1/0."""
+def _anchor(text: str) -> bool | str:
+    """The ``--anchor`` value: true/false (yes/no, 1/0), last or split."""
     value = text.strip().lower()
+    if value in ("last", "split"):
+        return value
     if value not in ("true", "false", "yes", "no", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected true, false, last or split, got {text!r}")
     return value in ("true", "yes", "1")
 
 
@@ -115,7 +117,8 @@ SPARSEX_FLAGS = (
     ("select-query", str, "'mean' or 'each' (how a tile scores)"),
     ("score", str, "'minmax', 'mean' or 'hybrid'"),
     ("rerank", int, "two-stage selection: exact scores rank the rerank*topk best blocks (0: off)"),
-    ("anchor", _flag, "true: the prompt's last tile ranks every block exactly; decode adds its blocks (needs rerank)"),
+    ("anchor", _anchor, "true/last: the prompt's last tile ranks every block exactly; decode adds its blocks (needs "
+                        "rerank); split: half by the last query, half by the tile's queries (experimental)"),
     ("backend", str, "'auto', 'torch' or 'triton'"),
 )
 

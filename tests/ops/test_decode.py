@@ -200,11 +200,12 @@ def test_decode_anchor_blocks_join_the_shortlist(backend):
     torch.testing.assert_close(out, plain[:, :, -1:], atol=2e-5, rtol=2e-5)
 
 
-def test_prompt_anchor_is_the_prefill_choice_for_the_last_tile():
+@pytest.mark.parametrize("anchor", ["last", "split"])
+def test_prompt_anchor_is_the_prefill_choice_for_the_last_tile(anchor):
     """``sparsex_prompt_anchor``: the blocks the prefill (with ``anchor``) selects for each row's last tile, for
     left-padded rows, a prefill of the last queries only, and a sliding window."""
     q, k, v, mask = _case(t=300, seed=10)
-    cfg = SparseXConfig(**dict(SPARSE_SMALL, select_tile=16, rerank=1, topk=3, anchor=True))
+    cfg = SparseXConfig(**dict(SPARSE_SMALL, select_tile=16, rerank=1, topk=3, anchor=anchor))
     offsets = (300 - mask.long().sum(-1)).to(DEV)
     for tq, sw in ((300, None), (40, None), (300, 120)):
         _, stats = sparsex_attention(q[:, :, -tq:], k, v, cfg, attention_mask=mask, backend="torch",

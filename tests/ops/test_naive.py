@@ -32,6 +32,7 @@ CONFIGS = {
     "tile8-each-mean-rerank2": dict(SPARSE_SMALL, select_tile=8, select_query="each", score="mean", rerank=2, topk=2),
     "tile16-mean-anchor": dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor=True, topk=2),
     "per-query-anchor": dict(SPARSE_SMALL, select_tile=1, rerank=2, anchor=True, topk=3),
+    "tile16-split-anchor": dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor="split", topk=3),
 }
 
 
@@ -258,11 +259,13 @@ def test_reference_on_gpu_matches_cpu():
     assert math.isfinite(gpu.abs().sum().item())
 
 
-@pytest.mark.parametrize("case", ["padding", "packed", "sliding"])
+@pytest.mark.parametrize("case", ["padding", "packed", "sliding", "split"])
 def test_anchor_tile_matches_brute_force(case):
     """With ``anchor``, each document's last selection tile ranks every eligible block exactly: padded rows,
-    packed documents (each document's own last tile) and a sliding window, against the brute force."""
-    cfg = SparseXConfig(**dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor=True, topk=2))
+    packed documents (each document's own last tile), a sliding window and the ``"split"`` rule, against the
+    brute force."""
+    cfg = SparseXConfig(**dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor="split" if case == "split" else True,
+                               topk=3 if case == "split" else 2))
     q, k, v = random_qkv(2, 4, 2, 300, 300, 64, seed=11)
     kw = {}
     if case == "padding":

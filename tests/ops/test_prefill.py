@@ -127,6 +127,7 @@ SELECTIONS = {
     "tile16-each-rerank-sw": (dict(SPARSE_SMALL, select_tile=16, select_query="each", rerank=2), dict(sliding_window=150)),
     "tile16-mean-anchor": (dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor=True), {}),
     "per-query-anchor-sw": (dict(SPARSE_SMALL, select_tile=1, rerank=1, anchor=True), dict(sliding_window=150)),
+    "tile16-split-anchor": (dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor="split", topk=3), {}),
 }
 
 
@@ -141,7 +142,7 @@ def test_selection_matches_reference(name, tq):
     q, k, v = _inputs(("", b, hq, hkv, tq, tk, d), torch.float32, seed=11)
     _, stats = sparsex_attention(q, k, v, cfg, backend="torch", return_stats=True, **kw)
     sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
-                    cfg.score, cfg.select_tile, cfg.select_query, kw.get("sliding_window", 0), cfg.rerank, cfg.anchor)
+                    cfg.score, cfg.select_tile, cfg.select_query, kw.get("sliding_window", 0), cfg.rerank, cfg.anchor or "")
     # same sets (the kernel's order is unspecified)
     assert torch.equal(sel.long().sort(-1).values, stats.selected_blocks.sort(-1).values)
 

@@ -184,23 +184,37 @@ def shortlist_config(cfg: SparseXConfig) -> SparseXConfig:
 
 def anchor_blocks(q: torch.Tensor, keys: torch.Tensor, eligible: torch.Tensor, cfg: SparseXConfig,
                   budget: int = 64 << 20) -> torch.Tensor:
-    """The anchor tile's selection (``cfg.anchor``): ``q [Hkv, G, D]`` the tile's last query (the one that
-    predicts the next token), ``keys [Hkv, n, D]`` the document's keys, ``eligible [nb]`` the blocks eligible for
-    every query of the tile -> ``[Hkv, min(topk, nb)]``: every eligible block ranked by its exact score, the
-    largest logit of its keys over the group's heads, computed in fp32 at least (ties: lower block first; -1
-    where fewer are eligible). Keys are read in chunks of blocks so that the logits stay within ``budget`` bytes."""
-    hkv, g, d = q.shape
+    """The anchor tile's selection (``cfg.anchor``): ``q [Hkv, G, r, D]`` the tile's queries (the last one predicts
+    the next token), ``keys [Hkv, n, D]`` the document's keys, ``eligible [nb]`` the blocks eligible for every
+    query of the tile -> ``[Hkv, <= topk]`` block indices (-1 where fewer are eligible).
+
+    Every eligible block is ranked by its exact score, the largest logit of its keys over the group's heads,
+    computed in fp32 at least (ties: lower block first): for the last query (``"last"``); or (``"split"``) the
+    ``ceil(topk / 2)`` best for the last query, then the best of the others by the largest logit over all the
+    tile's queries. Keys are read in chunks of blocks so that the logits stay within ``budget`` bytes."""
+    if cfg.anchor != "split":
+        q = q[:, :, -1:]
+    hkv, g, r, d = q.shape
     bs, nb = cfg.block_size, eligible.shape[-1]
     dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.full((hkv, nb), -math.inf, dtype=dtype, device=q.device)
+    last = torch.full((hkv, nb), -math.inf, dtype=dtype, device=q.device)
+    tile = last.clone()
     qf = q.to(dtype)
-    step = max(1, budget // (4 * hkv * g * bs))
+    step = max(1, budget // (4 * hkv * g * r * bs))
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
         kc = keys[:, b0 * bs : b1 * bs].to(dtype)
-        logits = torch.einsum("hgd,hkd->hgk", qf, kc).view(hkv, g, b1 - b0, bs)
-        scores[:, b0:b1] = logits.amax(-1).amax(1)
-    return top_blocks(torch.where(eligible.to(q.device), scores, -math.inf), cfg.topk)
+        logits = torch.einsum("hgrd,hkd->hgrk", qf, kc).view(hkv, g, r, b1 - b0, bs).amax(-1).amax(1)  # [Hkv, r, nb']
+        last[:, b0:b1] = logits[:, -1]
+        tile[:, b0:b1] = logits.amax(1)
+    ok = eligible.to(q.device)
+    if cfg.anchor != "split":
+        return top_blocks(torch.where(ok, last, -math.inf), cfg.topk)
+    first = top_blocks(torch.where(ok, last, -math.inf), (cfg.topk + 1) // 2)
+    taken = torch.zeros(hkv, nb + 1, dtype=torch.bool, device=q.device)
+    taken.scatter_(-1, torch.where(first >= 0, first, nb), True)
+    rest = top_blocks(torch.where(ok & ~taken[:, :nb], tile, -math.inf), cfg.topk - first.shape[-1])
+    return torch.cat([first, rest], -1)
 
 
 def rerank_blocks(short: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:

@@ -96,8 +96,8 @@ def prompt_anchor(q: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, se
 
     ``q [B, Hq, Tq, D]`` are the queries of the call (cache positions ``seq_len - Tq ... seq_len - 1``),
     ``keys [B, Hkv, >= seq_len, D]`` the cached keys, rows starting at ``offsets [B]``. Each row's blocks are
-    the prefill's choice for its last selection tile (``common.anchor_blocks``: the exact scores of its last
-    query, among the blocks eligible for the tile's queries in the call)."""
+    the prefill's choice for its last selection tile (``common.anchor_blocks`` over that tile's queries in the
+    call)."""
     bsz, hq, tq, d = q.shape
     hkv = keys.shape[1]
     out = torch.full((bsz, hkv, cfg.topk), -1, dtype=torch.long, device=q.device)
@@ -108,7 +108,8 @@ def prompt_anchor(q: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, se
             continue
         start = max((n - 1) // cfg.select_tile * cfg.select_tile, n - tq, 0)
         eligible = eligible_blocks(torch.tensor([start, n - 1], device=q.device), nb, cfg, sliding_window).all(0)
-        top = anchor_blocks(q[b, :, -1].unflatten(0, (hkv, hq // hkv)), keys[b, :, int(off) : seq_len], eligible, cfg)
+        rows = q[b, :, start - (n - tq) :].unflatten(0, (hkv, hq // hkv))  # the tile's queries in this call
+        top = anchor_blocks(rows, keys[b, :, int(off) : seq_len], eligible, cfg)
         out[b, :, : top.shape[-1]] = top
     return out
 

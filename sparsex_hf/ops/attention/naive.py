@@ -66,10 +66,10 @@ def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_el
             eligible = shared[inv]
         sel = select_blocks(q[:, :, a:b], p[a:b], summaries, eligible, cfg, keys)  # fewer columns if nb < topk
         out[:, a:b, : sel.shape[-1]] = sel
-    if cfg.anchor:  # the last tile: every eligible block ranked by the exact score of its last query
+    if cfg.anchor:  # the last tile: every eligible block ranked by exact scores (common.anchor_blocks)
         a = int(torch.searchsorted(p // tile, p[-1] // tile))
         eligible = eligible_blocks(p[[a, m - 1]], nb, cfg, sliding_window).all(0)
-        sel = anchor_blocks(q[:, :, -1], keys, eligible, cfg)
+        sel = anchor_blocks(q[:, :, a:], keys, eligible, cfg)
         out[:, a:] = -1
         out[:, a:, : sel.shape[-1]] = sel[:, None]
     return out

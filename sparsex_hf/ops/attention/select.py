@@ -32,7 +32,7 @@ class SelectParams(NamedTuple):
     select_tile: int
     select_query: str
     rerank: int = 0
-    anchor: bool = False
+    anchor: bool | str = False
 
 
 @triton.jit
@@ -248,13 +248,13 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
 
 def _anchor_tile(sel, qd, kd, a: int, cfg: SelectParams, sliding_window) -> None:
     """``cfg.anchor``: the document's last tile (its rows ``a ...`` of ``qd [Hq, m, D]``) gets the blocks with the
-    best exact score for its last query over every eligible block (``common.anchor_blocks``), written into
+    best exact scores over every eligible block (``common.anchor_blocks``), written into
     ``sel [Hkv, m, topk]`` (the document's rows); ``kd [Hkv, n, D]`` are its keys."""
     hkv, m = sel.shape[0], sel.shape[1]
     n = kd.shape[1]
     ends = torch.tensor([n - m + a, n - 1], device=qd.device)
     eligible = eligible_blocks(ends, n // cfg.block_size, cfg, sliding_window).all(0)
-    top = anchor_blocks(qd[:, -1].unflatten(0, (hkv, qd.shape[0] // hkv)), kd, eligible, cfg)
+    top = anchor_blocks(qd[:, a:].unflatten(0, (hkv, qd.shape[0] // hkv)), kd, eligible, cfg)
     sel[:, a:] = -1
     sel[:, a:, : top.shape[-1]] = top[:, None].to(torch.int32)
 

@@ -21,17 +21,17 @@ def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
 def select_op(
     q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None, cu_q: torch.Tensor | None,
     cu_k: torch.Tensor | None, block_size: int, sink: int, window: int, stride: int, topk: int, score: str,
-    select_tile: int, select_query: str, sliding_window: int, rerank: int = 0, anchor: bool = False,
+    select_tile: int, select_query: str, sliding_window: int, rerank: int = 0, anchor: str = "",
 ) -> torch.Tensor:
-    """Top-k block indices ``[B, Hkv, Tq, topk]`` int32 (-1 = none)."""
-    cfg = SelectParams(block_size, sink, window, topk, score, select_tile, select_query, rerank, anchor)
+    """Top-k block indices ``[B, Hkv, Tq, topk]`` int32 (-1 = none); ``anchor``: ``""`` (off), ``"last"``, ``"split"``."""
+    cfg = SelectParams(block_size, sink, window, topk, score, select_tile, select_query, rerank, anchor or False)
     layout = _layout(q, k, attention_mask, cu_q, cu_k)
     return select_blocks_triton(q, k, layout, cfg, sliding_window or None)
 
 
 @select_op.register_fake
 def _(q, k, attention_mask, cu_q, cu_k, block_size, sink, window, stride, topk, score, select_tile, select_query, sliding_window,
-      rerank=0, anchor=False):
+      rerank=0, anchor=""):
     return q.new_empty((q.shape[0], k.shape[1], q.shape[2], topk), dtype=torch.int32)
 
 
@@ -122,7 +122,7 @@ def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_ma
     if cfg.topk > 0:
         sel = select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens_k, cfg.block_size,
                         cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk, cfg.score, cfg.select_tile,
-                        cfg.select_query, sw, cfg.rerank, cfg.anchor)
+                        cfg.select_query, sw, cfg.rerank, cfg.anchor or "")
     else:
         sel = q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32)
     common = (attention_mask, cu_seqlens_q, cu_seqlens_k, float(scale), cfg.block_size, cfg.sink_tokens,
