@@ -264,3 +264,22 @@ def test_identical_blocks_tie_to_the_lower_index_on_both_backends(select_tile):
                         cfg.score, cfg.select_tile, cfg.select_query, 0, 0)
         assert stats.selected_blocks[0, 0, -1].tolist() == [0, 1]
         assert torch.equal(sel.long().sort(-1).values, stats.selected_blocks.sort(-1).values)
+
+
+@pytest.mark.parametrize("rows, slots", [(1, 37), (1, 601), (300, 5)], ids=["few-slots", "spread-partial", "many-rows"])
+def test_exact_scores_kernel_matches_torch(rows, slots):
+    """The exact second stage's kernel: each listed block's largest logit (max over the group's heads), -inf for
+    -1; with few rows the slots spread over programs (the last one partial), with many one program per row."""
+    from sparsex_hf.ops.attention.select import exact_scores_triton
+
+    gen = torch.Generator().manual_seed(rows + slots)
+    hkv, g, d, bs, nb = 2, 3, 32, 16, 40
+    q = torch.randn(rows, hkv * g, d, generator=gen).to(DEVICE)
+    k = torch.randn(hkv, nb * bs, d, generator=gen).to(DEVICE)
+    short = torch.randint(-1, nb, (hkv, rows, slots), generator=gen).to(DEVICE)
+    q_rows = torch.arange(rows, device=DEVICE) * q.stride(0)
+    k_rows = torch.zeros(rows, dtype=torch.long, device=DEVICE)
+    got = exact_scores_triton(q.transpose(0, 1), q_rows, k, k_rows, short, g, bs)
+    logits = torch.einsum("rhgd,hkd->hrgk", q.view(rows, hkv, g, d), k).amax(2).view(hkv, rows, nb, bs).amax(-1)
+    want = torch.where(short >= 0, logits.gather(-1, short.clamp(min=0)), float("-inf"))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -261,13 +261,15 @@ def _anchor_tile(sel, qd, kd, a: int, cfg: SelectParams, sliding_window) -> None
 
 @triton.jit
 def _exact_scores_kernel(Q, K, ROWQ, ROWK, SHORT, OUT, s_qh, s_kh, s_kt, R,
-                         S: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                         BS: tl.constexpr, IEEE: tl.constexpr):
     """The exact second stage: for score row ``r`` and KV head ``h``, the largest logit (max over the group's
-    ``G`` heads) of the keys of each of its ``S`` shortlisted blocks. Row ``r``'s queries start at element
-    ``ROWQ[r]`` of ``Q`` (head ``h*G+g`` at ``+ (h*G+g) * s_qh``), its blocks' keys at ``ROWK[r]`` of ``K`` (key
-    ``j`` at ``+ h * s_kh + j * s_kt``); ``SHORT [Hkv, R, S]`` (-1 = none) -> ``OUT [Hkv, R, S]`` fp32."""
+    ``G`` heads) of the keys of each of its ``S`` shortlisted blocks, ``PER`` slots per program (grid axis 2).
+    Row ``r``'s queries start at element ``ROWQ[r]`` of ``Q`` (head ``h*G+g`` at ``+ (h*G+g) * s_qh``), its
+    blocks' keys at ``ROWK[r]`` of ``K`` (key ``j`` at ``+ h * s_kh + j * s_kt``); ``SHORT [Hkv, R, S]`` (-1 =
+    none) -> ``OUT [Hkv, R, S]`` fp32."""
     i_r, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    s0 = tl.program_id(2) * PER
     o_g = tl.arange(0, GP)
     o_d = tl.arange(0, D)
     o_j = tl.arange(0, BS)
@@ -275,8 +277,9 @@ def _exact_scores_kernel(Q, K, ROWQ, ROWK, SHORT, OUT, s_qh, s_kh, s_kt, R,
     b_q = tl.load(Q + q_base + (i_h * G + o_g)[:, None] * s_qh + o_d[None, :], mask=(o_g < G)[:, None], other=0.0)
     k_base = K + tl.load(ROWK + i_r) + i_h * s_kh
     p_s = (i_h * R + i_r) * S
-    for s in range(S):
-        blk = tl.load(SHORT + p_s + s)
+    for i in range(PER):
+        s = s0 + i
+        blk = tl.load(SHORT + p_s + s, mask=s < S, other=-1)
         cols = (tl.maximum(blk, 0) * BS + o_j).to(tl.int64)
         listed = ((o_j >= 0) & (blk >= 0)).to(tl.int32) != 0  # (a fresh boolean: the interpreter keeps some as ints)
         b_k = tl.load(k_base + cols[:, None] * s_kt + o_d[None, :], mask=listed[:, None], other=0.0)
@@ -286,7 +289,7 @@ def _exact_scores_kernel(Q, K, ROWQ, ROWK, SHORT, OUT, s_qh, s_kh, s_kt, R,
             sc = tl.dot(b_q, tl.trans(b_k))
         sc = tl.where((o_g < G)[:, None], sc, float("-inf"))
         best = tl.max(tl.max(sc, 1), 0)
-        tl.store(OUT + p_s + s, tl.where(blk >= 0, best, float("-inf")))
+        tl.store(OUT + p_s + s, tl.where(blk >= 0, best, float("-inf")), mask=s < S)
 
 
 def exact_scores_triton(q, q_rows, k, k_rows, short, group: int, block_size: int) -> torch.Tensor:
@@ -300,9 +303,12 @@ def exact_scores_triton(q, q_rows, k, k_rows, short, group: int, block_size: int
     out = empty(hkv, r, s, dtype=torch.float32, device=q.device)
     if r == 0 or s == 0:
         return out
-    _exact_scores_kernel[(r, hkv)](
+    # few rows (a decode step): the slots spread over programs too, so that every SM has work; many rows
+    # (prefill): one program walks a row's whole shortlist, as before
+    per = s if r * hkv >= 512 else max(1, -(-s * r * hkv // 512))
+    _exact_scores_kernel[(r, hkv, triton.cdiv(s, per))](
         q, k, q_rows, k_rows, short.to(torch.int32).contiguous(), out, q.stride(-3), k.stride(-3), k.stride(-2), r,
-        S=s, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size, IEEE=q.dtype == torch.float32,
+        S=s, PER=per, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size, IEEE=q.dtype == torch.float32,
         num_warps=4,
     )
     return out
