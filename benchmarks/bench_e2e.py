@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 import sparsex_hf
 from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXConfig, SparseXLayer
 from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_prompt_anchor
+from sparsex_hf.ops.attention.common import shortlist_config
 from sparsex_hf.ops.attention.decode import decode_positions, decode_select
 from sparsex_hf.ops.attention.decode_kernel import decode_select_triton
 
@@ -176,9 +177,10 @@ def main():
         sel_torch = lambda: decode_select(q, pos, summ, cfg, None, layer.keys, off, anchor)  # noqa: E731
         record("sparsex", "attn_select_torch", t, 1, float(np.median(events(sel_torch, 100, 10))),
                note="selection alone, torch ops (score matrix + topk)")
-        sel_only = lambda: decode_select_triton(q, summ, off, t, cfg, None)  # noqa: E731
+        first = shortlist_config(cfg) if cfg.rerank else cfg  # with rerank: the shortlist's kernels
+        sel_only = lambda: decode_select_triton(q, summ, off, t, first, None)  # noqa: E731
         record("sparsex", "attn_select", t, 1, float(np.median(events(sel_only, 200, 10))),
-               note="selection alone, split kernel + merge kernel")
+               note="selection alone, split kernel + merge kernel" + (" (first stage: the shortlist)" if cfg.rerank else ""))
         ms_graph = graphed(sparse)
         record("sparsex", "attn_graph", t, 1, ms_graph, note="same step replayed from a CUDA graph")
         best = None
