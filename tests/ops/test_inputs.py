@@ -64,3 +64,25 @@ def test_sequence_first_layout_is_caught():
     q = torch.randn(1, 2048, 4, 32)  # [B, T, H, D] by mistake
     with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
         sparsex_attention(q, q, q, CFG)
+
+
+def test_anchor_inputs_are_checked():
+    """The decode op's ``anchor`` must be an integer ``[B, Hkv, A]``; the prompt-anchor op checks its shapes."""
+    from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_prompt_anchor
+    from sparsex_hf.ops.attention.common import block_summaries
+
+    cfg = SparseXConfig(**dict(SPARSE_SMALL, rerank=1, anchor=True))
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 100, 16)
+    summ = tuple(t[None] for t in block_summaries(k[0], 16))
+    off = torch.zeros(1, dtype=torch.int32)
+    for bad in (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"anchor must be an integer tensor \[B, Hkv, A\] = \[1, 2, A\]"):
+            sparsex_decode_attention(q, k, k, summ, off, 100, cfg, anchor=bad)
+    ok = sparsex_decode_attention(q, k, k, summ, off, 100, cfg, anchor=torch.full((1, 2, 4), -1))
+    assert ok.shape == q.shape and not ok.isnan().any()
+    with pytest.raises(ValueError, match="do not match"):
+        sparsex_prompt_anchor(torch.randn(1, 3, 8, 16), k, off, 100, cfg)
+    with pytest.raises(ValueError, match=r"seq_len=101 must be in \[Tq=8, cache length 100\]"):
+        sparsex_prompt_anchor(torch.randn(1, 4, 8, 16), k, off, 101, cfg)
+    got = sparsex_prompt_anchor(torch.randn(1, 4, 8, 16), k, off, 100, cfg)
+    assert got.shape == (1, 2, cfg.topk) and got.dtype == torch.long
