@@ -24,21 +24,12 @@ import random
 
 import torch
 
-__all__ = ["FORMATS", "SyntheticSample", "make_retrieval_sample", "mix_sequences"]
+__all__ = ["FORMATS", "make_retrieval_sample", "mix_sequences"]
 
 FORMATS = ("record", "multi")
 _SYLLABLES = ("ka", "lo", "mi", "ren", "tus", "vai", "quo", "zel", "bri", "dan", "fe", "gor", "hal", "ix", "jun",
               "mor", "nek", "pal", "sor", "tem", "ul", "vin", "wex", "yar")
 _FIELDS = ("access code", "locker code", "badge code", "ticket code", "vault code", "routing code")
-
-
-class SyntheticSample(tuple):
-    """``(input_ids, labels)``: labels are -100 except on the answer tokens (and the end-of-sequence token)."""
-
-    __slots__ = ()
-
-    def __new__(cls, input_ids: list[int], labels: list[int]):
-        return super().__new__(cls, (input_ids, labels))
 
 
 def _name(rng: random.Random) -> str:
@@ -85,8 +76,9 @@ def _place(hay: list[str], lines: list[str], rng: random.Random) -> tuple[list[s
 
 
 def make_retrieval_sample(tokenizer, stream: list[int], length: int, fmt: str, seed: int,
-                          chat: bool | None = None) -> SyntheticSample:
-    """One sample of at most ``length`` tokens whose haystack is a window of ``stream`` (corpus token ids)."""
+                          chat: bool | None = None) -> tuple[list[int], list[int]]:
+    """One sample of at most ``length`` tokens whose haystack is a window of ``stream`` (corpus token ids):
+    ``(input_ids, labels)``, the labels -100 except on the answer tokens (and the end-of-sequence token)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown sample format {fmt!r}; formats are {FORMATS}")
     rng = random.Random(seed)
@@ -115,7 +107,7 @@ def make_retrieval_sample(tokenizer, stream: list[int], length: int, fmt: str, s
         answer_ids = answer_ids + ([eos] if eos is not None else [])
         excess = len(prompt_ids) + len(answer_ids) - length
         if excess <= 0:
-            return SyntheticSample(prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids)
+            return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
         budget -= excess + 8
     raise ValueError(f"could not fit a {fmt!r} sample into {length} tokens")
 

@@ -141,8 +141,8 @@ def sparsex_attention_forward(
     )
     if layer is not None and cfg.anchor and layer.offsets is not None and layer_idx not in cfg.dense_layers:
         # the end of the prompt: blocks that every later decode step adds to its shortlist
-        layer.anchor = sparsex_prompt_anchor(query, key, layer.offsets_tensor(query.device), layer.get_seq_length(),
-                                             cfg, sliding_window=sliding_window)
+        layer.anchor = sparsex_prompt_anchor(query, key, layer.offsets_tensor("cpu"), layer.get_seq_length(), cfg,
+                                             sliding_window=sliding_window)  # host offsets: no device sync
     return out.transpose(1, 2).contiguous(), None
 
 

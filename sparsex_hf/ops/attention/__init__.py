@@ -274,7 +274,8 @@ def sparsex_prompt_anchor(
 
     Args:
         q: ``[B, Hq, Tq, D]``, the prefill's queries (cache positions ``seq_len - Tq ... seq_len - 1``).
-        k_cache: ``[B, Hkv, L, D]``, ``L >= seq_len``, on ``q``'s device; offsets, seq_len: as for the decode.
+        k_cache: ``[B, Hkv, L, D]``, ``L >= seq_len``; offsets (read on the host: a CPU tensor avoids a device
+            sync), seq_len: as for the decode.
     Returns:
         ``[B, Hkv, topk]`` long: per row, the blocks its last selection tile selects (-1 = none).
     """

@@ -21,6 +21,7 @@ __all__ = [
     "max_block_logits",
     "rerank_blocks",
     "anchor_blocks",
+    "document_anchor",
     "shortlist_config",
     "block_summaries",
     "eligible_blocks",
@@ -28,6 +29,7 @@ __all__ = [
     "select_blocks",
     "shared_scores",
     "top_blocks",
+    "top_blocks_besides",
 ]
 
 
@@ -67,6 +69,14 @@ def top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     ok = torch.gather(scores, -1, order) > -math.inf
     return torch.where(ok, order, torch.full_like(order, -1))
+
+
+def top_blocks_besides(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`top_blocks` of ``scores [..., nb]`` among the blocks not in ``chosen [..., c]`` (-1 = empty slot)."""
+    nb = scores.shape[-1]
+    taken = torch.zeros(*scores.shape[:-1], nb + 1, dtype=torch.bool, device=scores.device)  # column nb: empty slots
+    taken.scatter_(-1, torch.where(chosen >= 0, chosen, nb), True)
+    return top_blocks(scores.masked_fill(taken[..., :nb], -math.inf), k)
 
 
 def shared_scores(q: torch.Tensor, p: torch.Tensor | None, summaries, kind: str, cfg: SparseXConfig) -> torch.Tensor:
@@ -123,11 +133,7 @@ def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig, k
         s_mm = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, "minmax", cfg), summaries, "minmax"), neg)
         sel_mm = top_blocks(s_mm, first)
         s_mean = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, "mean", cfg), summaries, "mean"), neg)
-        nb = s_mean.shape[-1]
-        taken = torch.zeros(*s_mean.shape[:-1], nb + 1, dtype=torch.bool, device=q.device)  # column nb: empty slots
-        taken.scatter_(-1, torch.where(sel_mm >= 0, sel_mm, nb), True)
-        sel_mean = top_blocks(s_mean.masked_fill(taken[..., :nb], -math.inf), cfg.topk - first)
-        return torch.cat([sel_mm, sel_mean], -1)
+        return torch.cat([sel_mm, top_blocks_besides(s_mean, sel_mm, cfg.topk - first)], -1)
     s = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, cfg.score, cfg), summaries, cfg.score), neg)
     if cfg.rerank:
         if keys is None:
@@ -197,24 +203,31 @@ def anchor_blocks(q: torch.Tensor, keys: torch.Tensor, eligible: torch.Tensor, c
     hkv, g, r, d = q.shape
     bs, nb = cfg.block_size, eligible.shape[-1]
     dtype = torch.promote_types(q.dtype, torch.float32)
-    last = torch.full((hkv, nb), -math.inf, dtype=dtype, device=q.device)
-    tile = last.clone()
+    scores = torch.full((hkv, r, nb), -math.inf, dtype=dtype, device=q.device)  # per query of the tile
     qf = q.to(dtype)
     step = max(1, budget // (4 * hkv * g * r * bs))
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
-        kc = keys[:, b0 * bs : b1 * bs].to(dtype)
-        logits = torch.einsum("hgrd,hkd->hgrk", qf, kc).view(hkv, g, r, b1 - b0, bs).amax(-1).amax(1)  # [Hkv, r, nb']
-        last[:, b0:b1] = logits[:, -1]
-        tile[:, b0:b1] = logits.amax(1)
-    ok = eligible.to(q.device)
+        logits = torch.einsum("hgrd,hkd->hgrk", qf, keys[:, b0 * bs : b1 * bs].to(dtype))
+        scores[..., b0:b1] = logits.view(hkv, g, r, b1 - b0, bs).amax(-1).amax(1)
+    scores = scores.masked_fill(~eligible.to(q.device), -math.inf)
     if cfg.anchor != "split":
-        return top_blocks(torch.where(ok, last, -math.inf), cfg.topk)
-    first = top_blocks(torch.where(ok, last, -math.inf), (cfg.topk + 1) // 2)
-    taken = torch.zeros(hkv, nb + 1, dtype=torch.bool, device=q.device)
-    taken.scatter_(-1, torch.where(first >= 0, first, nb), True)
-    rest = top_blocks(torch.where(ok & ~taken[:, :nb], tile, -math.inf), cfg.topk - first.shape[-1])
-    return torch.cat([first, rest], -1)
+        return top_blocks(scores[:, -1], cfg.topk)
+    first = top_blocks(scores[:, -1], (cfg.topk + 1) // 2)
+    return torch.cat([first, top_blocks_besides(scores.amax(1), first, cfg.topk - first.shape[-1])], -1)
+
+
+def document_anchor(q: torch.Tensor, first: int, keys: torch.Tensor, cfg: SparseXConfig,
+                    sliding_window) -> tuple[int, torch.Tensor]:
+    """The anchor of one document's queries in a call: ``q [Hkv, G, m, D]`` at positions ``first ... first + m - 1``,
+    ``keys [Hkv, n, D]`` its keys -> ``(a, blocks)``: the last selection tile is ``q``'s rows ``a ...`` (the
+    tile's queries present in the call), ``blocks [Hkv, <= topk]`` its :func:`anchor_blocks` among the blocks
+    eligible for all of them."""
+    last = first + q.shape[2] - 1
+    a = max(last // cfg.select_tile * cfg.select_tile, first) - first
+    ends = torch.tensor([first + a, last], device=q.device)
+    eligible = eligible_blocks(ends, keys.shape[1] // cfg.block_size, cfg, sliding_window).all(0)
+    return a, anchor_blocks(q[:, :, a:], keys, eligible, cfg)
 
 
 def rerank_blocks(short: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:

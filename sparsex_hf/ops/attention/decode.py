@@ -23,8 +23,8 @@ import torch
 
 from ...config import SparseXConfig
 from .common import (
-    anchor_blocks,
     block_scores,
+    document_anchor,
     eligible_blocks,
     rerank_blocks,
     resolve_mix_weights,
@@ -96,20 +96,18 @@ def prompt_anchor(q: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, se
 
     ``q [B, Hq, Tq, D]`` are the queries of the call (cache positions ``seq_len - Tq ... seq_len - 1``),
     ``keys [B, Hkv, >= seq_len, D]`` the cached keys, rows starting at ``offsets [B]``. Each row's blocks are
-    the prefill's choice for its last selection tile (``common.anchor_blocks`` over that tile's queries in the
-    call)."""
+    the prefill's choice for its last selection tile (``common.document_anchor``); ``offsets`` are read on the
+    host (pass a CPU tensor to avoid a device sync)."""
     bsz, hq, tq, d = q.shape
     hkv = keys.shape[1]
     out = torch.full((bsz, hkv, cfg.topk), -1, dtype=torch.long, device=q.device)
     for b, off in enumerate(offsets.tolist()):
         n = seq_len - int(off)  # the row's length; its queries in this call are positions n - tq ... n - 1
-        nb = n // cfg.block_size
-        if nb == 0 or cfg.topk == 0:
+        if n // cfg.block_size == 0 or cfg.topk == 0:
             continue
-        start = max((n - 1) // cfg.select_tile * cfg.select_tile, n - tq, 0)
-        eligible = eligible_blocks(torch.tensor([start, n - 1], device=q.device), nb, cfg, sliding_window).all(0)
-        rows = q[b, :, start - (n - tq) :].unflatten(0, (hkv, hq // hkv))  # the tile's queries in this call
-        top = anchor_blocks(rows, keys[b, :, int(off) : seq_len], eligible, cfg)
+        rows = min(n, tq)  # (a row shorter than the call starts inside it: its padding queries do not count)
+        _, top = document_anchor(q[b, :, tq - rows :].unflatten(0, (hkv, hq // hkv)), n - rows,
+                                 keys[b, :, int(off) : seq_len], cfg, sliding_window)
         out[b, :, : top.shape[-1]] = top
     return out
 

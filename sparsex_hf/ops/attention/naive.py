@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import SparseXConfig
-from .common import anchor_blocks, block_summaries, eligible_blocks, resolve_mix_weights, select_blocks
+from .common import block_summaries, document_anchor, eligible_blocks, resolve_mix_weights, select_blocks
 from .documents import Document, split_documents
 
 # Elements of one [Hq, tile, keys] score tile: bounds the reference's working memory (~64 MiB fp32).
@@ -67,9 +67,7 @@ def select_document(q, p, summaries, cfg: SparseXConfig, sliding_window, tile_el
         sel = select_blocks(q[:, :, a:b], p[a:b], summaries, eligible, cfg, keys)  # fewer columns if nb < topk
         out[:, a:b, : sel.shape[-1]] = sel
     if cfg.anchor:  # the last tile: every eligible block ranked by exact scores (common.anchor_blocks)
-        a = int(torch.searchsorted(p // tile, p[-1] // tile))
-        eligible = eligible_blocks(p[[a, m - 1]], nb, cfg, sliding_window).all(0)
-        sel = anchor_blocks(q[:, :, a:], keys, eligible, cfg)
+        a, sel = document_anchor(q, int(p[0]), keys, cfg, sliding_window)
         out[:, a:] = -1
         out[:, a:, : sel.shape[-1]] = sel[:, None]
     return out

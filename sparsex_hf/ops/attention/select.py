@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
-from .common import anchor_blocks, eligible_blocks, rerank_blocks
+from .common import document_anchor, rerank_blocks
 from .layout import KernelLayout
 
 
@@ -240,23 +240,11 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
             else:
                 row_sel = top.repeat_interleave((c_hi - c_lo).to(q.device), dim=1, output_size=int(c_hi[-1] - c_lo[0]))
             sel[b, :, r0 : r0 + row_sel.shape[1], : row_sel.shape[2]] = row_sel.to(torch.int32)
-        if cfg.anchor:
-            _anchor_tile(sel[b, :, q_row0 : q_row0 + m], qd, k[b, :, k_col0 : k_col0 + n], int(lo[-1]), cfg,
-                         sliding_window)
+        if cfg.anchor:  # the last tile: every eligible block ranked by exact scores (common.anchor_blocks)
+            a, top = document_anchor(qd.unflatten(0, (hkv, g)), first, k[b, :, k_col0 : k_col0 + n], cfg, sliding_window)
+            sel[b, :, q_row0 + a : q_row0 + m] = -1
+            sel[b, :, q_row0 + a : q_row0 + m, : top.shape[-1]] = top[:, None].to(torch.int32)
     return sel
-
-
-def _anchor_tile(sel, qd, kd, a: int, cfg: SelectParams, sliding_window) -> None:
-    """``cfg.anchor``: the document's last tile (its rows ``a ...`` of ``qd [Hq, m, D]``) gets the blocks with the
-    best exact scores over every eligible block (``common.anchor_blocks``), written into
-    ``sel [Hkv, m, topk]`` (the document's rows); ``kd [Hkv, n, D]`` are its keys."""
-    hkv, m = sel.shape[0], sel.shape[1]
-    n = kd.shape[1]
-    ends = torch.tensor([n - m + a, n - 1], device=qd.device)
-    eligible = eligible_blocks(ends, n // cfg.block_size, cfg, sliding_window).all(0)
-    top = anchor_blocks(qd[:, a:].unflatten(0, (hkv, qd.shape[0] // hkv)), kd, eligible, cfg)
-    sel[:, a:] = -1
-    sel[:, a:, : top.shape[-1]] = top[:, None].to(torch.int32)
 
 
 @triton.jit
