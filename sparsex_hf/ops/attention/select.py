@@ -54,13 +54,29 @@ def merge_topk(top_v, top_i, best, b0, o_k, K: tl.constexpr, BNB: tl.constexpr):
 
 
 @triton.jit
+def dot_split(x, w_t, HILO: tl.constexpr, IEEE: tl.constexpr):
+    """``x @ w_t`` accumulated in fp32. ``HILO``: ``x`` is fp32 and ``w_t`` half precision, and ``x`` is taken as
+    the sum of two half-precision parts (``hi`` = ``x`` rounded, ``lo`` = the rest, rounded), two products on the
+    tensor cores, so that ``x`` keeps about 16 bits of mantissa instead of 8 (bf16) -- the reference scores fp32
+    queries exactly. ``IEEE``: both fp32, no tf32 rounding."""
+    if HILO:
+        hi = x.to(w_t.dtype)
+        lo = (x - hi.to(tl.float32)).to(w_t.dtype)
+        return tl.dot(hi, w_t) + tl.dot(lo, w_t)
+    elif IEEE:
+        return tl.dot(x, w_t, input_precision="ieee")
+    else:
+        return tl.dot(x.to(w_t.dtype), w_t)
+
+
+@triton.jit
 def _block_topk_kernel(
     Q, KA, KB, PF, PL, EXCL, VAL, IDX,
     s_qh, s_qr, s_kh, s_kb, s_vh, s_vr, s_eh, s_er,
     R, NB, block, sink, window, sliding,
     G: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, RED: tl.constexpr,
     K: tl.constexpr, KP2: tl.constexpr, N_EXCL: tl.constexpr, MINMAX: tl.constexpr, HAS_SW: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, HILO: tl.constexpr,
 ):
     """Top-K eligible blocks per score row, streaming over the blocks: no score tensor in memory.
 
@@ -89,21 +105,12 @@ def _block_topk_kernel(
         best = tl.full([BQ, BNB], float("-inf"), tl.float32)
         for g in tl.static_range(G):
             b_q = tl.load(Q + (i_kh * G + g) * s_qh + o_q[:, None] * s_qr + o_d[None, :], mask=(o_q < R)[:, None], other=0.0)
-            if MINMAX:
+            if MINMAX:  # (maximum promotes bf16 to fp32 on the GPU; dot_split rounds back exactly)
                 zero = tl.zeros_like(b_q)
-                q_pos = tl.maximum(b_q, zero).to(b_ka.dtype)  # (maximum promotes bf16 to fp32 on the GPU)
-                q_neg = tl.minimum(b_q, zero).to(b_ka.dtype)
-                if IEEE:
-                    s = tl.dot(q_pos, tl.trans(b_ka), input_precision="ieee")
-                    s += tl.dot(q_neg, tl.trans(b_kb), input_precision="ieee")
-                else:
-                    s = tl.dot(q_pos, tl.trans(b_ka))
-                    s += tl.dot(q_neg, tl.trans(b_kb))
+                s = dot_split(tl.maximum(b_q, zero), tl.trans(b_ka), HILO, IEEE)
+                s += dot_split(tl.minimum(b_q, zero), tl.trans(b_kb), HILO, IEEE)
             else:
-                if IEEE:
-                    s = tl.dot(b_q, tl.trans(b_ka), input_precision="ieee")
-                else:
-                    s = tl.dot(b_q, tl.trans(b_ka))
+                s = dot_split(b_q, tl.trans(b_ka), HILO, IEEE)
             best = tl.maximum(best, s)
         if RED > 1:
             best = tl.max(tl.reshape(best, [BQ // RED, RED, BNB]), axis=1)
@@ -125,7 +132,8 @@ def _block_topk_kernel(
 
 def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: int, cfg, sliding_window=None,
                       exclude=None) -> torch.Tensor:
-    """Top-``k`` eligible blocks of every score row: ``qr [Hq, R, D]`` (``R`` a multiple of ``reduce``),
+    """Top-``k`` eligible blocks of every score row: ``qr [Hq, R, D]`` (``R`` a multiple of ``reduce``; fp32 rows
+    with half-precision summaries are scored at fp32 precision),
     ``ka/kb [Hkv, nb, D]`` (kmax/kmin, or kmean and None), ``p_first/p_last [R // reduce]`` positions
     spanned by each row, ``exclude [Hkv, R // reduce, e]`` blocks to skip (-1 = none) -> ``[Hkv, R // reduce, k]``
     int32 block indices (-1 where fewer are eligible), unordered."""
@@ -146,8 +154,8 @@ def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: i
         excl.stride(0), excl.stride(1),
         r, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
         G=group, D=d, BQ=bq, BNB=64, RED=reduce, K=k, KP2=kp2, N_EXCL=0 if exclude is None else exclude.shape[-1],
-        MINMAX=kb is not None, HAS_SW=sliding_window is not None, IEEE=qr.dtype == torch.float32,
-        num_warps=4 if bq <= 64 else 8,
+        MINMAX=kb is not None, HAS_SW=sliding_window is not None, IEEE=ka.dtype == torch.float32,
+        HILO=qr.dtype == torch.float32 and ka.dtype != torch.float32, num_warps=4 if bq <= 64 else 8,
     )
     return idx[..., :k]
 
@@ -216,7 +224,7 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
             if tile == 1:
                 rows, reduce = qd[:, int(c_lo[0]) : int(c_lo[0]) + nt], 1
             elif cfg.select_query == "mean":
-                rows, reduce = _tile_means(qd, c_lo, c_hi, tile).to(q.dtype), 1
+                rows, reduce = _tile_means(qd, c_lo, c_hi, tile), 1  # fp32, as the reference scores them
             else:  # every query of a tile, padded to `tile` rows by repeating the tile's first query
                 slot = torch.arange(tile)
                 idx = torch.where(slot[None] < (c_hi - c_lo)[:, None], c_lo[:, None] + slot[None], c_lo[:, None])
@@ -250,7 +258,7 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
 @triton.jit
 def _exact_scores_kernel(Q, K, ROWQ, ROWK, SHORT, OUT, s_qh, s_kh, s_kt, R,
                          S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                         BS: tl.constexpr, IEEE: tl.constexpr):
+                         BS: tl.constexpr, IEEE: tl.constexpr, HILO: tl.constexpr):
     """The exact second stage: for score row ``r`` and KV head ``h``, the largest logit (max over the group's
     ``G`` heads) of the keys of each of its ``S`` shortlisted blocks, ``PER`` slots per program (grid axis 2).
     Row ``r``'s queries start at element ``ROWQ[r]`` of ``Q`` (head ``h*G+g`` at ``+ (h*G+g) * s_qh``), its
@@ -271,10 +279,7 @@ def _exact_scores_kernel(Q, K, ROWQ, ROWK, SHORT, OUT, s_qh, s_kh, s_kt, R,
         cols = (tl.maximum(blk, 0) * BS + o_j).to(tl.int64)
         listed = ((o_j >= 0) & (blk >= 0)).to(tl.int32) != 0  # (a fresh boolean: the interpreter keeps some as ints)
         b_k = tl.load(k_base + cols[:, None] * s_kt + o_d[None, :], mask=listed[:, None], other=0.0)
-        if IEEE:
-            sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-        else:
-            sc = tl.dot(b_q, tl.trans(b_k))
+        sc = dot_split(b_q, tl.trans(b_k), HILO, IEEE)
         sc = tl.where((o_g < G)[:, None], sc, float("-inf"))
         best = tl.max(tl.max(sc, 1), 0)
         tl.store(OUT + p_s + s, tl.where(blk >= 0, best, float("-inf")), mask=s < S)
@@ -296,7 +301,7 @@ def exact_scores_triton(q, q_rows, k, k_rows, short, group: int, block_size: int
     per = s if r * hkv >= 512 else max(1, -(-s * r * hkv // 512))
     _exact_scores_kernel[(r, hkv, triton.cdiv(s, per))](
         q, k, q_rows, k_rows, short.to(torch.int32).contiguous(), out, q.stride(-3), k.stride(-3), k.stride(-2), r,
-        S=s, PER=per, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        S=s, PER=per, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size,
+        IEEE=k.dtype == torch.float32, HILO=q.dtype == torch.float32 and k.dtype != torch.float32, num_warps=4,
     )
     return out
