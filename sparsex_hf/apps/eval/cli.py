@@ -18,7 +18,7 @@ import torch
 
 from ..loading import add_sparsex_arguments, load_config, load_model, load_tokenizer, sparsex_config_from_args
 from .fidelity import VARIANTS
-from .methods import METHODS
+from .methods import DEFAULT_METHODS, METHODS
 from .report import tables, write_all
 from .runner import EvalSettings, evaluate, summarize
 from .tasks import TASKS
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lengths", type=_csv(int), default=[2048, 4096], help="comma-separated token lengths (prompt + answer)")
     ap.add_argument("--methods", type=_csv(str), default=None,
                     help=f"comma-separated subset of {','.join(METHODS)} and sparsex:NAME for each --variant "
-                         "(default: all of them)")
+                         f"(default: {','.join(DEFAULT_METHODS)} and every variant; 'oracle' is as slow as dense)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="a Sparse-X config variant run as method sparsex:NAME, e.g. "
                          "'b32={\"block_size\": 32, \"topk\": 24}' (repeatable)")
@@ -142,7 +142,7 @@ def _run(ap: argparse.ArgumentParser, args) -> int:
         ap.error("--model is required (unless --merge)")
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
     variants = _variants(ap, args.variant)
-    methods = args.methods or [*METHODS, *(f"sparsex:{v}" for v in variants)]
+    methods = args.methods or [*DEFAULT_METHODS, *(f"sparsex:{v}" for v in variants)]
     settings = EvalSettings(tasks=tasks, lengths=args.lengths, methods=methods, samples=args.samples,
                             seed=args.seed, batch_size=args.batch_size, ppl_samples=args.ppl_samples,
                             fidelity_samples=args.fidelity_samples, fidelity_variants=args.fidelity_variants,

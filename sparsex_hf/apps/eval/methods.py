@@ -8,21 +8,25 @@
   budget stays the same (the paper's ablation).
 * ``sparsex:NAME``: Sparse-X with the config's fields changed by the variant ``NAME`` (``--variant NAME=JSON``),
   to compare selection choices on the same inputs.
+* ``oracle``: Sparse-X's keys with the best possible top-k blocks of every query, chosen from its dense
+  attention (``oracle.py``): what the budget allows. As slow as dense attention; not in the default list.
 """
 
 from __future__ import annotations
 
 from ...config import SparseXConfig
 from ...hf.model import set_sparsex_config
+from .oracle import ORACLE_ATTN, register_oracle
 
-METHODS = ("sdpa", "sparsex", "window", "stride_window")
+METHODS = ("sdpa", "sparsex", "window", "stride_window", "oracle")
+DEFAULT_METHODS = ("sdpa", "sparsex", "window", "stride_window")
 
 
 def method_config(method: str, cfg: SparseXConfig, max_length: int, variants: dict | None = None) -> SparseXConfig | None:
     """The Sparse-X config that realises ``method`` (None for dense ``sdpa``)."""
     if method == "sdpa":
         return None
-    if method == "sparsex":
+    if method in ("sparsex", "oracle"):
         return cfg
     if method.startswith("sparsex:"):
         name = method.split(":", 1)[1]
@@ -44,7 +48,9 @@ def use_method(model, method: str, cfg: SparseXConfig, max_length: int, variants
         model.set_attn_implementation("sdpa")
     else:
         set_sparsex_config(model, mc)
-        model.set_attn_implementation("sparsex")
+        if method == "oracle":
+            register_oracle()
+        model.set_attn_implementation(ORACLE_ATTN if method == "oracle" else "sparsex")
     gen = getattr(model, "generation_config", None)
     if gen is not None:  # evaluated lengths are prefilled in one pass
         gen.prefill_chunk_size = None

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ...config import SparseXConfig
 from .fidelity import VARIANTS, fidelity
-from .methods import METHODS, use_method
+from .methods import DEFAULT_METHODS, METHODS, use_method
 from .report import wilson, write_all
 from .tasks import TASKS, make_sample, score, text_sentences
 
@@ -25,7 +25,7 @@ from .tasks import TASKS, make_sample, score, text_sentences
 class EvalSettings:
     tasks: list[str]
     lengths: list[int]
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     samples: int = 10
     seed: int = 0
     batch_size: int = 8
