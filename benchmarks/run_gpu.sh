@@ -7,7 +7,8 @@
 #          tests                                 python -m pytest ARGS...  (the GPU test selection: see docs/benchmarks.md)
 #          eval                                  sparsex-eval --output OUT/eval ARGS...
 #
-# OUT is $OUT when set (the device tool's output folder), else benchmarks/results. The package is installed
+# OUT is $OUT when set (the device tool's output folder), else benchmarks/results. TIME_LIMIT=S stops the run
+# after S seconds with SIGINT (sparsex-eval keeps every method it finished; the call can still pack its files). The package is installed
 # from this checkout first (no network needed). Wheels placed in .whl/ (or .whl2/, ...) are installed into
 # /tmp/site, which is put on PYTHONPATH; a wheel too large for one transfer may come as NAME.whl.part-K-of-N
 # files over several calls to the same machine: parts wait in /root/whl until all N are there, then are joined.
@@ -34,8 +35,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/
 
 name="${1:?usage: run_gpu.sh NAME [ARGS...]}"
 shift
+limit=()
+[ -n "${TIME_LIMIT:-}" ] && limit=(timeout -s INT "$TIME_LIMIT")
 case "$name" in
-    tests) python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
-    eval) python3 -m sparsex_hf.apps.eval --output "$out/eval" "$@" 2>&1 | tr '\r' '\n' | tee "$out/eval.log" ;;
-    *) python3 "benchmarks/$name.py" --out-dir "$out" "$@" 2>&1 | tee "$out/$name.log" ;;
+    tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
+    eval) "${limit[@]}" python3 -m sparsex_hf.apps.eval --output "$out/eval" "$@" 2>&1 | tr '\r' '\n' | tee "$out/eval.log" ;;
+    *) "${limit[@]}" python3 "benchmarks/$name.py" --out-dir "$out" "$@" 2>&1 | tee "$out/$name.log" ;;
 esac

@@ -37,6 +37,7 @@ VARIANTS = {
     "two-stage x2": dict(rerank=2),
     "two-stage x4": dict(rerank=4),
     "two-stage x2 + anchor": dict(rerank=2, anchor=True),
+    "two-stage x2 + split anchor": dict(rerank=2, anchor="split"),
 }
 
 

@@ -53,6 +53,12 @@ def merge_topk(top_v, top_i, best, b0, o_k, K: tl.constexpr, BNB: tl.constexpr):
     return top_v, top_i
 
 
+# The block-score kernel keeps the query tiles of all the group's heads on chip when they take at most this many
+# bytes (shared memory of sm_90, compiled for triton 3.9: 139 KB for 64 KB of query tiles, 270 KB for 128 KB,
+# over the 227 KB limit); larger groups loop over their heads at run time instead.
+UNROLLED_QUERY_BYTES = 64 << 10
+
+
 @triton.jit
 def dot_split(x, w_t, HILO: tl.constexpr, IEEE: tl.constexpr):
     """``x @ w_t`` accumulated in fp32. ``HILO``: ``x`` is fp32 and ``w_t`` half precision, and ``x`` is taken as
@@ -70,13 +76,27 @@ def dot_split(x, w_t, HILO: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _head_scores(Q, q_off, o_q, o_d, R, s_qr, b_ka, b_kb, MINMAX: tl.constexpr, HILO: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Block scores ``[BQ, BNB]`` of one query head's rows (``Q + q_off``) against a chunk of block summaries."""
+    b_q = tl.load(Q + q_off + o_q[:, None] * s_qr + o_d[None, :], mask=(o_q < R)[:, None], other=0.0)
+    if MINMAX:  # (maximum promotes bf16 to fp32 on the GPU; dot_split rounds back exactly)
+        zero = tl.zeros_like(b_q)
+        s = dot_split(tl.maximum(b_q, zero), tl.trans(b_ka), HILO, IEEE)
+        s += dot_split(tl.minimum(b_q, zero), tl.trans(b_kb), HILO, IEEE)
+    else:
+        s = dot_split(b_q, tl.trans(b_ka), HILO, IEEE)
+    return s
+
+
+@triton.jit
 def _block_topk_kernel(
     Q, KA, KB, PF, PL, EXCL, VAL, IDX,
     s_qh, s_qr, s_kh, s_kb, s_vh, s_vr, s_eh, s_er,
     R, NB, block, sink, window, sliding,
     G: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, RED: tl.constexpr,
     K: tl.constexpr, KP2: tl.constexpr, N_EXCL: tl.constexpr, MINMAX: tl.constexpr, HAS_SW: tl.constexpr,
-    IEEE: tl.constexpr, HILO: tl.constexpr,
+    IEEE: tl.constexpr, HILO: tl.constexpr, UNROLL_G: tl.constexpr,
 ):
     """Top-K eligible blocks per score row, streaming over the blocks: no score tensor in memory.
 
@@ -102,16 +122,17 @@ def _block_topk_kernel(
         b_ka = tl.load(KA + p_k, mask=m_b[:, None], other=0.0)
         if MINMAX:
             b_kb = tl.load(KB + p_k, mask=m_b[:, None], other=0.0)
+        else:
+            b_kb = b_ka
         best = tl.full([BQ, BNB], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            b_q = tl.load(Q + (i_kh * G + g) * s_qh + o_q[:, None] * s_qr + o_d[None, :], mask=(o_q < R)[:, None], other=0.0)
-            if MINMAX:  # (maximum promotes bf16 to fp32 on the GPU; dot_split rounds back exactly)
-                zero = tl.zeros_like(b_q)
-                s = dot_split(tl.maximum(b_q, zero), tl.trans(b_ka), HILO, IEEE)
-                s += dot_split(tl.minimum(b_q, zero), tl.trans(b_kb), HILO, IEEE)
-            else:
-                s = dot_split(b_q, tl.trans(b_ka), HILO, IEEE)
-            best = tl.maximum(best, s)
+        if UNROLL_G:  # the compiler keeps every head's query tile on chip across the block loop
+            for g in tl.static_range(G):
+                s = _head_scores(Q, (i_kh * G + g) * s_qh, o_q, o_d, R, s_qr, b_ka, b_kb, MINMAX, HILO, IEEE)
+                best = tl.maximum(best, s)
+        else:  # too large to keep (many heads per group, fp32 rows): reloaded per chunk, from L2
+            for g in range(G):
+                s = _head_scores(Q, (i_kh * G + g) * s_qh, o_q, o_d, R, s_qr, b_ka, b_kb, MINMAX, HILO, IEEE)
+                best = tl.maximum(best, s)
         if RED > 1:
             best = tl.max(tl.reshape(best, [BQ // RED, RED, BNB]), axis=1)
         b_end = o_b * block + block - 1
@@ -156,6 +177,7 @@ def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: i
         G=group, D=d, BQ=bq, BNB=64, RED=reduce, K=k, KP2=kp2, N_EXCL=0 if exclude is None else exclude.shape[-1],
         MINMAX=kb is not None, HAS_SW=sliding_window is not None, IEEE=ka.dtype == torch.float32,
         HILO=qr.dtype == torch.float32 and ka.dtype != torch.float32, num_warps=4 if bq <= 64 else 8,
+        UNROLL_G=group * bq * d * qr.element_size() <= UNROLLED_QUERY_BYTES,
     )
     return idx[..., :k]
 
