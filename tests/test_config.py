@@ -72,7 +72,8 @@ def test_rerank_is_validated_and_the_retrieval_preset_turns_it_on():
 
 def test_anchor_needs_the_exact_stage_and_is_in_the_retrieval_preset():
     assert not SparseXConfig().anchor
-    assert SparseXConfig.preset("retrieval").anchor == "last" == SparseXConfig(rerank=1, anchor=True).anchor
+    assert SparseXConfig.preset("retrieval").anchor == "split"
+    assert SparseXConfig(rerank=1, anchor=True).anchor == "last"
     assert SparseXConfig.from_dict(SparseXConfig(rerank=1, anchor="split").to_dict()).anchor == "split"
     with pytest.raises(ValueError, match="anchor='first' is invalid"):
         SparseXConfig(rerank=1, anchor="first")

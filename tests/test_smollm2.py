@@ -87,9 +87,9 @@ def test_auto_class_takes_sparsex_fields_on_a_gguf_checkpoint(smollm2):
 
 
 def test_the_retrieval_preset_finds_a_code_needle_the_default_loses(smollm2):
-    """niah_code at 4K (47% of the keys), a needle near the start: dense attention and the two-stage, anchored
-    selection (SparseXConfig.preset("retrieval")) answer it, the one-stage default does not (fp32 reference on
-    the CPU; the same on the H200 in bf16, benchmarks/results/eval_selection_v0.3.json)."""
+    """niah_code at 4K (47% of the keys), a needle near the start: dense attention and the two-stage selection
+    with the split anchor (SparseXConfig.preset("retrieval")) answer it, the one-stage default does not (fp32
+    reference on the CPU; the same on the H200 in bf16, benchmarks/results/eval_selection_v0.4_2k4k.json)."""
     tok, model = smollm2
     saved = dict(model.config.sparsex)
     s = make_sample("niah_code", 4096, 1, tok, seed=0, n_samples=100)

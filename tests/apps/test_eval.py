@@ -248,3 +248,25 @@ def test_merge_refuses_different_configs_or_sample_counts(tmp_path, capsys):
     assert "sample counts" in capsys.readouterr().err
     assert main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--output", str(tmp_path / "m")]) == 2
     assert "configs differ" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_keeps_finished_groups_and_has_no_partial_mean(monkeypatch):
+    """The runner saves after every (task, length) group of a method; a method that did not score every task
+    gets per-task accuracies but no mean over tasks."""
+    from types import SimpleNamespace
+
+    from sparsex_hf.apps.eval import runner
+
+    monkeypatch.setattr(runner, "_generate", lambda model, tok, prompts, n: ["12345"] * len(prompts))
+    sample = lambda task, i: SimpleNamespace(task=task, index=i, depth=0.5, n_tokens=100, answers=["12345"],  # noqa: E731
+                                             prompt="p", max_new_tokens=4)
+    batches = [(("a", 128), [sample("a", 0), sample("a", 1)]), (("a", 128), [sample("a", 2)]),
+               (("b", 128), [sample("b", 0)])]
+    saved, records = [], []
+    bar = SimpleNamespace(set_postfix_str=lambda s: None, update=lambda n: None)
+    runner._run_method(None, None, "sdpa", None, batches, {}, bar, records, [], saved=lambda: saved.append(len(records)))
+    assert saved == [3, 4]  # after group a (two batches) and after group b
+    partial = [dict(r, method="oracle") for r in records if r["task"] == "a"]
+    summary = summarize(records + partial, [])
+    assert summary["mean"]["sdpa"]["128"] == 100.0 and "oracle" not in summary["mean"]
+    assert summary["accuracy"]["oracle"]["128"] == {"a": 100.0}

@@ -144,9 +144,9 @@ def compact(results: dict) -> dict:
     return out
 
 
-def write_all(results: dict, output_dir: str) -> list[str]:
-    """``results.json`` (every sample), ``summary.json`` (:func:`compact`), ``table.md`` and (with matplotlib)
-    ``accuracy.png`` in ``output_dir``; returns the names of the files written."""
+def write_all(results: dict, output_dir: str, figure: bool = True) -> list[str]:
+    """``results.json`` (every sample), ``summary.json`` (:func:`compact`), ``table.md`` and (with matplotlib and
+    ``figure``) ``accuracy.png`` in ``output_dir``; returns the names of the files written."""
     os.makedirs(output_dir, exist_ok=True)
     save_json(results, os.path.join(output_dir, "results.json"))
     with open(os.path.join(output_dir, "summary.json"), "w") as fh:
@@ -154,6 +154,6 @@ def write_all(results: dict, output_dir: str) -> list[str]:
     with open(os.path.join(output_dir, "table.md"), "w") as fh:
         fh.write(tables(results))
     written = ["results.json", "summary.json", "table.md"]
-    if plot(results, os.path.join(output_dir, "accuracy.png")):
+    if figure and plot(results, os.path.join(output_dir, "accuracy.png")):
         written.append("accuracy.png")
     return written

@@ -108,9 +108,10 @@ def _inputs(tokenizer, settings: EvalSettings, dev):
     return batches, texts(settings.ppl_samples, settings.seed), texts(settings.fidelity_samples, settings.seed + 1)
 
 
-def _run_method(model, tokenizer, method, mc, batches, ppl_inputs, bar, records, ppl) -> None:
-    """Every batch and perplexity input with ``model`` switched to ``method`` (config ``mc``)."""
-    for (task, length), batch in batches:
+def _run_method(model, tokenizer, method, mc, batches, ppl_inputs, bar, records, ppl, saved=None) -> None:
+    """Every batch and perplexity input with ``model`` switched to ``method`` (config ``mc``); ``saved()`` is
+    called after each (task, length) group, so that a run cut short keeps the groups it finished."""
+    for i, ((task, length), batch) in enumerate(batches):
         bar.set_postfix_str(f"{method} {task} {length}")
         outs = _generate(model, tokenizer, [s.prompt for s in batch], batch[0].max_new_tokens)
         for s, o in zip(batch, outs):
@@ -118,6 +119,8 @@ def _run_method(model, tokenizer, method, mc, batches, ppl_inputs, bar, records,
                                 n_tokens=s.n_tokens, answers=s.answers, output=o, score=score(o, s.answers),
                                 keys_per_query=(mc.keys_per_query(length) if mc else length)))
         bar.update(1)
+        if saved is not None and (i + 1 == len(batches) or batches[i + 1][0] != (task, length)):
+            saved()
     for length, inputs in ppl_inputs.items():
         for i, ids in enumerate(inputs):
             bar.set_postfix_str(f"{method} ppl {length}")
@@ -138,7 +141,7 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
              model_name: str = "") -> dict:
     """Run ``settings`` on ``model`` (a loaded causal LM whose type Sparse-X supports) and return the
     results; with ``output_dir`` also write ``results.json``, ``table.md`` and ``accuracy.png`` there (after
-    each method, so a run cut short keeps what it measured)."""
+    each task and length of each method, so a run cut short keeps what it measured)."""
     settings.check()
     saved_attn, saved_cfg = model.config._attn_implementation, getattr(model.config, "sparsex", None)
     if tokenizer.pad_token_id is None:
@@ -160,15 +163,16 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
                     configs=configs, tasks={t: TASKS[t].description for t in settings.tasks},
                     samples=records, ppl=ppl, fidelity=fid, summary=summarize(records, ppl))
 
-    def checkpoint() -> None:
+    def checkpoint(figure: bool = True) -> None:
         if output_dir:
-            write_all(collect(), output_dir)
+            write_all(collect(), output_dir, figure)
 
     try:
         for method in settings.methods:
             mc = use_method(model, method, cfg, max_len, settings.variants)
             configs[method] = mc.to_dict() if mc is not None else None
-            _run_method(model, tokenizer, method, mc, batches, ppl_inputs, bar, records, ppl)
+            _run_method(model, tokenizer, method, mc, batches, ppl_inputs, bar, records, ppl,
+                        saved=lambda: checkpoint(figure=False))
             checkpoint()
         for name in settings.fidelity_variants if fid_inputs else ():
             for length, inputs in fid_inputs.items():
@@ -187,8 +191,11 @@ def evaluate(model, tokenizer, cfg: SparseXConfig, settings: EvalSettings, outpu
 
 
 def summarize(records: list[dict], ppl: list[dict]) -> dict:
-    """Mean score per (method, length, task) and per (method, length) over tasks; perplexity per (method, length)."""
+    """Mean score per (method, length, task) and per (method, length) over tasks (only where every task of the
+    run has been scored: a run cut short has no mean for a method it did not finish); perplexity per (method,
+    length)."""
     acc: dict = {}
+    every = {r["task"] for r in records}
     for r in records:
         acc.setdefault(r["method"], {}).setdefault(str(r["length"]), {}).setdefault(r["task"], []).append(r["score"])
     out: dict = {"accuracy": {}, "mean": {}, "ppl": {}, "ci": {}, "mean_ci": {}, "n": {}}
@@ -196,11 +203,12 @@ def summarize(records: list[dict], ppl: list[dict]) -> dict:
         for n, by_task in by_len.items():
             means = {t: sum(v) / len(v) for t, v in by_task.items()}
             out["accuracy"].setdefault(m, {})[n] = means
-            out["mean"].setdefault(m, {})[n] = sum(means.values()) / len(means)
             out["ci"].setdefault(m, {})[n] = {t: wilson(means[t] / 100, len(v)) for t, v in by_task.items()}
-            pooled = [x for v in by_task.values() for x in v]
-            out["mean_ci"].setdefault(m, {})[n] = wilson(sum(pooled) / len(pooled) / 100, len(pooled))
             out["n"].setdefault(m, {})[n] = {t: len(v) for t, v in by_task.items()}
+            if set(by_task) == every:
+                out["mean"].setdefault(m, {})[n] = sum(means.values()) / len(means)
+                pooled = [x for v in by_task.values() for x in v]
+                out["mean_ci"].setdefault(m, {})[n] = wilson(sum(pooled) / len(pooled) / 100, len(pooled))
     nll: dict = {}
     for r in ppl:
         nll.setdefault(r["method"], {}).setdefault(str(r["length"]), []).append(r["nll"])
