@@ -214,3 +214,35 @@ def test_prompt_anchor_is_the_prefill_choice_for_the_last_tile(anchor):
         want = stats.selected_blocks[:, :, -1]
         assert torch.equal(got.sort(-1).values, want.sort(-1).values.to(got.device)), (tq, sw)
         assert (got >= 0).any()
+
+
+def test_decode_custom_op_schema_fake_and_compile():
+    """The decode step is the custom op ``sparsex::decode`` under torch.compile: its schema and fake
+    implementation pass ``torch.library.opcheck``, and a compiled step (one graph, no break) equals the eager one,
+    with the anchor and the two-stage selection."""
+    from sparsex_hf.ops.attention.decode_op import config_json, decode_op
+
+    cfg = SparseXConfig(**SPARSE_SMALL, rerank=2, anchor="split", backend="torch")
+    q, k, v, mask = _case(t=260)
+    cache = Cache(k, v, mask)
+    anchor = torch.tensor([[[3, 5, -1, -1]] * 2, [[1, -1, -1, -1]] * 2], device=DEV)
+    q1 = q[:, :, -1:]
+    args = (q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor, None, cache.seq_len, 260 - 0,
+            config_json(cfg), 32**-0.5, 0, "torch")
+    torch.library.opcheck(decode_op, args, test_utils=("test_schema", "test_faketensor"))
+
+    def step(q1, k, v, kmin, kmax, kmean, offsets, anchor):
+        return sparsex_decode_attention(q1, k, v, (kmin, kmax, kmean), offsets, 260, cfg, max_doc_len=260,
+                                        anchor=anchor)
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    eager = step(q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor)
+    compiled = torch.compile(step, fullgraph=True, backend=recording)
+    torch.testing.assert_close(compiled(q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor), eager)
+    assert len(graphs) == 1 and "sparsex.decode" in graphs[0]
+    torch.testing.assert_close(eager, cache(q1, cfg, anchor=anchor))

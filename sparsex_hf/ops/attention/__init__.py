@@ -17,17 +17,17 @@ import torch
 
 from ...config import SparseXConfig
 from .common import block_summaries
-from .decode import MAX_DECODE_QUERIES, prompt_anchor, sparsex_decode_torch
+from .decode import MAX_DECODE_QUERIES, prompt_anchor
+from .decode_op import config_json, decode_op, run_decode
 from .documents import Document, cu_seqlens_from_position_ids, split_documents
 from .naive import SparseXStats, sparsex_attention_naive
 
 try:  # Triton is a Linux dependency; elsewhere only the reference runs
-    from .decode_kernel import sparsex_decode_triton
     from .triton_ops import sparsex_attention_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - Linux CI always has triton
-    sparsex_attention_triton = sparsex_decode_triton = None
+    sparsex_attention_triton = None
     HAS_TRITON = False
 
 logger = logging.getLogger("sparsex_hf")
@@ -253,12 +253,15 @@ def sparsex_decode_attention(
     if not cfg.respect_sliding_window:
         sliding_window = None
     backend = resolve_backend(backend or cfg.backend, q.device)
-    args = (q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg)
-    kw = dict(scale=scale, sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
     if backend == "triton" and k_cache.device == q.device:
         _check_triton(q, cfg, False)
-        return sparsex_decode_triton(*args, **kw)
-    return sparsex_decode_torch(*args, **kw)  # the reference, or an offloaded cache (gathered where it lives)
+    else:  # the reference, or an offloaded cache (gathered where it lives)
+        backend = "torch"
+    if torch.compiler.is_compiling():  # traced through the custom op (decode_op.py)
+        return decode_op(q, k_cache, v_cache, *summaries, offsets, anchor, mix_weights, seq_len, max_doc_len,
+                         config_json(cfg), float(scale), int(sliding_window or 0), backend)
+    return run_decode(backend, q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg, scale=scale,
+                      sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
 
 
 def sparsex_prompt_anchor(
