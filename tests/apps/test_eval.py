@@ -270,3 +270,38 @@ def test_a_run_cut_short_keeps_finished_groups_and_has_no_partial_mean(monkeypat
     summary = summarize(records + partial, [])
     assert summary["mean"]["sdpa"]["128"] == 100.0 and "oracle" not in summary["mean"]
     assert summary["accuracy"]["oracle"]["128"] == {"a": 100.0}
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_eval_of_a_finetuned_adapter(tmp_path, capsys):
+    """``sparsex-eval --adapter DIR`` evaluates a sparsex-finetune run: the base model with that run's RoPE
+    extension and merged LoRA adapter, under the run's Sparse-X config (flags on top)."""
+    from sparsex_hf.apps import finetune
+
+    tok = load_tokenizer("smollm2")
+    base = tmp_path / "base"  # a tiny random Llama with SmolLM2's tokenizer (its context: 128 tokens)
+    tiny_model("llama", "sdpa", max_position_embeddings=128, vocab_size=len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "data.jsonl"
+    g = torch.Generator().manual_seed(0)
+    with open(data, "w") as fh:
+        for _ in range(4):
+            fh.write(json.dumps({"input_ids": torch.randint(100, 5000, (300,), generator=g).tolist()}) + "\n")
+    run = tmp_path / "run"
+    assert finetune.main(["--model", str(base), "--data", str(data), "--target-length", "256", "--rope", "yarn",
+                          "--output-dir", str(run), "--max-steps", "1", "--bf16", "no", "--no-progress",
+                          "--block-size", "16", "--sink-tokens", "16", "--window", "64", "--stride", "16",
+                          "--topk", "2", "--lr", "1e-3"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert main(["--model", str(base), "--adapter", str(run), "--tasks", "passkey", "--lengths", "256",
+                 "--methods", "sdpa,sparsex", "--samples", "1", "--batch-size", "1", "--output", str(out),
+                 "--no-progress", "--topk", "3"]) == 0
+    res = json.load(open(out / "results.json"))
+    assert res["configs"]["sparsex"]["window"] == 64 and res["configs"]["sparsex"]["topk"] == 3
+    assert {s["method"] for s in res["samples"]} == {"sdpa", "sparsex"}
+    assert res["meta"]["model"] == f"{base} + adapter {run}"
+    assert main(["--model", str(base), "--adapter", str(tmp_path), "--tasks", "passkey", "--lengths", "256",
+                 "--output", str(tmp_path / "bad")]) == 2
+    assert "not a sparsex-finetune output folder" in capsys.readouterr().err

