@@ -126,17 +126,23 @@ def filled_cache(model, attn: str, bsz: int, t: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prefill", type=int, nargs="*", default=[32768, 131072, 1048576])
+    parts = "(default 32768 131072 1048576 when none of --prefill/--decode/--attn is given, else none)"
+    ap.add_argument("--prefill", type=int, nargs="*", default=None, help=f"contexts {parts}")
     ap.add_argument("--dense-prefill-max", type=int, default=131072)
-    ap.add_argument("--decode", type=int, nargs="*", default=[32768, 131072, 1048576])
+    ap.add_argument("--decode", type=int, nargs="*", default=None, help=f"contexts {parts}")
     ap.add_argument("--decode-batch8-max", type=int, default=131072, help="batch 8 caches beyond this do not fit")
-    ap.add_argument("--attn", type=int, nargs="*", default=[131072, 1048576])
+    ap.add_argument("--attn", type=int, nargs="*", default=None,
+                    help="contexts of the attention step alone (default 131072 1048576 when none of the three is given)")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tag", default="e2e")
-    ap.add_argument("--config", default="", help="SparseXConfig overrides of the attention step, e.g. rerank=4")
+    ap.add_argument("--config", default="", help="SparseXConfig overrides of the attention step (--attn; the model rows run "
+                    "the default config), e.g. rerank=4")
     ap.add_argument("--profile", type=int, default=0, help="profile one decode step at this context (0: off)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.prefill is None and args.decode is None and args.attn is None:  # the whole benchmark
+        args.prefill, args.decode, args.attn = [32768, 131072, 1048576], [32768, 131072, 1048576], [131072, 1048576]
+    args.prefill, args.decode, args.attn = args.prefill or [], args.decode or [], args.attn or []
     meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, transformers=transformers.__version__, sparsex=sparsex_hf.__version__,
                 tag=args.tag)
