@@ -118,7 +118,7 @@ SPARSEX_FLAGS = (
     ("score", str, "'minmax', 'mean' or 'hybrid'"),
     ("rerank", int, "two-stage selection: exact scores rank the rerank*topk best blocks (0: off)"),
     ("anchor", _anchor, "true/last: the prompt's last tile ranks every block exactly; decode adds its blocks (needs "
-                        "rerank); split: half by the last query, half by the tile's queries (experimental)"),
+                        "rerank); split (the retrieval preset): half by the last query, half by the tile's queries"),
     ("backend", str, "'auto', 'torch' or 'triton'"),
 )
 
