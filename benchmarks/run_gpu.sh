@@ -5,6 +5,8 @@
 #
 #   NAME = a script of benchmarks/ without .py   python benchmarks/NAME.py --out-dir OUT ARGS...
 #          tests                                 python -m pytest ARGS...  (the GPU test selection: see docs/benchmarks.md)
+#          tests-fast                            the fast GPU subset: every realistic-size GPU case and kernel variant
+#                                                (84 tests, 137 s on the H200 with 14 workers, 2026-12-02) + ARGS
 #          eval                                  sparsex-eval --output OUT/eval ARGS...
 #
 # OUT is $OUT when set (the device tool's output folder), else benchmarks/results. TIME_LIMIT=S stops the run
@@ -38,6 +40,11 @@ shift
 limit=()
 [ -n "${TIME_LIMIT:-}" ] && limit=(timeout -s INT "$TIME_LIMIT")
 case "$name" in
+    tests-fast) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs -n 14 -q tests/ops/test_decode.py \
+        tests/ops/test_prefill.py tests/apps/test_oracle.py tests/hf/test_attention.py -k "gpu or rerank or two_stage \
+or decode_union or select_kernel or padding or anchor or not_rounded or low_precision_selection or exact_scores or \
+oracle or loaders or from_pretrained_helper or unsupported or save_load or cached_decode or group_loop" "$@" 2>&1 \
+        | tee "$out/pytest.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
     eval) "${limit[@]}" python3 -m sparsex_hf.apps.eval --output "$out/eval" "$@" 2>&1 | tr '\r' '\n' | tee "$out/eval.log" ;;
     *) "${limit[@]}" python3 "benchmarks/$name.py" --out-dir "$out" "$@" 2>&1 | tee "$out/$name.log" ;;
