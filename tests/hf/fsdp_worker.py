@@ -36,7 +36,7 @@ def main(out_path: str) -> None:
     data = torch.randint(3, 250, (1, GLOBAL_BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
     per = GLOBAL_BATCH // world
     losses = []
-    for step in range(STEPS):
+    for _ in range(STEPS):
         ids = data[0, rank * per : (rank + 1) * per]  # the same batch every step: the loss must fall
         loss = model(input_ids=ids, labels=ids).loss  # the mean over this process's tokens (equal counts)
         loss.backward()  # FSDP averages the gradients over the processes: the global batch's mean gradient

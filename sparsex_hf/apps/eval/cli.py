@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from ..finetune import load_extended
 from ..loading import add_sparsex_arguments, load_config, load_model, load_tokenizer, sparsex_config_from_args
 from .fidelity import VARIANTS
 from .methods import DEFAULT_METHODS, METHODS
@@ -157,8 +158,6 @@ def _run(ap: argparse.ArgumentParser, args) -> int:
         if not os.path.isfile(os.path.join(args.adapter, "sparsex_training.json")):
             raise FileNotFoundError(f"--adapter {args.adapter!r} is not a sparsex-finetune output folder "
                                     "(no sparsex_training.json)")
-        from ..finetune import load_extended  # the [train] extra (peft)
-
         model = load_extended(args.model, args.adapter, dtype=dtype, device=device).merge_and_unload().eval()
         config = model.config
     else:
