@@ -351,3 +351,40 @@ def test_exact_scores_kernel_matches_torch(rows, slots):
     logits = torch.einsum("rhgd,hkd->hrgk", q.view(rows, hkv, g, d), k).amax(2).view(hkv, rows, nb, bs).amax(-1)
     want = torch.where(short >= 0, logits.gather(-1, short.clamp(min=0)), float("-inf"))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_inputs_the_budget_covers_go_to_sdpa(monkeypatch):
+    """Documents of at most sink_tokens + window tokens (and dense layers) are dense causal attention by
+    definition: the Triton backend hands them to SDPA, with the reference's result and gradients; padded batches,
+    chunks (Tq < Tk), a shorter sliding window, longer documents and mix stay on the kernels."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    cfg = SparseXConfig(**SPARSE_SMALL)  # sink 16 + window 64: documents of up to 80 tokens
+    cover = cfg.sink_tokens + cfg.window
+
+    def run(tq, tk, expect_sdpa, conf=cfg, **kw):
+        calls.clear()
+        q, k, v = _inputs(("", 1, 4, 2, tq, tk, 32), torch.float32, seed=tk, grad=True)
+        out = sparsex_attention(q, k, v, conf, backend="triton", **kw)
+        ref = sparsex_attention(q, k, v, conf, backend="torch", **kw)
+        assert bool(calls) == expect_sdpa, (tq, tk, kw)
+        assert _rel(out, ref) < 1e-5
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+            assert _rel(a, b) < 1e-5
+
+    run(cover, cover, True)
+    run(cover + 1, cover + 1, False)
+    run(150, 150, True, cu_seqlens=torch.tensor([0, 80, 120, 150]))  # packed documents, each <= 80
+    run(150, 150, False, cu_seqlens=torch.tensor([0, 81, 150]))
+    run(150, 150, True, layer_idx=1, conf=cfg.replace(dense_layers=[1]))
+    run(40, cover, False)  # a chunk: bottom-right causal, kept on the kernels
+    run(cover, cover, False, sliding_window=30)
+    run(cover, cover, False, conf=cfg.replace(combine="mix", beta=0.5))
+    mask = torch.ones(1, cover, dtype=torch.bool)
+    mask[0, :5] = False
+    run(cover, cover, False, attention_mask=mask)

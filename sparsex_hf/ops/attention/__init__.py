@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ...config import SparseXConfig
 from .common import block_summaries
 from .decode import MAX_DECODE_QUERIES, prompt_anchor
 from .decode_op import config_json, decode_op, run_decode
-from .documents import Document, cu_seqlens_from_position_ids, split_documents
+from .documents import Document, cu_seqlens_from_position_ids, split_documents, validate_cu_seqlens
 from .naive import SparseXStats, sparsex_attention_naive
 
 try:  # Triton is a Linux dependency; elsewhere only the reference runs
@@ -41,6 +42,10 @@ def log_once(message: str) -> None:
         _logged.add(message)
         logger.info(message)
 
+
+# Where every query's Sparse-X key set is all of its causal keys, the Triton backend hands the input to SDPA
+# (_dense_handoff); the kernel tests turn this off so that small inputs still test the kernels.
+DENSE_HANDOFF = True
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 MAX_HEADS = 1024  # more heads than any model has: a [B, T, H, D] tensor passed by mistake
@@ -170,6 +175,9 @@ def sparsex_attention(
     backend = resolve_backend(backend or cfg.backend, q.device)
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
+        out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window, dense)
+        if out is not None:
+            return out
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens, sliding_window=sliding_window, dense=dense, mix_weights=mix_weights,
@@ -179,6 +187,29 @@ def sparsex_attention(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,
         sliding_window=sliding_window, dense=dense, mix_weights=mix_weights, return_stats=return_stats,
     )
+
+
+def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu_q, cu_k, sliding_window, dense):
+    """Dense causal attention by SDPA (its fastest kernel) where Sparse-X's key set of every query is all of its
+    causal keys by definition: a dense layer, or documents of at most ``sink_tokens + window`` tokens (the window
+    and the sink cover everything). Unpadded input with ``Tq == Tk`` (one SDPA call) or packed documents (one per
+    document); anything else returns None and runs the kernels."""
+    tq, tk = q.shape[2], k.shape[2]
+    if not DENSE_HANDOFF or tq != tk or attention_mask is not None or cu_q is not None or not (dense or cfg.combine == "union"):
+        return None
+    if sliding_window is not None and sliding_window < tk:
+        return None
+    cover = cfg.sink_tokens + cfg.window
+    bounds = [0, tk] if cu_k is None else validate_cu_seqlens(cu_k, tk, "cu_seqlens").tolist()
+    if not dense and max(b - a for a, b in zip(bounds, bounds[1:])) > cover:
+        return None
+    log_once("sparsex: every query's key set is all of its causal keys here (a dense layer, or documents of at most "
+             "sink_tokens + window tokens): computed by SDPA's causal attention.")
+    if cu_k is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                     scale=scale, enable_gqa=True)
+                      for a, b in zip(bounds, bounds[1:]) if b > a], 2)
 
 
 def _empty_stats(q: torch.Tensor, k: torch.Tensor, cfg: SparseXConfig) -> SparseXStats:
