@@ -200,6 +200,8 @@ def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu
     if sliding_window is not None and sliding_window < tk:
         return None
     cover = cfg.sink_tokens + cfg.window
+    if not dense and tk > cover * (1 if cu_k is None else cu_k.numel() - 1):
+        return None  # some document is longer than the window covers (decided without reading cu_k on the host)
     bounds = [0, tk] if cu_k is None else validate_cu_seqlens(cu_k, tk, "cu_seqlens").tolist()
     if not dense and max(b - a for a, b in zip(bounds, bounds[1:])) > cover:
         return None
