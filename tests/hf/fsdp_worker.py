@@ -52,6 +52,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as fh:
             json.dump(dict(losses=losses, world=world, sharded=sharded), fh)
     if distributed:
+        dist.barrier()  # both ranks done before gloo tears down (a rank leaving early aborted the other)
         dist.destroy_process_group()
 
 
