@@ -11,6 +11,7 @@ Floors, each importing only downwards: ``sparsex_hf.ops`` (tensors in, tensors o
 from .config import SparseXConfig
 from .hf.attention import get_sparsex_config, register, sparsex_attention_forward, sparsex_mask
 from .hf.cache import CACHE_KWARG, SparseXCache, SparseXLayer
+from .hf.static_cache import SparseXStaticCache, SparseXStaticLayer
 from .hf.model import (
     apply_sparsex,
     from_pretrained,
@@ -35,6 +36,8 @@ __all__ = [
     "SparseXCache",
     "SparseXConfig",
     "SparseXLayer",
+    "SparseXStaticCache",
+    "SparseXStaticLayer",
     "SparseXStats",
     "apply_sparsex",
     "from_pretrained",

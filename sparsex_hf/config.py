@@ -8,6 +8,7 @@ The config is a frozen, validated dataclass. Inside a Transformers model it live
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +152,7 @@ class SparseXConfig:
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
             raise bad("dense_layers", "a list of non-negative layer indices")
         object.__setattr__(self, "dense_layers", layers)
+        object.__setattr__(self, "_json", json.dumps(self.to_dict(), sort_keys=True))
 
     def _check_two_stage(self, bad) -> None:
         if not 0 <= self.rerank <= 16:
@@ -175,6 +177,11 @@ class SparseXConfig:
         return cls.from_dict({**PRESETS[name], **changes})
 
     # -- conversion ---------------------------------------------------------------------------
+    @property
+    def json(self) -> str:
+        """The config as sorted JSON (computed when the config is made: a compiled step reads it as a constant)."""
+        return self._json
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (what ``model.config.sparsex`` stores)."""
         out = dataclasses.asdict(self)

@@ -28,6 +28,7 @@ from ..ops.attention import (
     sparsex_prompt_anchor,
 )
 from ..patches import check_model_type
+from .static_cache import SparseXStaticLayer
 from .wrap import ATTN_NAME, install, wrap_loaded_classes
 
 __all__ = [
@@ -55,7 +56,9 @@ def get_sparsex_config(obj: Any) -> SparseXConfig:
     stored = getattr(config, "sparsex", None)
     if stored is None and getattr(config, "model_type", None) in TYPE_DEFAULTS:
         return TYPE_DEFAULTS[config.model_type]
-    if isinstance(stored, SparseXConfig) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return _config_constant(stored)
+    if isinstance(stored, SparseXConfig):
         return SparseXConfig.from_any(stored)
     try:
         hit = _PARSED.get(config)
@@ -66,6 +69,13 @@ def get_sparsex_config(obj: Any) -> SparseXConfig:
     cfg = SparseXConfig.from_any(stored)
     _PARSED[config] = (copy.deepcopy(stored), cfg)  # deep: an in-place edit of a list field is seen too
     return cfg
+
+
+@torch.compiler.assume_constant_result
+def _config_constant(stored) -> SparseXConfig:
+    """The stored config parsed when a compiled forward is traced (a constant of the graph: a changed
+    ``config.sparsex`` takes effect in eager calls, and in compiled ones after ``torch.compiler.reset()``)."""
+    return SparseXConfig.from_any(stored)
 
 
 # The op the attention function calls; evaluation code may observe it through override_attention_op.
@@ -114,6 +124,11 @@ def sparsex_attention_forward(
     mix_weights = mix() if (mix is not None and cfg.combine == "mix") else None
     layer_idx = getattr(module, "layer_idx", None)
     sliding_window = kwargs.get("sliding_window")
+    static = kwargs.pop("sparsex_layer", None)  # a static cache's layer, lent by the wrapper through the kwargs
+    if static is not None:
+        out = _static_attention(query, key, value, attention_mask, cfg, static, layer_idx, scaling, sliding_window,
+                                mix_weights, kwargs)
+        return out.transpose(1, 2).contiguous(), None
     layer = getattr(module, "_sparsex_layer", None)  # lent by the attention-class wrapper when cached
     if layer is not None:
         if _decodes(layer, query.shape[2], cfg, layer_idx, kwargs):
@@ -146,6 +161,77 @@ def sparsex_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _static_attention(query, key, value, attention_mask, cfg: SparseXConfig, layer: SparseXStaticLayer, layer_idx,
+                      scaling, sliding_window, mix_weights, kwargs) -> torch.Tensor:
+    """Attention over a static cache's layer (``key``/``value`` are its full buffers): ``[B, Hq, Tq, D]``.
+
+    A decode step (at most ``MAX_DECODE_QUERIES`` queries after a prefill) reads only tensors, the cache length
+    included, so that it compiles into a CUDA graph; a prefill reads the length and the padding on the host and
+    runs the general path on the filled columns, eagerly even inside a compiled forward (Transformers compiles
+    chunked prefill too)."""
+    tq = query.shape[2]
+    dense = layer_idx is not None and layer_idx in cfg.dense_layers
+    if kwargs.get("cu_seq_lens_k") is not None:
+        raise ValueError("packed sequences (cu_seq_lens_k) do not go through a static cache; use the dynamic cache.")
+    if cfg.dense_below:
+        raise ValueError(f"dense_below={cfg.dense_below} decides per call on the host, which a static cache's compiled "
+                         "step cannot; set dense_below=0 (dense layers: dense_layers) or use the dynamic cache.")
+    if layer.prefilled and tq <= MAX_DECODE_QUERIES and (torch.compiler.is_compiling() or layer.host_length() > tq):
+        return _static_decode(query, cfg, layer, dense, scaling, sliding_window, mix_weights)
+    return _static_prefill(query, key, value, attention_mask, cfg, layer, layer_idx, dense, scaling, sliding_window,
+                           mix_weights)
+
+
+@torch.compiler.disable
+def _static_prefill(query, key, value, attention_mask, cfg: SparseXConfig, layer: SparseXStaticLayer, layer_idx,
+                    dense: bool, scaling, sliding_window, mix_weights) -> torch.Tensor:
+    n = layer.host_length()
+    if n > layer.max_cache_len:
+        raise ValueError(f"the static cache holds {layer.max_cache_len} tokens; this call brings it to {n}. Build it "
+                         "with a larger max_cache_len (prompt + new tokens).")
+    if not layer.record_offsets(attention_mask, n):
+        raise ValueError("a static cache serves rows whose padding is a left prefix of the 2-D attention mask "
+                         "(as generate() pads); this mask has padding elsewhere. Use the dynamic cache.")
+    mask = None if attention_mask is None else attention_mask[:, :n]
+    if mask is not None and bool(mask.all()):
+        mask = None
+    out = _attention_op(query, key[:, :, :n], value[:, :, :n], cfg, scale=scaling, attention_mask=mask,
+                        layer_idx=layer_idx, sliding_window=sliding_window, mix_weights=mix_weights)
+    if not dense:
+        if layer.block_size != cfg.block_size:
+            layer.ensure_summaries(cfg.block_size)  # (summarises every cached token)
+        else:
+            layer.summarise(query.shape[2])
+        if cfg.anchor:
+            layer.set_anchor(sparsex_prompt_anchor(query, key, torch.tensor(layer.offsets), n, cfg,
+                                                   sliding_window=sliding_window))
+    layer.prefilled = True
+    return out
+
+
+def _static_decode(query, cfg: SparseXConfig, layer: SparseXStaticLayer, dense: bool, scaling, sliding_window,
+                   mix_weights) -> torch.Tensor:
+    tq = query.shape[2]
+    if dense:  # SDPA over the buffer, masked to each row's causal columns (and the model's sliding window)
+        cols = torch.arange(layer.max_cache_len, device=query.device)
+        off = layer.offsets_t.long()[:, None, None]
+        pos_q = layer.cumulative_length - tq + torch.arange(tq, device=query.device)  # cache columns
+        ok = (cols >= off) & (cols <= pos_q[None, :, None])
+        if sliding_window is not None and cfg.respect_sliding_window:
+            ok &= pos_q[None, :, None] - cols < sliding_window
+        return torch.nn.functional.scaled_dot_product_attention(query, layer.keys, layer.values, attn_mask=ok[:, None],
+                                                                scale=scaling, enable_gqa=True)
+    if layer.block_size != cfg.block_size:
+        layer.ensure_summaries(cfg.block_size)
+    else:
+        layer.summarise(tq)
+    return sparsex_decode_attention(
+        query, layer.keys, layer.values, layer.summaries(), layer.offsets_t, layer.cumulative_length, cfg,
+        max_doc_len=layer.max_cache_len, scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
+        anchor=layer.anchor if cfg.anchor else None,
+    )
+
+
 def _decodes(layer, tq: int, cfg: SparseXConfig, layer_idx, kwargs) -> bool:
     """Whether this call is a decode step over the cache's summaries; the general path serves dense layers,
     rows whose padding is not a left prefix (no offsets recorded), prefill (more queries, or an empty past)."""
@@ -174,13 +260,16 @@ def sparsex_mask(
 
     Called once per forward of a ``"sparsex"`` model, before its layers run; it also wraps the attention
     classes of the supported model types that are loaded (``wrap.wrap_loaded_classes``)."""
-    wrap_loaded_classes()
+    if not torch.compiler.is_compiling():  # (reads sys.modules: a guard that would fail at every import)
+        wrap_loaded_classes()
     if attention_mask is None:
         return None
-    attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    if attention_mask.shape[1] < kv_length:  # a static cache (kv_length = its capacity): one shape for every step
+        return torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[1]))
+    if not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
-    return attention_mask.bool()
+    return attention_mask
 
 
 def register() -> None:

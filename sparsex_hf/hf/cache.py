@@ -22,7 +22,9 @@ import inspect
 
 import torch
 from transformers import masking_utils
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+
+from .static_cache import SparseXStaticLayer
 
 __all__ = ["CACHE_KWARG", "SparseXCache", "SparseXLayer", "upgrade_layer"]
 
@@ -264,8 +266,9 @@ class SparseXCache(DynamicCache):
 def upgrade_layer(cache, layer_idx: int):
     """Return the cache's layer ``layer_idx`` as a :class:`SparseXLayer`, converting a plain ``DynamicLayer``
     in place (its tensors are copied into growable buffers) and an empty sliding-window layer (Sparse-X needs
-    absolute positions; it applies the sliding window itself). Returns None for other layer types (their
-    attention then runs the general path on the keys the layer returns)."""
+    absolute positions; it applies the sliding window itself); an empty ``StaticLayer`` becomes a
+    :class:`~sparsex_hf.hf.static_cache.SparseXStaticLayer` of the same capacity. Returns None for other layer
+    types (their attention then runs the general path on the keys the layer returns)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         return None
@@ -274,8 +277,21 @@ def upgrade_layer(cache, layer_idx: int):
     if layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    if isinstance(layer, SparseXLayer):
+    if isinstance(layer, (SparseXLayer, SparseXStaticLayer)):
         return layer
+    if isinstance(layer, StaticLayer):
+        # the sliding-window kind holds min(window, capacity) tokens: the whole capacity when it is the smaller
+        whole = type(layer) is StaticLayer or getattr(layer, "_is_croppable", False) or (
+            layer.max_cache_len < getattr(layer, "sliding_window", 0))
+        if not whole:
+            raise ValueError(
+                f"layer {layer_idx} of this static cache is a {type(layer).__name__} shorter than the capacity asked for "
+                "(it keeps only the model's sliding window); Sparse-X needs every position (it applies the window "
+                "itself). Pass "
+                "SparseXStaticCache(model.config, max_cache_len=...) instead of cache_implementation='static'."
+            )
+        layers[layer_idx] = new = SparseXStaticLayer.adopt(layer)
+        return new
     if type(layer) is DynamicSlidingWindowLayer and not layer.is_initialized:
         layers[layer_idx] = new = SparseXLayer()
         return new

@@ -26,6 +26,7 @@ import torch
 
 from ..patches import MODEL_TABLE, attention_class, check_model_type, model_class
 from .cache import upgrade_layer
+from .static_cache import SparseXStaticLayer, convertible_static_layer, static_layer
 
 ATTN_NAME = "sparsex"
 
@@ -39,12 +40,21 @@ _DONE: set[str] = set()
 def _wrap_forward(original):
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if getattr(self.config, "_attn_implementation", None) != ATTN_NAME or torch.compiler.is_compiling():
+        if getattr(self.config, "_attn_implementation", None) != ATTN_NAME:
             return original(self, *args, **kwargs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        static = static_layer(cache, self.layer_idx)  # a static cache's layer goes through the attention kwargs
+        if static is not None:  # (traceable: a compiled step finds it with no graph break)
+            return original(self, *args, sparsex_layer=static, **kwargs)
+        if torch.compiler.is_compiling():
+            if not convertible_static_layer(cache, self.layer_idx):
+                return original(self, *args, **kwargs)
+            return original(self, *args, sparsex_layer=_upgrade_eagerly(cache, self.layer_idx), **kwargs)
         layer = upgrade_layer(cache, self.layer_idx) if cache is not None else None
         if layer is None:
             return original(self, *args, **kwargs)
+        if isinstance(layer, SparseXStaticLayer):
+            return original(self, *args, sparsex_layer=layer, **kwargs)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         bsz, tq = hidden.shape[:2]
         layer.set_offsets(kwargs.get("attention_mask"), bsz, layer.get_seq_length() + tq)
@@ -56,6 +66,12 @@ def _wrap_forward(original):
 
     forward.__sparsex_original__ = original
     return forward
+
+
+@torch.compiler.disable
+def _upgrade_eagerly(cache, layer_idx: int):
+    """``upgrade_layer`` outside the trace (a compiled chunked prefill meets Transformers' static layers first)."""
+    return upgrade_layer(cache, layer_idx)
 
 
 def _wrap_model_forward(original):

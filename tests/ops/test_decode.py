@@ -67,6 +67,30 @@ def test_decode_union_matches_reference(backend, tq, g):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", [{}, {"rerank": 2, "anchor": "split"}, {"combine": "mix"}])
+def test_decode_length_as_a_device_tensor_equals_the_host_int(backend, extra):
+    """A static cache passes the cache length as a one-element device tensor (nothing read on the host): the
+    kernels and the reference read it there and give what the host length gives, with buffers and summaries
+    longer than the sequence (poisoned past it), padding, several queries, the two-stage selection."""
+    cfg = SparseXConfig(**SPARSE_SMALL, **extra)
+    q, k, v, mask = _case(t=290, tq=3)
+    cache = Cache(k, v, mask, cfg.block_size)
+    spare = torch.full((2, 2, 5, 32), float("nan"), device=DEV)  # summary rows past the complete blocks
+    summaries = tuple(torch.cat([s, spare], 2) for s in cache.summaries)
+    anchor = torch.tensor([[[3, 5, -1, -1]] * 2, [[1, -1, -1, -1]] * 2], device=DEV) if cfg.anchor else None
+    q3 = q[:, :, -3:]
+    want = sparsex_decode_attention(q3, cache.k, cache.v, summaries, cache.offsets, 290, cfg, backend=backend,
+                                    anchor=anchor)
+    for length in (torch.tensor(290, device=DEV), torch.tensor([290], dtype=torch.int32, device=DEV)):
+        got = sparsex_decode_attention(q3, cache.k, cache.v, summaries, cache.offsets, length, cfg, backend=backend,
+                                       anchor=anchor)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)  # (bounds from the capacity: other splits)
+        assert not got.isnan().any()
+    with pytest.raises(ValueError, match="one integer"):
+        sparsex_decode_attention(q3, cache.k, cache.v, summaries, cache.offsets, torch.tensor([290.0], device=DEV), cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["minmax", "mean", "hybrid"])
 def test_decode_scores_match_reference(backend, score):
     _check(SparseXConfig(**SPARSE_SMALL, score=score), backend, t=257, tq=2, seed=1)
@@ -227,9 +251,10 @@ def test_decode_custom_op_schema_fake_and_compile():
     cache = Cache(k, v, mask)
     anchor = torch.tensor([[[3, 5, -1, -1]] * 2, [[1, -1, -1, -1]] * 2], device=DEV)
     q1 = q[:, :, -1:]
-    args = (q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor, None, cache.seq_len, 260 - 0,
-            config_json(cfg), 32**-0.5, 0, "torch")
-    torch.library.opcheck(decode_op, args, test_utils=("test_schema", "test_faketensor"))
+    for lengths in (None, torch.tensor([cache.seq_len], device=DEV)):  # a host length, or a static cache's tensor
+        args = (q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor, None, lengths, cache.seq_len, 260 - 0,
+                config_json(cfg), 32**-0.5, 0, "torch")
+        torch.library.opcheck(decode_op, args, test_utils=("test_schema", "test_faketensor"))
 
     def step(q1, k, v, kmin, kmax, kmean, offsets, anchor):
         return sparsex_decode_attention(q1, k, v, (kmin, kmax, kmean), offsets, 260, cfg, max_doc_len=260,
@@ -246,3 +271,11 @@ def test_decode_custom_op_schema_fake_and_compile():
     torch.testing.assert_close(compiled(q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor), eager)
     assert len(graphs) == 1 and "sparsex.decode" in graphs[0]
     torch.testing.assert_close(eager, cache(q1, cfg, anchor=anchor))
+
+    def static_step(q1, k, v, kmin, kmax, kmean, offsets, anchor, length):  # the length as a device tensor
+        return sparsex_decode_attention(q1, k, v, (kmin, kmax, kmean), offsets, length, cfg, anchor=anchor)
+
+    length = torch.tensor(260, device=DEV)
+    compiled = torch.compile(static_step, fullgraph=True, backend=recording)
+    torch.testing.assert_close(compiled(q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor, length), eager)
+    assert len(graphs) == 2 and "sparsex.decode" in graphs[1]

@@ -227,7 +227,7 @@ def sparsex_decode_attention(
     v_cache: torch.Tensor,
     summaries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     offsets: torch.Tensor,
-    seq_len: int,
+    seq_len: int | torch.Tensor,
     config: SparseXConfig | Mapping[str, Any] | None = None,
     *,
     max_doc_len: int | None = None,
@@ -252,8 +252,10 @@ def sparsex_decode_attention(
             of every row (block ``i`` = the row's positions ``i*block_size ... +block_size-1``), on ``q``'s device.
         offsets: ``[B]`` integer tensor on ``q``'s device: the column where each row's sequence starts (its
             left padding). Positions count from there.
-        seq_len: the cache length (host int).
-        max_doc_len: ``seq_len - min(offsets)`` (host int; computed from ``offsets`` with a device sync if None).
+        seq_len: the cache length: a host int, or a one-element integer tensor on ``q``'s device (a static cache
+            whose decode step replays as a CUDA graph: nothing is read on the host; the kernels read it).
+        max_doc_len: ``seq_len - min(offsets)``, or any upper bound of it (host int; default: computed from
+            ``offsets`` with a device sync for an int ``seq_len``, the cache's capacity ``L`` for a tensor).
         sliding_window, mix_weights, scale, backend: as for :func:`sparsex_attention`.
         anchor: with ``config.anchor``, the prompt's anchor blocks ``[B, Hkv, A]`` (integer, -1 = none; from
             :func:`sparsex_prompt_anchor`), added to every query's shortlist; None: no anchor blocks.
@@ -269,7 +271,14 @@ def sparsex_decode_attention(
         raise ValueError(f"a decode step takes at most {MAX_DECODE_QUERIES} queries per sequence, got {tq}.")
     if k_cache.shape[0] != bsz or k_cache.shape[3] != d or hq % k_cache.shape[1]:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} (batch, head_dim, GQA).")
-    if not 1 <= seq_len <= k_cache.shape[2] or tq > seq_len:
+    if isinstance(seq_len, torch.Tensor):  # a device length (static cache): its range is the caller's contract
+        if seq_len.numel() != 1 or seq_len.dtype.is_floating_point or seq_len.device != q.device:
+            raise ValueError(f"a tensor seq_len must be one integer on {q.device}, got {seq_len.dtype} "
+                             f"{tuple(seq_len.shape)} on {seq_len.device}.")
+        if max_doc_len is None:
+            max_doc_len = k_cache.shape[2]
+        seq_len = seq_len.reshape(1)
+    elif not 1 <= seq_len <= k_cache.shape[2] or tq > seq_len:
         raise ValueError(f"seq_len={seq_len} must be in [Tq={tq}, cache length {k_cache.shape[2]}].")
     if tuple(offsets.shape) != (bsz,) or offsets.dtype.is_floating_point:
         raise ValueError(f"offsets must be an integer tensor [B] = [{bsz}], got {offsets.dtype} {tuple(offsets.shape)}.")
@@ -291,7 +300,9 @@ def sparsex_decode_attention(
     else:  # the reference, or an offloaded cache (gathered where it lives)
         backend = "torch"
     if torch.compiler.is_compiling():  # traced through the custom op (decode_op.py)
-        return decode_op(q, k_cache, v_cache, *summaries, offsets, anchor, mix_weights, seq_len, max_doc_len,
+        lengths = seq_len if isinstance(seq_len, torch.Tensor) else None
+        return decode_op(q, k_cache, v_cache, *summaries, offsets, anchor, mix_weights, lengths,
+                         k_cache.shape[2] if lengths is not None else seq_len, max_doc_len,
                          config_json(cfg), float(scale), int(sliding_window or 0), backend)
     return run_decode(backend, q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg, scale=scale,
                       sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)

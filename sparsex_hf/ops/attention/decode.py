@@ -36,8 +36,9 @@ from .common import (
 MAX_DECODE_QUERIES = 16
 
 
-def decode_positions(offsets: torch.Tensor, seq_len: int, tq: int) -> torch.Tensor:
-    """Document positions ``[B, Tq]`` of the last ``Tq`` cached tokens of each row."""
+def decode_positions(offsets: torch.Tensor, seq_len: int | torch.Tensor, tq: int) -> torch.Tensor:
+    """Document positions ``[B, Tq]`` of the last ``Tq`` cached tokens of each row (``seq_len``: the cache
+    length, a host int or a one-element device tensor)."""
     n = seq_len - offsets.long()
     return n[:, None] - tq + torch.arange(tq, device=offsets.device)[None, :]
 
@@ -178,7 +179,8 @@ def decode_attention_torch(q, k_cache, v_cache, offsets, seq_len: int, max_doc_l
     g = hq // hkv
     idx, valid, part = key_sets(pos, sel, cfg, sliding_window, max_doc_len)
     offs = offsets.long()[:, None, None, None]
-    cache_idx = (idx + offs).clamp(0, seq_len - 1)
+    cache_idx = (idx + offs).clamp(min=0)  # invalid entries read a valid column (never past the length: NaN-safe)
+    cache_idx = torch.minimum(cache_idx, seq_len - 1) if isinstance(seq_len, torch.Tensor) else cache_idx.clamp(max=seq_len - 1)
     nk = idx.shape[-1]
     flat = cache_idx.reshape(bsz, hkv, tq * nk, 1).to(kbuf.device)
     kg = torch.gather(kbuf, 2, flat.expand(-1, -1, -1, d)).to(q.device, non_blocking=True)

@@ -32,17 +32,28 @@ from .select import exact_scores_triton, merge_topk
 
 
 @triton.jit
+def _cache_len(LEN, LEN_PTR: tl.constexpr):
+    """The cache length: a scalar argument, or (a static cache under CUDA graphs) read from a device tensor."""
+    if LEN_PTR:
+        ln = tl.load(LEN).to(tl.int32)
+    else:
+        ln = LEN
+    return ln
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, SEL, OFF, LEN, OP, MP, LP,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_sb, s_sh, s_st,
     HKV, NSPLIT, scale, sink, window, stride, sliding,
     G: tl.constexpr, TQ: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BRANCH: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr,
+    LEN_PTR: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_kh = i_bh // HKV, i_bh % HKV
     off = tl.load(OFF + i_b).to(tl.int64)
-    n = LEN - tl.load(OFF + i_b)
+    n = _cache_len(LEN, LEN_PTR) - tl.load(OFF + i_b)
     o_r = tl.arange(0, BM)
     m_r = o_r < G * TQ
     r_g, r_t = o_r // TQ, o_r % TQ
@@ -187,7 +198,7 @@ def _run(q, k, v, sel, off, seq_len, n_max, cfg, scale, sliding_window, branch: 
         hkv, nsplit, scale, cfg.sink_tokens, cfg.window, cfg.stride, sliding_window or 0,
         G=g, TQ=tq, TOPK=max(cfg.topk, 1), TOPK_P2=max(2, triton.next_power_of_2(max(cfg.topk, 1))), D=d,
         BM=bm, BN=cfg.block_size, BRANCH=branch, HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4, num_stages=2,
     )
     out = empty(bsz, hq, tq, d, dtype=out_dtype, device=dev)
     lsum = empty(bsz * hkv, bm, dtype=torch.float32, device=dev)
@@ -262,6 +273,7 @@ def _decode_select_kernel(
     HKV, NB, NSPLIT, block, sink, window, sliding,
     G: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr,
     K: tl.constexpr, KP2: tl.constexpr, MINMAX: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr,
+    LEN_PTR: tl.constexpr,
 ):
     """Top-K eligible summary blocks of each of the ``TQ`` queries of one (sequence, KV head), over split
     ``i_s``'s share of the blocks: scores (max over the GQA group), eligibility and a running top-K in
@@ -269,7 +281,7 @@ def _decode_select_kernel(
     greater, so ties keep the lower block index (the reference's stable order)."""
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_kh = i_bh // HKV, i_bh % HKV
-    n = LEN - tl.load(OFF + i_b)
+    n = _cache_len(LEN, LEN_PTR) - tl.load(OFF + i_b)
     o_t = tl.arange(0, TQP)
     m_t = o_t < TQ
     pos = n - TQ + o_t
@@ -368,7 +380,8 @@ def decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window) -> tor
         qc.stride(0), qc.stride(1), qc.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
         hkv, nb, nsplit, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
         G=hq // hkv, TQ=tq, TQP=tqp, D=d, BNB=bnb, K=cfg.topk, KP2=kp2, MINMAX=minmax,
-        HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32, num_warps=4,
+        HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor),
+        num_warps=4,
     )
     _decode_topk_merge_kernel[(bsz * hkv,)](val, idx, sel, NC=nsplit * kp2, TQ=tq, TQP=tqp, K=cfg.topk, num_warps=4)
     return sel

@@ -25,15 +25,9 @@ except ImportError:  # pragma: no cover - Linux CI always has triton
 __all__ = ["config_json", "decode_op", "run_decode"]
 
 
-@functools.lru_cache(maxsize=64)
-def _to_json(cfg: SparseXConfig) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)
-
-
-@torch.compiler.assume_constant_result
 def config_json(cfg: SparseXConfig) -> str:
-    """The config as the op's string argument (cached: one serialisation per config; a constant when traced)."""
-    return _to_json(cfg)
+    """The config as the op's string argument (``cfg.json``: made with the config, a constant when traced)."""
+    return cfg.json
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,7 +35,7 @@ def _config(text: str) -> SparseXConfig:
     return SparseXConfig.from_dict(json.loads(text))
 
 
-def run_decode(backend: str, q, k_cache, v_cache, summaries, offsets, seq_len: int, max_doc_len: int,
+def run_decode(backend: str, q, k_cache, v_cache, summaries, offsets, seq_len: int | torch.Tensor, max_doc_len: int,
                cfg: SparseXConfig, *, scale: float, sliding_window=None, mix_weights=None, anchor=None) -> torch.Tensor:
     """The decode step on ``backend`` (``"triton"`` or ``"torch"``), inputs validated by the caller."""
     args = (q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg)
@@ -55,16 +49,20 @@ def run_decode(backend: str, q, k_cache, v_cache, summaries, offsets, seq_len: i
 def decode_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     kmean: torch.Tensor, offsets: torch.Tensor, anchor: torch.Tensor | None, mix_weights: torch.Tensor | None,
-    seq_len: int, max_doc_len: int, config: str, scale: float, sliding_window: int, backend: str,
+    lengths: torch.Tensor | None, seq_len: int, max_doc_len: int, config: str, scale: float, sliding_window: int,
+    backend: str,
 ) -> torch.Tensor:
     """``[B, Hq, Tq, Dv]``: :func:`run_decode` with the config given as :func:`config_json` and
-    ``sliding_window = 0`` for none."""
-    return run_decode(backend, q, k_cache, v_cache, (kmin, kmax, kmean), offsets, seq_len, max_doc_len,
+    ``sliding_window = 0`` for none. With ``lengths`` (a one-element device tensor, a static cache) the cache
+    length is read from it, and ``seq_len`` is only the buffers' capacity: the op's arguments stay the same from
+    step to step, so a CUDA graph replays it."""
+    return run_decode(backend, q, k_cache, v_cache, (kmin, kmax, kmean), offsets,
+                      lengths if lengths is not None else seq_len, max_doc_len,
                       _config(config), scale=scale, sliding_window=sliding_window or None, mix_weights=mix_weights,
                       anchor=anchor)
 
 
 @decode_op.register_fake
-def _(q, k_cache, v_cache, kmin, kmax, kmean, offsets, anchor, mix_weights, seq_len, max_doc_len, config, scale,
-      sliding_window, backend):
+def _(q, k_cache, v_cache, kmin, kmax, kmean, offsets, anchor, mix_weights, lengths, seq_len, max_doc_len, config,
+      scale, sliding_window, backend):
     return q.new_empty((*q.shape[:3], v_cache.shape[-1]))

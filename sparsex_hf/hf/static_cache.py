@@ -1,0 +1,271 @@
+"""The Sparse-X static cache: fixed buffers, so that a decode step compiles and replays as one CUDA graph.
+
+``SparseXStaticLayer`` holds, like Transformers' ``StaticLayer``, key and value buffers ``[B, Hkv, L, D]`` of a fixed
+capacity ``L`` and the cache length as a device tensor (``cumulative_length``); beside them the block summaries
+(``kmin/kmax/kmean [B, Hkv, L // block_size + 3, D]``), each row's left padding (``offsets_t [B]`` int32) and the
+prompt's anchor blocks. Every tensor keeps its address for the cache's life (``torch._dynamo.mark_static_address``)
+and a decode step changes them in place: it writes its keys at the device length, summarises the blocks its
+tokens touched (complete or not: an incomplete block is never eligible, and it is summarised again by the step
+that completes it), and calls the decode op with the length as a tensor. Nothing in a decode step reads a value
+on the host, so ``torch.compile(mode="reduce-overhead")`` captures the whole model step.
+
+The prefill runs eagerly (Transformers compiles only the decode step): it records the rows' left padding from the
+2-D mask, summarises the prompt's blocks and keeps the anchor, with host reads as in the dynamic cache.
+
+``generate(..., cache_implementation="static")`` works with no cache argument (the attention wrapper turns the
+layers of Transformers' ``StaticCache`` into these before their first update) and compiles the decode step on a
+CUDA device; :class:`SparseXStaticCache` builds one directly (any model type, sliding-window layers included:
+Sparse-X applies the model's sliding window itself).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
+
+__all__ = ["SparseXStaticCache", "SparseXStaticLayer"]
+
+# summary rows past the capacity's complete blocks (never eligible); the last one absorbs the writes of the blocks
+# past the buffer that a step touches (see summarise)
+_SPARE_BLOCKS = 3
+
+
+def _static(*tensors: torch.Tensor) -> None:
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+class SparseXStaticLayer(CacheLayerMixin):
+    """One layer of the static cache (see the module docstring).
+
+    Attributes: ``keys/values`` (the full buffers), ``cumulative_length`` (0-d int64 device tensor), ``offsets_t``
+    (``[B]`` int32, each row's left padding), ``offsets`` (the same as a host list, for the eager prefill),
+    ``block_size`` and ``kmin/kmax/kmean`` (set by the first prefill), ``anchor`` (``[B, Hkv, topk]`` with
+    ``SparseXConfig.anchor``), ``prefilled`` (a forward has run since the last reset).
+    """
+
+    is_compileable = True
+    is_croppable = True
+    is_sliding = False
+    offload_kv = False
+
+    def __init__(self, max_cache_len: int, **kwargs) -> None:
+        super().__init__()
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be >= 1, got {max_cache_len}.")
+        self.max_cache_len = max_cache_len
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.offsets: list[int] | None = None
+        self.prefilled = False
+
+    @classmethod
+    def adopt(cls, layer: StaticLayer) -> SparseXStaticLayer:
+        """A Sparse-X layer in place of an empty Transformers ``StaticLayer`` (its buffers reused if allocated)."""
+        new = cls(layer.max_cache_len)
+        if layer.is_initialized:
+            if int(layer.get_seq_length()):
+                raise ValueError("a Transformers static layer that already holds tokens cannot become a Sparse-X layer "
+                                 "(its rows' padding is unknown); start from an empty cache.")
+            new.lazy_initialization(layer.keys[:, :, :0], layer.values[:, :, :0], buffers=(layer.keys, layer.values))
+        return new
+
+    # ------------------------------------------------------------------ storage
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, buffers=None) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.max_batch_size, self.num_heads = key_states.shape[:2]
+        b, h, cap = self.max_batch_size, self.num_heads, self.max_cache_len
+        if buffers is not None:
+            self.keys, self.values = buffers
+        else:
+            self.keys = torch.zeros(b, h, cap, key_states.shape[-1], dtype=key_states.dtype, device=self.device)
+            self.values = torch.zeros(b, h, cap, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.offsets_t = torch.zeros(b, dtype=torch.int32, device=self.device)
+        self.block_size: int | None = None
+        self.kmin = self.kmax = self.kmean = None
+        self.anchor: torch.Tensor | None = None
+        _static(self.keys, self.values, self.cumulative_length, self.offsets_t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new states at the cache length (a device tensor); returns the full buffers."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if tuple(key_states.shape[:2]) != tuple(self.keys.shape[:2]):
+            raise ValueError(f"this static cache holds batch {self.keys.shape[0]} with {self.keys.shape[1]} KV heads; "
+                             f"got keys {tuple(key_states.shape)}. Build a new cache for another batch size.")
+        n = key_states.shape[-2]
+        cols = torch.arange(n, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(n)
+        self.keys.index_copy_(2, cols, key_states)
+        self.values.index_copy_(2, cols, value_states)
+        return self.keys, self.values
+
+    def host_length(self) -> int:
+        """The cache length read on the host (a device sync: eager prefill only)."""
+        return int(self.cumulative_length) if self.is_initialized else 0
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_cache_len
+
+    # ------------------------------------------------------------------ padding and summaries
+    def record_offsets(self, attention_mask: torch.Tensor | None, n: int) -> bool:
+        """At the first forward, record each row's left padding from the 2-D mask's first ``n`` columns (host
+        read). Returns False if some row's padding is not a left prefix (that forward then runs the general path,
+        and decode steps are refused: a static cache serves left-padded batches only)."""
+        if self.offsets is not None:
+            return True
+        b = self.keys.shape[0]
+        if attention_mask is None:
+            off = torch.zeros(b, dtype=torch.long)
+        else:
+            if attention_mask.shape[-1] < n:
+                raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} columns, fewer than the "
+                                 f"{n} tokens in the cache.")
+            mask = attention_mask[:, :n].bool().cpu()
+            off = torch.where(mask.any(1), mask.int().argmax(1), n)
+            if not bool((mask == (torch.arange(n)[None, :] >= off[:, None])).all()):
+                return False
+        self.offsets = [int(x) for x in off.tolist()]
+        self.offsets_t.copy_(off.to(torch.int32))
+        return True
+
+    def ensure_summaries(self, block_size: int) -> None:
+        """Allocate the summaries for ``block_size`` (eager); a new block size summarises the cached keys again."""
+        if self.block_size == block_size:
+            return
+        if torch.compiler.is_compiling():
+            raise ValueError(f"the static cache was summarised with block_size={self.block_size}, the compiled "
+                             f"step asks for {block_size}: change the Sparse-X config before the prefill, not after.")
+        b, h, _, d = self.keys.shape
+        nb = self.max_cache_len // block_size + _SPARE_BLOCKS
+        self.kmin, self.kmax, self.kmean = (torch.zeros(b, h, nb, d, dtype=self.dtype, device=self.device)
+                                            for _ in range(3))
+        _static(self.kmin, self.kmax, self.kmean)
+        self.block_size = block_size
+        n = self.host_length()
+        if n and self.offsets is not None:
+            self.summarise(n)
+
+    def summarise(self, tq: int) -> None:
+        """Summarise the blocks that the last ``tq`` cached tokens of each row fall in (tensor ops; no host read)."""
+        bs = self.block_size
+        nb = self.kmin.shape[2]
+        off = self.offsets_t.long()
+        first = ((self.cumulative_length - tq - off).clamp(min=0)) // bs  # [B]
+        count = (tq - 1) // bs + 2
+        b, h, cap, d = self.keys.shape
+        step = max(1, (1 << 26) // max(1, b * h * bs * d))  # blocks per pass: bounded fp32 scratch in a long prefill
+        for c0 in range(0, count, step):
+            c = min(step, count - c0)
+            blk = first[:, None] + c0 + torch.arange(c, device=self.device)  # [B, c]
+            cols = (off[:, None, None] + blk[..., None] * bs + torch.arange(bs, device=self.device)).clamp(max=cap - 1)
+            kb = self.keys.gather(2, cols.view(b, 1, c * bs, 1).expand(b, h, c * bs, d))
+            kb = kb.view(b, h, c, bs, d).float()
+            dest = torch.where(blk < nb - 1, blk, nb - 1).view(b, 1, c, 1).expand(b, h, c, d)  # past the end: row nb-1
+            for t, v in ((self.kmin, kb.amin(3)), (self.kmax, kb.amax(3)), (self.kmean, kb.mean(3))):
+                t.scatter_(2, dest, v.to(self.dtype))
+
+    def summaries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.kmin, self.kmax, self.kmean
+
+    def set_anchor(self, anchor: torch.Tensor) -> None:
+        if self.anchor is None or self.anchor.shape != anchor.shape:
+            self.anchor = anchor.to(self.device).clone()
+            _static(self.anchor)
+        else:
+            self.anchor.copy_(anchor)
+
+    def summary_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.kmin, self.kmax, self.kmean) if t is not None)
+
+    # ------------------------------------------------------------------ consistency
+    def crop(self, tokens_to_remove: int) -> None:
+        """``crop(-n)`` removes the last ``n`` tokens; ``crop(n >= 0)`` keeps the first ``n``. In place: the buffers
+        keep their addresses, the blocks that become incomplete are summarised again when they complete."""
+        if not self.is_initialized:
+            return
+        if tokens_to_remove < 0:
+            self.cumulative_length.sub_(-tokens_to_remove).clamp_(min=0)
+        else:
+            self.cumulative_length.clamp_(max=tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes row ``beam_idx[i]``, in place."""
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        for t in (self.keys, self.values, self.kmin, self.kmax, self.kmean, self.anchor, self.offsets_t):
+            if t is not None:
+                t.copy_(t.index_select(0, idx))
+        if self.offsets is not None:
+            self.offsets = [self.offsets[i] for i in beam_idx.tolist()]
+
+    def _fixed_batch(self, *args, **kwargs) -> None:
+        raise NotImplementedError("a static cache has a fixed batch size: batch_select_indices / "
+                                  "batch_repeat_interleave (contrastive search) need the dynamic cache (the default).")
+
+    batch_select_indices = batch_repeat_interleave = _fixed_batch
+
+    def reset(self) -> None:
+        """Empty the cache in place (the buffers keep their addresses, so compiled steps stay valid)."""
+        if self.is_initialized:
+            for t in (self.keys, self.values, self.kmin, self.kmax, self.kmean, self.offsets_t):
+                if t is not None:
+                    t.zero_()
+            if self.anchor is not None:
+                self.anchor.fill_(-1)
+            self.cumulative_length.zero_()
+        self._clear()
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+
+class SparseXStaticCache(Cache):
+    """A static cache of :class:`SparseXStaticLayer` for a Sparse-X model.
+
+    Args:
+        config: the model config (for the number of layers).
+        max_cache_len: the capacity in tokens (prompt + new tokens).
+
+    ``model.generate(ids, past_key_values=SparseXStaticCache(model.config, max_cache_len=n))`` (Transformers 5.2x:
+    ``cache=``) compiles the decode step on a CUDA device, as ``cache_implementation="static"`` does.
+    """
+
+    def __init__(self, config, max_cache_len: int, **kwargs) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        super().__init__(layers=[SparseXStaticLayer(max_cache_len) for _ in range(text.num_hidden_layers)])
+
+
+def convertible_static_layer(cache, layer_idx: int) -> bool:
+    """Whether the cache's layer ``layer_idx`` is one of Transformers' static layers (to become a Sparse-X one)."""
+    layers = getattr(cache, "layers", None)
+    return layers is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], StaticLayer)
+
+
+def static_layer(cache, layer_idx: int) -> SparseXStaticLayer | None:
+    """The cache's layer ``layer_idx`` if it is a :class:`SparseXStaticLayer` (traceable: no conversion)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    return layer if isinstance(layer, SparseXStaticLayer) else None
+

@@ -1,0 +1,133 @@
+"""The Sparse-X static cache: the same tokens as the dynamic cache in generate() (padding, chunked prefill, beam
+search, crop), a decode step that compiles into one graph with the length as a tensor, the summaries kept in
+place, and clear errors where a static cache cannot serve."""
+
+import pytest
+import torch
+from utils import SPARSE_SMALL, model_pair
+
+from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXStaticCache, SparseXStaticLayer
+from sparsex_hf.ops.attention.common import block_summaries
+
+MODEL_TYPES = ["llama", "mistral", "qwen2"]
+CONFIGS = {"small": dict(SPARSE_SMALL), "retrieval": dict(SPARSE_SMALL, rerank=2, anchor="split"),
+           "mix": dict(SPARSE_SMALL, combine="mix", dense_layers=[1])}
+
+
+def _prompts(batch=2, length=300, pads=(0, 37), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads):
+        mask[i, :p] = 0
+        ids[i, :p] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_static_generate_gives_the_dynamic_caches_tokens(model_type, config):
+    _, sparse = model_pair(model_type, sparsex=CONFIGS[config])
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    dynamic = sparse.generate(ids, **kw)
+    static = sparse.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
+    cache = SparseXStaticCache(sparse.config, max_cache_len=345)
+    assert torch.equal(sparse.generate(ids, **{CACHE_KWARG: cache}, **kw), dynamic)
+    layer = cache.layers[0]
+    assert isinstance(layer, SparseXStaticLayer) and int(layer.cumulative_length) == 339
+    assert layer.offsets == [0, 37] and layer.offsets_t.tolist() == [0, 37]
+
+
+def test_full_budget_static_generate_equals_sdpa():
+    dense, sparse = model_pair("llama")
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(sparse.generate(ids, cache_implementation="static", **kw), dense.generate(ids, **kw))
+
+
+def test_static_chunked_prefill_and_beam_search_match_the_dynamic_cache():
+    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL, rerank=2, anchor="split"))
+    ids, mask = _prompts(length=260)
+    for extra in (dict(prefill_chunk_size=64), dict(num_beams=3)):
+        kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, **extra)
+        assert torch.equal(sparse.generate(ids, cache_implementation="static", **kw), sparse.generate(ids, **kw)), extra
+
+
+def test_static_summaries_are_the_blocks_of_the_cached_keys_and_crop_resummarises():
+    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL))
+    ids, mask = _prompts(length=150, pads=(0, 21))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = SparseXStaticCache(sparse.config, max_cache_len=200)
+    dyn = SparseXCache()
+    with torch.no_grad():
+        for c in (cache, dyn):
+            sparse(ids, attention_mask=mask, position_ids=pos, **{CACHE_KWARG: c})
+        layer = cache.layers[1]
+        cache.crop(-30)  # 120 left: blocks 6..8 of row 0 are incomplete again
+        dyn.crop(-30)
+        step_ids = torch.randint(3, 256, (2, 1))
+        for i in range(40):  # complete them again one token at a time
+            m = torch.cat([mask[:, :120 + i], torch.ones(2, 1, dtype=mask.dtype)], 1)
+            p = pos[:, 119:120] + 1 + i
+            a = sparse(step_ids, attention_mask=m, position_ids=p, **{CACHE_KWARG: cache}).logits
+            b = sparse(step_ids, attention_mask=m, position_ids=p, **{CACHE_KWARG: dyn}).logits
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert int(layer.cumulative_length) == 160
+    for row, off in enumerate((0, 21)):
+        keys = layer.keys[row, :, off:160]
+        want = block_summaries(keys.float(), 16)
+        nb = want[0].shape[1]
+        for got, w in zip(layer.summaries(), want):
+            torch.testing.assert_close(got[row, :, :nb], w.to(got.dtype))
+
+
+def test_a_decode_step_compiles_into_one_graph_with_no_recompile():
+    """The decode step traces with fullgraph=True (no graph break: the length, offsets and summaries are tensors, the
+    decode is the custom op), compiles once for all the steps, and gives the eager dynamic cache's logits."""
+    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL, rerank=2, anchor="split", dense_layers=[0]))
+    ids, mask = _prompts()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    step = torch.compile(sparse, fullgraph=True, backend=recording)
+    cache = SparseXStaticCache(sparse.config, max_cache_len=320)
+    dyn = SparseXCache()
+    full = torch.nn.functional.pad(mask, (0, 20))
+    with torch.no_grad():
+        tok = sparse(ids, attention_mask=mask, position_ids=pos, **{CACHE_KWARG: dyn}).logits[:, -1:].argmax(-1)
+        sparse(ids, attention_mask=mask, position_ids=pos, **{CACHE_KWARG: cache})
+        for i in range(12):
+            full[:, 300 + i] = 1
+            p = pos[:, -1:] + 1 + i
+            want = sparse(tok, attention_mask=full[:, : 301 + i], position_ids=p, **{CACHE_KWARG: dyn}).logits
+            got = step(tok, attention_mask=full, position_ids=p, **{CACHE_KWARG: cache}).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            tok = want[:, -1:].argmax(-1)
+    assert len(graphs) == 1 and "sparsex.decode" in graphs[0]
+
+
+def test_static_cache_errors_say_what_is_wrong():
+    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL))
+    ids, mask = _prompts(length=100)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        with torch.no_grad():
+            sparse(ids, attention_mask=mask, **{CACHE_KWARG: SparseXStaticCache(sparse.config, max_cache_len=64)})
+    bad = mask.clone()
+    bad[0, 50] = 0  # padding in the middle of a row
+    with pytest.raises(ValueError, match="left prefix"):
+        with torch.no_grad():
+            sparse(ids, attention_mask=bad, **{CACHE_KWARG: SparseXStaticCache(sparse.config, max_cache_len=128)})
+    sparse.config.sparsex = dict(SPARSE_SMALL, dense_below=512)
+    with pytest.raises(ValueError, match="dense_below"):
+        with torch.no_grad():
+            sparse(ids, attention_mask=mask, **{CACHE_KWARG: SparseXStaticCache(sparse.config, max_cache_len=128)})
+    with pytest.raises(NotImplementedError, match="fixed batch size"):
+        SparseXStaticCache(sparse.config, max_cache_len=128).layers[0].batch_select_indices(torch.tensor([0]))
+    with pytest.raises(ValueError, match="max_cache_len must be"):
+        SparseXStaticLayer(0)
