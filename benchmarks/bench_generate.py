@@ -1,15 +1,18 @@
 """Generation speed through ``generate()`` as a user runs it, against the strongest Transformers setup.
 
-Same 1B-shaped model as ``bench_e2e.py`` (random bf16 weights). For each prompt length T (batch 1, random ids):
+Same 1B-shaped model as ``bench_e2e.py`` (random bf16 weights). For each prompt length T and batch B (random ids):
 
+* ``sdpa_dynamic``: SDPA with the default dynamic cache, eager, Transformers' default SDPA backend choice;
+* ``sdpa_dynamic_<backend>``: the same with one SDPA backend forced;
 * ``sdpa_static_<backend>``: SDPA with ``cache_implementation="static"``, whose decode step Transformers compiles
-  (CUDA graphs), with one SDPA backend forced (cuDNN, flash, efficient: each that runs is reported);
-* ``sdpa_dynamic``: SDPA with the default dynamic cache, eager;
-* ``sparsex``: Sparse-X with its dynamic cache, eager (``--sparsex-config`` for a variant, e.g. the
-  ``"retrieval"`` preset).
+  (``mode="reduce-overhead"``: CUDA graphs), one backend forced: the strongest Transformers setup;
+* ``sparsex_dynamic``: Sparse-X with its dynamic cache, eager;
+* ``sparsex_static``: Sparse-X with ``cache_implementation="static"``, decode step compiled the same way.
 
-Decode tokens/s = ``--new-tokens`` / (time of ``generate`` with 1 + N new tokens - time with 1), so the prefill
-cancels; a warm-up run first (compilation included there, not in the timing). Rows go to ``generate.csv``.
+Decode tokens/s is timed on the GPU's own clock: a logits processor records a CUDA event at every step, and the rate
+is (steps - 1) / (time from the first step's event to the last's), so the prefill is outside it and any host time
+that starves the GPU is inside it. Each setup runs once to warm up (compilation there) and once timed; the prefill
+column is the timed run's start to its first step. Rows go to ``generate.csv``.
 
     python benchmarks/bench_generate.py --lengths 32768 131072 --new-tokens 64 --out-dir benchmarks/results
 """
@@ -17,6 +20,7 @@ cancels; a warm-up run first (compilation included there, not in the timing). Ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -24,8 +28,9 @@ import os
 import torch
 import transformers
 from _common import append_csv
-from bench_e2e import build, events
+from bench_e2e import build
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import sparsex_hf
 
@@ -33,21 +38,46 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float]:
-    """(decode tokens/s, prefill + first token ms) of ``model.generate`` on ``ids``."""
-    def run(n):
-        return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+class StepClock(LogitsProcessor):
+    """Records a CUDA event each time ``generate()`` scores a step (after that step's forward was enqueued)."""
 
-    run(1 + new_tokens)()  # warm-up: compiles where asked
-    one = min(events(run(1), 2, 0))
-    many = min(events(run(1 + new_tokens), 2, 0))
-    return 1000 * new_tokens / (many - one), one
+    def __init__(self):
+        self.events: list[torch.cuda.Event] = []
+
+    def __call__(self, input_ids, scores):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.events.append(e)
+        return scores
+
+
+def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float]:
+    """(decode tokens/s, prefill ms: start to the first step) of ``model.generate`` on ``ids``."""
+    def run():
+        clock = StepClock()
+        start = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]), **kw)
+        torch.cuda.synchronize()
+        return start, clock.events
+
+    run()  # warm-up: compiles where asked
+    start, ev = run()
+    decode_ms = ev[0].elapsed_time(ev[-1])
+    return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--impls", nargs="+", default=["sdpa_dynamic", "sdpa_dynamic_flash", "sdpa_static_cudnn",
+                                                    "sdpa_static_flash", "sparsex_dynamic", "sparsex_static"],
+                    help="which setups to run (sdpa_dynamic[_BACKEND], sdpa_static_BACKEND, sparsex_dynamic, "
+                         "sparsex_static)")
     ap.add_argument("--sparsex-config", default="{}", help="SparseXConfig fields as JSON, e.g. '{\"rerank\": 2}'")
     ap.add_argument("--tag", default="generate")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -57,30 +87,42 @@ def main() -> int:
     path = os.path.join(args.out_dir, "generate.csv")
 
     def record(impl, t, rate, prefill_ms, note=""):
-        append_csv(path, [dict(meta, impl=impl, tokens=t, decode_tok_s=round(rate, 2), prefill_ms=round(prefill_ms, 1),
-                               note=note)])
-        print(f"{impl:>20} T={t:>8} {rate:8.1f} tok/s  prefill {prefill_ms:9.1f} ms {note}", flush=True)
+        append_csv(path, [dict(meta, impl=impl, tokens=t, batch=args.batch, new_tokens=args.new_tokens,
+                               decode_tok_s=round(rate, 2), ms_per_step=round(1000 / rate, 3),
+                               prefill_ms=round(prefill_ms, 1), note=note)])
+        print(f"{impl:>20} T={t:>8} B={args.batch} {rate:9.1f} tok/s ({1000 / rate:7.2f} ms/step)  "
+              f"prefill {prefill_ms:9.1f} ms {note}", flush=True)
 
     for attn in ("sdpa", "sparsex"):
+        impls = [i for i in args.impls if i.startswith(attn)]
+        if not impls:
+            continue
         model = build(attn)
         if attn == "sparsex":
             sparsex_hf.set_sparsex_config(model, **json.loads(args.sparsex_config))
         for t in args.lengths:
-            ids = torch.randint(3, 1000, (1, t), device="cuda")
-            with torch.no_grad():
-                if attn == "sparsex":
-                    record("sparsex", t, *decode_rate(model, ids, args.new_tokens), note=args.sparsex_config)
+            ids = torch.randint(3, 1000, (args.batch, t), device="cuda")
+            for impl in impls:
+                backend = impl.split("_")[2] if impl.count("_") == 2 else None
+                kw = dict(cache_implementation="static") if "_static" in impl else {}
+                note = ("static cache, compiled decode" if kw else "dynamic cache, eager") + (
+                    f", {args.sparsex_config}" if attn == "sparsex" and args.sparsex_config != "{}" else "")
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
+                try:
+                    with torch.no_grad(), (sdpa_kernel(BACKENDS[backend]) if backend else contextlib.nullcontext()):
+                        rate = decode_rate(model, ids, args.new_tokens, **kw)
+                except Exception as e:  # a backend that refuses a shape, or memory
+                    print(f"{impl} T={t}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    torch.cuda.empty_cache()
                     continue
-                record("sdpa_dynamic", t, *decode_rate(model, ids, args.new_tokens))
-                for name, backend in BACKENDS.items():
-                    try:
-                        with sdpa_kernel(backend):
-                            rate = decode_rate(model, ids, args.new_tokens, cache_implementation="static")
-                    except Exception as e:  # a backend that refuses the static cache's masked shapes
-                        print(f"sdpa_static_{name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                        continue
-                    record(f"sdpa_static_{name}", t, *rate, note="static cache, compiled decode")
-            torch.cuda.empty_cache()
+                if kw:  # one graph per step and no break is what CUDA graphs need: say so in the row
+                    c = torch._dynamo.utils.counters
+                    note += f"; graphs {c['stats']['unique_graphs']}, breaks {sum(c['graph_break'].values())}"
+                    for reason, n in list(c["graph_break"].items())[:3]:
+                        print(f"  graph break x{n}: {reason[:200]}", flush=True)
+                record(impl, t, *rate, note=note)
+                torch.cuda.empty_cache()
         model = None
         torch.cuda.empty_cache()
     return 0

@@ -11,7 +11,6 @@ Floors, each importing only downwards: ``sparsex_hf.ops`` (tensors in, tensors o
 from .config import SparseXConfig
 from .hf.attention import get_sparsex_config, register, sparsex_attention_forward, sparsex_mask
 from .hf.cache import CACHE_KWARG, SparseXCache, SparseXLayer
-from .hf.static_cache import SparseXStaticCache, SparseXStaticLayer
 from .hf.model import (
     apply_sparsex,
     from_pretrained,
@@ -20,6 +19,7 @@ from .hf.model import (
     save_pretrained,
     set_sparsex_config,
 )
+from .hf.static_cache import SparseXStaticCache, SparseXStaticLayer
 from .hf.training import MixGates
 from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
 from .patches import SUPPORTED_MODEL_TYPES

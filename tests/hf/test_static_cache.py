@@ -131,3 +131,23 @@ def test_static_cache_errors_say_what_is_wrong():
         SparseXStaticCache(sparse.config, max_cache_len=128).layers[0].batch_select_indices(torch.tensor([0]))
     with pytest.raises(ValueError, match="max_cache_len must be"):
         SparseXStaticLayer(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["small", "retrieval"])
+def test_gpu_compiled_static_generate_gives_the_dynamic_caches_tokens(config):
+    """On CUDA, generate() compiles the static cache's decode step (mode "reduce-overhead": CUDA graphs) with the
+    Triton kernels inside; the tokens are the eager dynamic cache's, and a second call reuses the compiled step."""
+    _, sparse = model_pair("llama", sparsex=CONFIGS[config])
+    sparse = sparse.cuda()
+    ids, mask = (t.cuda() for t in _prompts(length=700))
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    dynamic = sparse.generate(ids, **kw)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    static = sparse.generate(ids, cache_implementation="static", **kw)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert torch.equal(static, dynamic)
+    assert torch.equal(sparse.generate(ids, cache_implementation="static", **kw), dynamic)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
