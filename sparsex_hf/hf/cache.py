@@ -263,11 +263,13 @@ class SparseXCache(DynamicCache):
         self.offload_kv = offload
 
 
-def upgrade_layer(cache, layer_idx: int):
+def upgrade_layer(cache, layer_idx: int, model_window: int | None = None):
     """Return the cache's layer ``layer_idx`` as a :class:`SparseXLayer`, converting a plain ``DynamicLayer``
     in place (its tensors are copied into growable buffers) and an empty sliding-window layer (Sparse-X needs
     absolute positions; it applies the sliding window itself); an empty ``StaticLayer`` becomes a
-    :class:`~sparsex_hf.hf.static_cache.SparseXStaticLayer` of the same capacity. Returns None for other layer
+    :class:`~sparsex_hf.hf.static_cache.SparseXStaticLayer` of the same capacity (a sliding-window static layer
+    only when it holds the whole capacity: shorter than ``model_window``, the model's ``sliding_window``). Returns
+    None for other layer
     types (their attention then runs the general path on the keys the layer returns)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
@@ -281,8 +283,8 @@ def upgrade_layer(cache, layer_idx: int):
         return layer
     if isinstance(layer, StaticLayer):
         # the sliding-window kind holds min(window, capacity) tokens: the whole capacity when it is the smaller
-        whole = type(layer) is StaticLayer or getattr(layer, "_is_croppable", False) or (
-            layer.max_cache_len < getattr(layer, "sliding_window", 0))
+        window = getattr(layer, "sliding_window", None) or model_window or 0
+        whole = type(layer) is StaticLayer or getattr(layer, "_is_croppable", False) or layer.max_cache_len < window
         if not whole:
             raise ValueError(
                 f"layer {layer_idx} of this static cache is a {type(layer).__name__} shorter than the capacity asked for "

@@ -49,8 +49,8 @@ def _wrap_forward(original):
         if torch.compiler.is_compiling():
             if not convertible_static_layer(cache, self.layer_idx):
                 return original(self, *args, **kwargs)
-            return original(self, *args, sparsex_layer=_upgrade_eagerly(cache, self.layer_idx), **kwargs)
-        layer = upgrade_layer(cache, self.layer_idx) if cache is not None else None
+            return original(self, *args, sparsex_layer=_upgrade_eagerly(cache, self.layer_idx, self.config), **kwargs)
+        layer = upgrade_layer(cache, self.layer_idx, _window(self.config)) if cache is not None else None
         if layer is None:
             return original(self, *args, **kwargs)
         if isinstance(layer, SparseXStaticLayer):
@@ -68,10 +68,14 @@ def _wrap_forward(original):
     return forward
 
 
+def _window(config) -> int | None:
+    return getattr(config, "sliding_window", None)
+
+
 @torch.compiler.disable
-def _upgrade_eagerly(cache, layer_idx: int):
+def _upgrade_eagerly(cache, layer_idx: int, config):
     """``upgrade_layer`` outside the trace (a compiled chunked prefill meets Transformers' static layers first)."""
-    return upgrade_layer(cache, layer_idx)
+    return upgrade_layer(cache, layer_idx, _window(config))
 
 
 def _wrap_model_forward(original):

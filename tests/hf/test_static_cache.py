@@ -151,3 +151,15 @@ def test_gpu_compiled_static_generate_gives_the_dynamic_caches_tokens(config):
     assert torch.equal(static, dynamic)
     assert torch.equal(sparse.generate(ids, cache_implementation="static", **kw), dynamic)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
+
+
+def test_a_sliding_window_model_longer_than_its_window_needs_the_sparsex_static_cache():
+    """Transformers' static cache keeps only the window of a sliding-window layer: refused with what to do instead;
+    SparseXStaticCache keeps every position and gives the dynamic cache's tokens (Sparse-X applies the window)."""
+    _, sparse = model_pair("mistral", sliding_window=128, sparsex=dict(SPARSE_SMALL))
+    ids, mask = _prompts(length=200)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="SparseXStaticCache"):
+        sparse.generate(ids, cache_implementation="static", **kw)
+    cache = SparseXStaticCache(sparse.config, max_cache_len=212)
+    assert torch.equal(sparse.generate(ids, **{CACHE_KWARG: cache}, **kw), sparse.generate(ids, **kw))
