@@ -30,6 +30,7 @@ import transformers
 from _common import append_csv
 from bench_e2e import build
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import sparsex_hf
@@ -69,6 +70,61 @@ def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float]:
     return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0])
 
 
+def profile_steps(model, ids, steps: int = 16, **kw) -> str:
+    """One line: per decode step, the CUDA graph replays and kernel launches the host made and the GPU's busy time
+    (the sum of kernel times), from a profile of a generate() of 1 + ``steps`` tokens minus one of 1 token."""
+    def one(n):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+            torch.cuda.synchronize()
+        ev = prof.key_averages()
+        graphs = sum(e.count for e in ev if e.key == "cudaGraphLaunch")
+        launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                        "cudaLaunchKernelExC"))
+        busy = sum(e.device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) / 1000
+        return graphs, launches, busy
+
+    g1, l1, b1 = one(1)
+    g2, l2, b2 = one(1 + steps)
+    return (f"per step: {(g2 - g1) / steps:.1f} graph replays, {(l2 - l1) / steps:.0f} kernel launches, "
+            f"GPU busy {(b2 - b1) / steps:.3f} ms")
+
+
+def report(path: str, tags: list[str]) -> None:
+    """Markdown table (ms per step and tokens/s per setup and length) and ``generate.png`` from the CSV."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["tag"] in tags]
+    best = {(r["impl"], int(r["tokens"]), int(r["batch"])): r for r in rows}  # later rows win
+    lengths = sorted({k[1] for k in best})
+    impls = [i for i in ("sdpa_dynamic", "sdpa_dynamic_flash", "sdpa_static_cudnn", "sparsex_dynamic",
+                         "sparsex_static") if any(k[0] == i for k in best)]
+    print("| setup | " + " | ".join(f"{t // 1024}K" for t in lengths) + " |")
+    print("|---" * (len(lengths) + 1) + "|")
+    for impl in impls:
+        cells = [best.get((impl, t, 1)) for t in lengths]
+        print(f"| {impl} | " + " | ".join(f"{float(c['decode_tok_s']):.0f} tok/s ({float(c['ms_per_step']):.2f} ms)"
+                                           if c else "-" for c in cells) + " |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in impls:
+        pts = [(t, float(best[(impl, t, 1)]["decode_tok_s"])) for t in lengths if (impl, t, 1) in best]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens (batch 1)")
+    ax.set_ylabel("decode tokens/s through generate()")
+    ax.set_title(f"1B-shaped Llama, bf16, {rows[0]['gpu'] if rows else ''}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(path), "generate.png"), dpi=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -79,9 +135,16 @@ def main() -> int:
                     help="which setups to run (sdpa_dynamic[_BACKEND], sdpa_static_BACKEND, sparsex_dynamic, "
                          "sparsex_static)")
     ap.add_argument("--sparsex-config", default="{}", help="SparseXConfig fields as JSON, e.g. '{\"rerank\": 2}'")
+    ap.add_argument("--profile", action="store_true", help="also profile 16 decode steps of each setup: host calls "
+                    "that launch work (graph replays vs single kernels) and the GPU's busy time per step")
+    ap.add_argument("--report", nargs="+", metavar="TAG", help="no timing: the table and generate.png from the CSV "
+                    "rows of these tags (the latest row of each setup, length and batch)")
     ap.add_argument("--tag", default="generate")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.report:
+        report(os.path.join(args.out_dir, "generate.csv"), args.report)
+        return 0
     meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 transformers=transformers.__version__, sparsex=sparsex_hf.__version__, tag=args.tag)
     path = os.path.join(args.out_dir, "generate.csv")
@@ -121,6 +184,8 @@ def main() -> int:
                     note += f"; graphs {c['stats']['unique_graphs']}, breaks {sum(c['graph_break'].values())}"
                     for reason, n in list(c["graph_break"].items())[:3]:
                         print(f"  graph break x{n}: {reason[:200]}", flush=True)
+                if args.profile:
+                    note += "; " + profile_steps(model, ids, **kw)
                 record(impl, t, *rate, note=note)
                 torch.cuda.empty_cache()
         model = None
