@@ -111,15 +111,10 @@ def sparsex_attention_forward(
     if not getattr(module, "is_causal", True):
         raise ValueError("Sparse-X attention is causal; it cannot serve a non-causal (bidirectional) attention module.")
     if dropout:
-        raise ValueError(
-            f"Sparse-X does not implement attention dropout (got dropout={dropout}); set config.attention_dropout=0."
-        )
+        raise ValueError(f"Sparse-X does not implement attention dropout (got dropout={dropout}); set "
+                         "config.attention_dropout=0.")
     cfg = get_sparsex_config(config)
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"Sparse-X received a {attention_mask.dim()}-D attention mask; it takes only a 2-D padding mask "
-            "[batch, kv_len] (its mask function provides that). Do not pass prepared 4-D masks."
-        )
+    _check_mask(attention_mask)
     mix = getattr(module, "sparsex_mix", None)  # learned branch weights (MixGates), for combine="mix"
     mix_weights = mix() if (mix is not None and cfg.combine == "mix") else None
     layer_idx = getattr(module, "layer_idx", None)
@@ -159,6 +154,14 @@ def sparsex_attention_forward(
         layer.anchor = sparsex_prompt_anchor(query, key, layer.offsets_tensor("cpu"), layer.get_seq_length(), cfg,
                                              sliding_window=sliding_window)  # host offsets: no device sync
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_mask(attention_mask) -> None:
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"Sparse-X received a {attention_mask.dim()}-D attention mask; it takes only a 2-D padding mask "
+            "[batch, kv_len] (its mask function provides that). Do not pass prepared 4-D masks."
+        )
 
 
 def _static_attention(query, key, value, attention_mask, cfg: SparseXConfig, layer: SparseXStaticLayer, layer_idx,
