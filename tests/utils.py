@@ -181,6 +181,17 @@ def model_pair(model_type: str, **overrides):
     return dense, sparse
 
 
+def padded_prompts(batch=2, length=300, pads=(0, 37), seed=0):
+    """Random token ids ``[batch, length]``, row ``i`` left-padded by ``pads[i]`` tokens, and the mask."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads):
+        mask[i, :p] = 0
+        ids[i, :p] = 0
+    return ids, mask
+
+
 def left_padded(batch=2, length=150, pad=23, seed=0):
     """Random token ids ``[batch, length]`` with the first row left-padded by ``pad`` tokens, and its mask."""
     gen = torch.Generator().manual_seed(seed)
@@ -194,5 +205,5 @@ def left_padded(batch=2, length=150, pad=23, seed=0):
 SPARSE_SMALL = dict(block_size=16, sink_tokens=16, window=64, stride=32, topk=4)
 
 
-__all__ = ["SPARSE_SMALL", "brute_force", "dense_causal", "left_padded", "model_pair", "random_qkv", "tiny_config",
-           "tiny_model"]
+__all__ = ["SPARSE_SMALL", "brute_force", "dense_causal", "left_padded", "model_pair", "padded_prompts", "random_qkv",
+           "tiny_config", "tiny_model"]

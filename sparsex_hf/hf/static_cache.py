@@ -100,7 +100,7 @@ class SparseXStaticLayer(CacheLayerMixin):
             raise ValueError(f"this static cache holds batch {self.keys.shape[0]} with {self.keys.shape[1]} KV heads; "
                              f"got keys {tuple(key_states.shape)}. Build a new cache for another batch size.")
         n = key_states.shape[-2]
-        if (n > 16 or not self.prefilled) and not torch.compiler.is_compiling():  # a prefill: the check is one sync
+        if not torch.compiler.is_compiling():  # eager: one host read (a compiled step trusts generate()'s capacity)
             if self.host_length() + n > self.max_cache_len:
                 raise ValueError(f"the static cache holds {self.max_cache_len} tokens; this call brings it to "
                                  f"{self.host_length() + n}. Build it with a larger max_cache_len (prompt + new tokens).")

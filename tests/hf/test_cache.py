@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from utils import SPARSE_SMALL, model_pair, random_qkv, tiny_model
+from utils import SPARSE_SMALL, model_pair, padded_prompts, random_qkv, tiny_model
 
 import sparsex_hf
 from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXLayer, apply_sparsex, revert_sparsex
@@ -16,16 +16,6 @@ from sparsex_hf.patches import attention_class
 
 MODEL_TYPES = ["llama", "mistral"]
 
-
-
-def _prompts(batch=2, length=300, pads=(0, 37), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (batch, length), generator=gen)
-    mask = torch.ones_like(ids)
-    for i, p in enumerate(pads):
-        mask[i, :p] = 0
-        ids[i, :p] = 0
-    return ids, mask
 
 
 def _positions(mask):
@@ -48,7 +38,7 @@ def count_decode(monkeypatch):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_full_budget_generate_equals_sdpa_through_the_decode_path(model_type, count_decode):
     dense, sparse = model_pair(model_type)
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
     a, b = dense.generate(ids, **kw), sparse.generate(ids, **kw)
     assert torch.equal(a, b)
@@ -59,7 +49,7 @@ def test_full_budget_generate_equals_sdpa_through_the_decode_path(model_type, co
 def test_sparse_decode_steps_equal_the_reference_on_the_whole_sequence(model_type, count_decode):
     _, sparse = model_pair(model_type)
     sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     out = sparse.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
                           output_logits=True, return_dict_in_generate=True)
     assert count_decode
@@ -103,7 +93,7 @@ def test_crop_then_continue_equals_the_whole_sequence():
 
 def test_beam_search_matches_sdpa_at_full_budget_and_runs_sparse():
     dense, sparse = model_pair("llama")
-    ids, mask = _prompts(length=200, pads=(0, 21))
+    ids, mask = padded_prompts(length=200, pads=(0, 21))
     kw = dict(attention_mask=mask, max_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0)
     assert torch.equal(dense.generate(ids, **kw), sparse.generate(ids, **kw))
     # sparse budget: beams reorder the cache every step; the result must equal decoding each final beam again
@@ -121,7 +111,7 @@ def test_beam_search_matches_sdpa_at_full_budget_and_runs_sparse():
 def test_explicit_offloaded_cache_gives_the_same_tokens():
     _, sparse = model_pair("llama")
     sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     a = sparse.generate(ids, **kw)
     cache = SparseXCache(sparse.config, offload=True)
@@ -277,7 +267,7 @@ def test_anchor_is_kept_by_the_cache_and_follows_the_rows(count_decode):
     padded batch equals each row alone, in either order, and beam search (the cache reordered every step) runs."""
     _, sparse = model_pair("llama")
     sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, rerank=1, anchor=True)
-    ids, mask = _prompts(length=300, pads=(0, 37))
+    ids, mask = padded_prompts(length=300, pads=(0, 37))
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     cache = SparseXCache(sparse.config)
     out = sparse.generate(ids, attention_mask=mask, **{CACHE_KWARG: cache}, **kw).sequences

@@ -4,7 +4,7 @@ place, and clear errors where a static cache cannot serve."""
 
 import pytest
 import torch
-from utils import SPARSE_SMALL, model_pair
+from utils import SPARSE_SMALL, model_pair, padded_prompts
 
 from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXStaticCache, SparseXStaticLayer
 from sparsex_hf.ops.attention.common import block_summaries
@@ -14,21 +14,11 @@ CONFIGS = {"small": dict(SPARSE_SMALL), "retrieval": dict(SPARSE_SMALL, rerank=2
            "mix": dict(SPARSE_SMALL, combine="mix", dense_layers=[1])}
 
 
-def _prompts(batch=2, length=300, pads=(0, 37), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (batch, length), generator=gen)
-    mask = torch.ones_like(ids)
-    for i, p in enumerate(pads):
-        mask[i, :p] = 0
-        ids[i, :p] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_static_generate_gives_the_dynamic_caches_tokens(model_type, config):
     _, sparse = model_pair(model_type, sparsex=CONFIGS[config])
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
     dynamic = sparse.generate(ids, **kw)
     static = sparse.generate(ids, cache_implementation="static", **kw)
@@ -42,14 +32,14 @@ def test_static_generate_gives_the_dynamic_caches_tokens(model_type, config):
 
 def test_full_budget_static_generate_equals_sdpa():
     dense, sparse = model_pair("llama")
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
     assert torch.equal(sparse.generate(ids, cache_implementation="static", **kw), dense.generate(ids, **kw))
 
 
 def test_static_chunked_prefill_and_beam_search_match_the_dynamic_cache():
     _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL, rerank=2, anchor="split"))
-    ids, mask = _prompts(length=260)
+    ids, mask = padded_prompts(length=260)
     for extra in (dict(prefill_chunk_size=64), dict(num_beams=3)):
         kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, **extra)
         assert torch.equal(sparse.generate(ids, cache_implementation="static", **kw), sparse.generate(ids, **kw)), extra
@@ -57,7 +47,7 @@ def test_static_chunked_prefill_and_beam_search_match_the_dynamic_cache():
 
 def test_static_summaries_are_the_blocks_of_the_cached_keys_and_crop_resummarises():
     _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL))
-    ids, mask = _prompts(length=150, pads=(0, 21))
+    ids, mask = padded_prompts(length=150, pads=(0, 21))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = SparseXStaticCache(sparse.config, max_cache_len=200)
     dyn = SparseXCache()
@@ -87,7 +77,7 @@ def test_a_decode_step_compiles_into_one_graph_with_no_recompile():
     """The decode step traces with fullgraph=True (no graph break: the length, offsets and summaries are tensors, the
     decode is the custom op), compiles once for all the steps, and gives the eager dynamic cache's logits."""
     _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL, rerank=2, anchor="split", dense_layers=[0]))
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     graphs = []
 
@@ -114,7 +104,7 @@ def test_a_decode_step_compiles_into_one_graph_with_no_recompile():
 
 def test_static_cache_errors_say_what_is_wrong():
     _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL))
-    ids, mask = _prompts(length=100)
+    ids, mask = padded_prompts(length=100)
     with pytest.raises(ValueError, match="max_cache_len"):
         with torch.no_grad():
             sparse(ids, attention_mask=mask, **{CACHE_KWARG: SparseXStaticCache(sparse.config, max_cache_len=64)})
@@ -140,7 +130,7 @@ def test_gpu_compiled_static_generate_gives_the_dynamic_caches_tokens(config):
     Triton kernels inside; the tokens are the eager dynamic cache's, and a second call reuses the compiled step."""
     _, sparse = model_pair("llama", sparsex=CONFIGS[config])
     sparse = sparse.cuda()
-    ids, mask = (t.cuda() for t in _prompts(length=700))
+    ids, mask = (t.cuda() for t in padded_prompts(length=700))
     kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     dynamic = sparse.generate(ids, **kw)
     torch._dynamo.reset()
@@ -157,9 +147,20 @@ def test_a_sliding_window_model_longer_than_its_window_needs_the_sparsex_static_
     """Transformers' static cache keeps only the window of a sliding-window layer: refused with what to do instead;
     SparseXStaticCache keeps every position and gives the dynamic cache's tokens (Sparse-X applies the window)."""
     _, sparse = model_pair("mistral", sliding_window=128, sparsex=dict(SPARSE_SMALL))
-    ids, mask = _prompts(length=200)
+    ids, mask = padded_prompts(length=200)
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     with pytest.raises(ValueError, match="SparseXStaticCache"):
         sparse.generate(ids, cache_implementation="static", **kw)
     cache = SparseXStaticCache(sparse.config, max_cache_len=212)
     assert torch.equal(sparse.generate(ids, **{CACHE_KWARG: cache}, **kw), sparse.generate(ids, **kw))
+
+
+def test_a_decode_step_past_the_capacity_is_refused():
+    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL))
+    ids, mask = padded_prompts(length=100, pads=(0, 0))
+    cache = SparseXStaticCache(sparse.config, max_cache_len=101)
+    with torch.no_grad():
+        sparse(ids, **{CACHE_KWARG: cache})
+        sparse(ids[:, :1], position_ids=torch.full((2, 1), 100), **{CACHE_KWARG: cache})  # the last column
+        with pytest.raises(ValueError, match="holds 101 tokens"):
+            sparse(ids[:, :1], position_ids=torch.full((2, 1), 101), **{CACHE_KWARG: cache})

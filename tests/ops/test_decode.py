@@ -90,6 +90,25 @@ def test_decode_length_as_a_device_tensor_equals_the_host_int(backend, extra):
         sparsex_decode_attention(q3, cache.k, cache.v, summaries, cache.offsets, torch.tensor([290.0], device=DEV), cfg)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("extra", [{}, {"combine": "mix"}, {"rerank": 2}])
+def test_decode_kernels_fold_their_merges_or_launch_them_alike(monkeypatch, extra):
+    """The last split of each decode kernel merges the splits (eager), or separate merge kernels do (inside a CUDA
+    graph): the same output bit for bit, equal to the reference, with padding and several queries."""
+    from sparsex_hf.ops.attention import decode_kernel
+
+    cfg = SparseXConfig(**SPARSE_SMALL, **extra)
+    q, k, v, mask = _case(t=333, tq=3, seed=4)
+    cache = Cache(k, v, mask, cfg.block_size)
+    outs = []
+    for fold in (True, False):
+        monkeypatch.setattr(decode_kernel, "FOLD_MERGES", fold)
+        outs.append(cache(q[:, :, -3:], cfg, backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1), attention_mask=mask, backend="torch")
+    torch.testing.assert_close(outs[0], ref[:, :, -3:], atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["minmax", "mean", "hybrid"])
 def test_decode_scores_match_reference(backend, score):

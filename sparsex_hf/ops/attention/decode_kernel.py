@@ -12,8 +12,10 @@ chunks of ``BN = block_size`` keys, in four disjoint kinds:
   per-row membership (local | sink | stride | the row's selected blocks, causal, sliding window).
 
 Split ``s`` takes a contiguous share of the chunks and writes its partial softmax state (max, sum, output);
-``combine`` merges the splits. ``combine="mix"`` runs the kernel once per branch (``BRANCH`` 0/1/2 keeps
-only the local / stride / selected keys) and weights the branch outputs as the reference does.
+the split that finishes last (a per-(sequence, KV head) counter) merges them and writes the output rows, or,
+inside a CUDA graph (where that measured slower at 1M), a separate merge kernel does (``fold_merges``).
+``combine="mix"`` runs the kernel once per branch (``BRANCH`` 0/1/2 keeps only the local / stride / selected keys)
+and weights the branch outputs as the reference does.
 """
 
 from __future__ import annotations
@@ -43,12 +45,12 @@ def _cache_len(LEN, LEN_PTR: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, SEL, OFF, LEN, OP, MP, LP,
-    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_sb, s_sh, s_st,
+    Q, K, V, SEL, OFF, LEN, OP, MP, LP, CNT, O, L,
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_sb, s_sh, s_st, s_ob, s_oh, s_ot,
     HKV, NSPLIT, scale, sink, window, stride, sliding,
     G: tl.constexpr, TQ: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr, D: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BRANCH: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr,
-    LEN_PTR: tl.constexpr,
+    LEN_PTR: tl.constexpr, FOLD: tl.constexpr,
 ):
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_kh = i_bh // HKV, i_bh % HKV
@@ -157,6 +159,33 @@ def _decode_kernel(
     tl.store(MP + out + o_r, b_m)
     tl.store(LP + out + o_r, b_l)
     tl.store(OP + (out + o_r)[:, None] * D + o_d[None, :], b_acc)
+    if FOLD:  # the split that finishes last merges every split's state (a counter per (sequence, KV head), zero at
+        # launch): the barrier and the acq_rel atomic order this program's stores before the count, and the count
+        # before the last program's loads
+        tl.debug_barrier()
+        if tl.atomic_add(CNT + i_bh, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
+            _merge_splits(OP, MP, LP, O, L, s_ob, s_oh, s_ot, i_bh, i_b, i_kh, NSPLIT, G, TQ, BM, D)
+
+
+@triton.jit
+def _merge_splits_kernel(OP, MP, LP, O, L, s_ob, s_oh, s_ot, HKV, NSPLIT,
+                         G: tl.constexpr, TQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+    """The merge as its own launch, one program per (sequence, KV head) (``FOLD`` off: inside a CUDA graph)."""
+    i_bh = tl.program_id(0)
+    _merge_splits(OP, MP, LP, O, L, s_ob, s_oh, s_ot, i_bh, i_bh // HKV, i_bh % HKV, NSPLIT, G, TQ, BM, D)
+
+
+# Whether the last split of each decode kernel merges the splits (two launches per step instead of four). Measured on
+# the H200 (2026-12-02, tags dec6 / dec7): eager 0.183 -> 0.151 ms at 64K and 0.273 -> 0.184 ms at 1M; replayed from a
+# CUDA graph 0.046 -> 0.045 ms at 64K but 0.089 -> 0.108 ms at 1M. So by default it folds unless a CUDA graph is
+# being captured; True / False force it (the tests run both).
+FOLD_MERGES: bool | None = None
+
+
+def fold_merges(device: torch.device) -> bool:
+    if FOLD_MERGES is not None:
+        return FOLD_MERGES
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _rows(q: torch.Tensor) -> torch.Tensor:
@@ -191,30 +220,31 @@ def _run(q, k, v, sel, off, seq_len, n_max, cfg, scale, sliding_window, branch: 
     op = empty(bsz * hkv, nsplit, bm, d, dtype=torch.float32, device=dev)
     mp = empty(bsz * hkv, nsplit, bm, dtype=torch.float32, device=dev)
     lp = empty_like(mp)
+    out = empty(bsz, hq, tq, d, dtype=out_dtype, device=dev)
+    lsum = empty(bsz * hkv, bm, dtype=torch.float32, device=dev)
+    fold = fold_merges(dev)
+    done = torch.zeros(bsz * hkv, dtype=torch.int32, device=dev) if fold else lp  # splits finished (FOLD only)
     _decode_kernel[(bsz * hkv, nsplit)](
-        qc, k, v, sel, off, seq_len, op, mp, lp,
+        qc, k, v, sel, off, seq_len, op, mp, lp, done, out, lsum,
         qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sel.stride(0), sel.stride(1), sel.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         hkv, nsplit, scale, cfg.sink_tokens, cfg.window, cfg.stride, sliding_window or 0,
         G=g, TQ=tq, TOPK=max(cfg.topk, 1), TOPK_P2=max(2, triton.next_power_of_2(max(cfg.topk, 1))), D=d,
         BM=bm, BN=cfg.block_size, BRANCH=branch, HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32,
-        LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4, num_stages=2,
+        LEN_PTR=isinstance(seq_len, torch.Tensor), FOLD=fold, num_warps=4, num_stages=2,
     )
-    out = empty(bsz, hq, tq, d, dtype=out_dtype, device=dev)
-    lsum = empty(bsz * hkv, bm, dtype=torch.float32, device=dev)
-    _merge_splits_kernel[(bsz * hkv,)](
-        op, mp, lp, out, lsum, out.stride(0), out.stride(1), out.stride(2), hkv, nsplit,
-        G=g, TQ=tq, BM=bm, D=d, num_warps=4,
-    )
+    if not fold:
+        _merge_splits_kernel[(bsz * hkv,)](op, mp, lp, out, lsum, out.stride(0), out.stride(1), out.stride(2), hkv,
+                                           nsplit, G=g, TQ=tq, BM=bm, D=d, num_warps=4)
     return out, lsum
 
 
 @triton.jit
-def _merge_splits_kernel(OP, MP, LP, O, L, s_ob, s_oh, s_ot, HKV, NSPLIT,
-                         G: tl.constexpr, TQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
-    """Merge the splits' partial softmax states of one (sequence, KV head) and write its ``G * Tq`` rows."""
-    i_bh = tl.program_id(0)
-    i_b, i_kh = i_bh // HKV, i_bh % HKV
+def _merge_splits(OP, MP, LP, O, L, s_ob, s_oh, s_ot, i_bh, i_b, i_kh, NSPLIT,
+                  G: tl.constexpr, TQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+    """Merge the splits' partial softmax states of one (sequence, KV head) and write its ``G * Tq`` rows and the
+    softmax denominators (loads bypass L1: other programs wrote the states)."""
     o_r = tl.arange(0, BM)
     o_d = tl.arange(0, D)
     b_m = tl.full([BM], float("-inf"), tl.float32)
@@ -222,9 +252,9 @@ def _merge_splits_kernel(OP, MP, LP, O, L, s_ob, s_oh, s_ot, HKV, NSPLIT,
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
     for i_s in range(0, NSPLIT):
         base = (i_bh * NSPLIT + i_s).to(tl.int64) * BM
-        m_s = tl.load(MP + base + o_r)
-        l_s = tl.load(LP + base + o_r)
-        o_s = tl.load(OP + (base + o_r)[:, None] * D + o_d[None, :])
+        m_s = tl.load(MP + base + o_r, cache_modifier=".cg")
+        l_s = tl.load(LP + base + o_r, cache_modifier=".cg")
+        o_s = tl.load(OP + (base + o_r)[:, None] * D + o_d[None, :], cache_modifier=".cg")
         m_new = tl.maximum(b_m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a_old = tl.exp2(b_m - m_safe)
@@ -268,12 +298,12 @@ def decode_attention_triton(q, k, v, sel, off, seq_len, n_max, cfg, scale, slidi
 
 @triton.jit
 def _decode_select_kernel(
-    Q, KA, KB, OFF, LEN, VAL, IDX,
+    Q, KA, KB, OFF, LEN, VAL, IDX, CNT, SEL,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kn,
-    HKV, NB, NSPLIT, block, sink, window, sliding,
+    HKV, NB, NSPLIT: tl.constexpr, block, sink, window, sliding,
     G: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr,
     K: tl.constexpr, KP2: tl.constexpr, MINMAX: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr,
-    LEN_PTR: tl.constexpr,
+    LEN_PTR: tl.constexpr, FOLD: tl.constexpr,
 ):
     """Top-K eligible summary blocks of each of the ``TQ`` queries of one (sequence, KV head), over split
     ``i_s``'s share of the blocks: scores (max over the GQA group), eligibility and a running top-K in
@@ -334,18 +364,28 @@ def _decode_select_kernel(
     p_c = i_bh.to(tl.int64) * TQP * NSPLIT * KP2 + o_t[:, None] * NSPLIT * KP2 + i_s * KP2 + o_k[None, :]
     tl.store(VAL + p_c, top_v)
     tl.store(IDX + p_c, top_i)
+    if FOLD:  # the split that finishes last merges the candidates (a counter per (sequence, KV head), zero at launch)
+        tl.debug_barrier()
+        if tl.atomic_add(CNT + i_bh, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
+            _topk_merge(VAL, IDX, SEL, i_bh, NSPLIT * KP2, TQ, TQP, K)
 
 
 @triton.jit
 def _decode_topk_merge_kernel(VAL, IDX, SEL, NC: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, K: tl.constexpr):
+    """The top-k merge as its own launch, one program per (sequence, KV head) (``FOLD`` off)."""
+    _topk_merge(VAL, IDX, SEL, tl.program_id(0), NC, TQ, TQP, K)
+
+
+@triton.jit
+def _topk_merge(VAL, IDX, SEL, i_bh, NC: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, K: tl.constexpr):
     """The K best of the splits' candidates ``[TQP, NC]`` of one (sequence, KV head): highest score first,
-    ties to the lower block index; ``-1`` where fewer are eligible. Writes ``SEL [.., TQ, K]``."""
-    i_bh = tl.program_id(0)
+    ties to the lower block index; ``-1`` where fewer are eligible. Writes ``SEL [.., TQ, K]`` (loads bypass L1:
+    other programs wrote the candidates)."""
     o_t = tl.arange(0, TQP)
     o_c = tl.arange(0, NC)
     base = i_bh.to(tl.int64) * TQP * NC
-    v = tl.load(VAL + base + o_t[:, None] * NC + o_c[None, :])
-    ix = tl.load(IDX + base + o_t[:, None] * NC + o_c[None, :])
+    v = tl.load(VAL + base + o_t[:, None] * NC + o_c[None, :], cache_modifier=".cg")
+    ix = tl.load(IDX + base + o_t[:, None] * NC + o_c[None, :], cache_modifier=".cg")
     p_out = SEL + i_bh.to(tl.int64) * TQ * K + o_t * K
     for r in tl.static_range(K):
         c_v = tl.max(v, 1)
@@ -357,7 +397,8 @@ def _decode_topk_merge_kernel(VAL, IDX, SEL, NC: tl.constexpr, TQ: tl.constexpr,
 def decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window) -> torch.Tensor:
     """Top-k blocks ``[B, Hkv, Tq, topk]`` int32 (-1 where fewer are eligible) of the decode queries
     ``q [B, Hq, Tq, D]`` from the summaries ``(kmin, kmax, kmean)`` (each ``[B, Hkv, nb, D]``): the blocks are
-    split over ``NSPLIT`` programs per (sequence, KV head), each keeps its top-k, a second kernel merges."""
+    split over ``NSPLIT`` programs per (sequence, KV head), each keeps its top-k, the last to finish merges (or a
+    merge kernel: ``fold_merges``)."""
     bsz, hq, tq, d = q.shape
     kmin, kmax, kmean = summaries
     _, hkv, nb, _ = kmin.shape
@@ -374,16 +415,19 @@ def decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window) -> tor
     kp2 = max(2, triton.next_power_of_2(cfg.topk))
     val = empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.float32, device=dev)
     idx = empty(bsz * hkv, tqp, nsplit * kp2, dtype=torch.int32, device=dev)
+    fold = fold_merges(dev)
+    done = torch.zeros(bsz * hkv, dtype=torch.int32, device=dev) if fold else idx  # splits finished (FOLD only)
     qc = _rows(q)
     _decode_select_kernel[(bsz * hkv, nsplit)](
-        qc, ka, kb, off, seq_len, val, idx,
+        qc, ka, kb, off, seq_len, val, idx, done, sel,
         qc.stride(0), qc.stride(1), qc.stride(2), ka.stride(0), ka.stride(1), ka.stride(2),
         hkv, nb, nsplit, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
         G=hq // hkv, TQ=tq, TQP=tqp, D=d, BNB=bnb, K=cfg.topk, KP2=kp2, MINMAX=minmax,
         HAS_SW=sliding_window is not None, IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor),
-        num_warps=4,
+        FOLD=fold, num_warps=4,
     )
-    _decode_topk_merge_kernel[(bsz * hkv,)](val, idx, sel, NC=nsplit * kp2, TQ=tq, TQP=tqp, K=cfg.topk, num_warps=4)
+    if not fold:
+        _decode_topk_merge_kernel[(bsz * hkv,)](val, idx, sel, NC=nsplit * kp2, TQ=tq, TQP=tqp, K=cfg.topk, num_warps=4)
     return sel
 
 
@@ -402,9 +446,9 @@ def decode_exact_scores_triton(q, short, k_cache, off, block_size: int) -> torch
 def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int, max_doc_len: int,
                           cfg: SparseXConfig, *, scale: float, sliding_window=None, mix_weights=None,
                           anchor=None) -> torch.Tensor:
-    """A decode step with the kernels (same contract as ``decode.sparsex_decode_torch``): selection (one split
-    kernel + a merge kernel; the ``"hybrid"`` score selects with the torch code, same rule) and the split-K
-    attention (+ its merge kernel)."""
+    """A decode step with the kernels (same contract as ``decode.sparsex_decode_torch``): selection (one kernel whose
+    last split merges the top-k; the ``"hybrid"`` score selects with the torch code, same rule) and the split-K
+    attention (one kernel whose last split merges the splits): two launches (four inside a CUDA graph)."""
     off = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
     if cfg.score == "hybrid":
         sel = decode_select(q, decode_positions(off, seq_len, q.shape[2]), summaries, cfg, sliding_window)
