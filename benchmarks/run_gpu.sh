@@ -5,6 +5,7 @@
 #
 #   NAME = a script of benchmarks/ without .py   python benchmarks/NAME.py --out-dir OUT ARGS...
 #          tests                                 python -m pytest ARGS...  (the GPU test selection: see docs/benchmarks.md)
+#          tests-part K/N                        the K-th of N contiguous shares of the whole test suite (14 workers)
 #          tests-fast                            the fast GPU subset: every realistic-size GPU case and kernel variant
 #                                                (84 tests, 137 s on the H200 with 14 workers, 2026-12-02) + ARGS
 #          eval                                  sparsex-eval --output OUT/eval ARGS...
@@ -47,6 +48,9 @@ low_precision_selection or exact_scores or oracle or loaders or from_pretrained_
 cached_decode or group_loop or static or custom_op or device_tensor or covers" "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
+    tests-part) part="${1:?usage: run_gpu.sh tests-part K/N [ARGS...]}"; shift
+        "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs -n 14 -q tests --part "$part" "$@" 2>&1 \
+        | tee "$out/pytest.log" ;;
     eval) "${limit[@]}" python3 -m sparsex_hf.apps.eval --output "$out/eval" "$@" 2>&1 | tr '\r' '\n' | tee "$out/eval.log" ;;
     *) "${limit[@]}" python3 "benchmarks/$name.py" --out-dir "$out" "$@" 2>&1 | tee "$out/$name.log" ;;
 esac

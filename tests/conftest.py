@@ -15,7 +15,29 @@ import sparsex_hf  # noqa: E402,F401  (registers "sparsex")
 from sparsex_hf.ops.attention import HAS_TRITON  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--part", default=None, metavar="K/N",
+                     help="run only the K-th of N contiguous shares of the collected tests (K in 1..N), so that a test "
+                          "run too long for one call splits into N calls that together run every test once")
+
+
+def _take_part(config, items) -> None:
+    spec = config.getoption("--part")
+    if spec is None:
+        return
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--part takes K/N with integers 1 <= K <= N, got {spec!r}") from None
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"--part takes K/N with integers 1 <= K <= N, got {spec!r}")
+    lo, hi = (k - 1) * len(items) // n, k * len(items) // n  # contiguous: a test's parametrizations stay together
+    config.hook.pytest_deselected(items=items[:lo] + items[hi:])
+    items[:] = items[lo:hi]
+
+
 def pytest_collection_modifyitems(config, items):
+    _take_part(config, items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -173,3 +173,21 @@ def test_committed_results_are_small():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     weights = [f for f in tracked if f.endswith((".safetensors", ".bin", ".pt", ".gguf", ".whl"))]
     assert not weights, weights
+
+
+@pytest.mark.slow
+def test_part_option_splits_a_test_run_into_disjoint_shares_that_cover_it():
+    """``pytest --part K/N`` (conftest.py) runs the K-th contiguous share: the GPU test set is split into calls that
+    fit the device's time limit, and the N shares together are the whole run."""
+    def ids(*extra):
+        res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "tests/test_config.py", *extra], cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return [line for line in res.stdout.splitlines() if "::" in line]
+
+    whole = ids()
+    shares = [ids("--part", f"{k}/3") for k in (1, 2, 3)]
+    assert len(whole) > 3 and all(shares) and sum(shares, []) == whole
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_config.py", "--part", "4/3"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and "1 <= K <= N" in res.stdout + res.stderr
