@@ -179,7 +179,7 @@ def _static_attention(query, key, value, attention_mask, cfg: SparseXConfig, lay
     if cfg.dense_below:
         raise ValueError(f"dense_below={cfg.dense_below} decides per call on the host, which a static cache's compiled "
                          "step cannot; set dense_below=0 (dense layers: dense_layers) or use the dynamic cache.")
-    if layer.prefilled and tq <= MAX_DECODE_QUERIES and (torch.compiler.is_compiling() or layer.host_length() > tq):
+    if layer.prefilled and tq <= MAX_DECODE_QUERIES and (torch.compiler.is_compiling() or layer.eager_length > tq):
         return _static_decode(query, cfg, layer, dense, scaling, sliding_window, mix_weights)
     return _static_prefill(query, key, value, attention_mask, cfg, layer, layer_idx, dense, scaling, sliding_window,
                            mix_weights)
@@ -188,10 +188,7 @@ def _static_attention(query, key, value, attention_mask, cfg: SparseXConfig, lay
 @torch.compiler.disable
 def _static_prefill(query, key, value, attention_mask, cfg: SparseXConfig, layer: SparseXStaticLayer, layer_idx,
                     dense: bool, scaling, sliding_window, mix_weights) -> torch.Tensor:
-    n = layer.host_length()
-    if n > layer.max_cache_len:
-        raise ValueError(f"the static cache holds {layer.max_cache_len} tokens; this call brings it to {n}. Build it "
-                         "with a larger max_cache_len (prompt + new tokens).")
+    n = layer.host_length()  # (the update may have run in a compiled forward: read here, not kept from it)
     if not layer.record_offsets(attention_mask, n):
         raise ValueError("a static cache serves rows whose padding is a left prefix of the 2-D attention mask "
                          "(as generate() pads); this mask has padding elsewhere. Use the dynamic cache.")
@@ -201,10 +198,7 @@ def _static_prefill(query, key, value, attention_mask, cfg: SparseXConfig, layer
     out = _attention_op(query, key[:, :, :n], value[:, :, :n], cfg, scale=scaling, attention_mask=mask,
                         layer_idx=layer_idx, sliding_window=sliding_window, mix_weights=mix_weights)
     if not dense:
-        if layer.block_size != cfg.block_size:
-            layer.ensure_summaries(cfg.block_size)  # (summarises every cached token)
-        else:
-            layer.summarise(query.shape[2])
+        layer.refresh_summaries(cfg.block_size, query.shape[2])
         if cfg.anchor:
             layer.set_anchor(sparsex_prompt_anchor(query, key, torch.tensor(layer.offsets), n, cfg,
                                                    sliding_window=sliding_window))
@@ -224,10 +218,7 @@ def _static_decode(query, cfg: SparseXConfig, layer: SparseXStaticLayer, dense: 
             ok &= pos_q[None, :, None] - cols < sliding_window
         return torch.nn.functional.scaled_dot_product_attention(query, layer.keys, layer.values, attn_mask=ok[:, None],
                                                                 scale=scaling, enable_gqa=True)
-    if layer.block_size != cfg.block_size:
-        layer.ensure_summaries(cfg.block_size)
-    else:
-        layer.summarise(tq)
+    layer.refresh_summaries(cfg.block_size, tq)
     return sparsex_decode_attention(
         query, layer.keys, layer.values, layer.summaries(), layer.offsets_t, layer.cumulative_length, cfg,
         max_doc_len=layer.max_cache_len, scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,

@@ -269,8 +269,7 @@ def upgrade_layer(cache, layer_idx: int, model_window: int | None = None):
     absolute positions; it applies the sliding window itself); an empty ``StaticLayer`` becomes a
     :class:`~sparsex_hf.hf.static_cache.SparseXStaticLayer` of the same capacity (a sliding-window static layer
     only when it holds the whole capacity: shorter than ``model_window``, the model's ``sliding_window``). Returns
-    None for other layer
-    types (their attention then runs the general path on the keys the layer returns)."""
+    None for other layer types (their attention then runs the general path on the keys the layer returns)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         return None

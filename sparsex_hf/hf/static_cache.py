@@ -9,8 +9,9 @@ tokens touched (complete or not: an incomplete block is never eligible, and it i
 that completes it), and calls the decode op with the length as a tensor. Nothing in a decode step reads a value
 on the host, so ``torch.compile(mode="reduce-overhead")`` captures the whole model step.
 
-The prefill runs eagerly (Transformers compiles only the decode step): it records the rows' left padding from the
-2-D mask, summarises the prompt's blocks and keeps the anchor, with host reads as in the dynamic cache.
+The prefill runs eagerly, also inside a compiled forward (Transformers compiles chunked prefill): it records the
+rows' left padding from the 2-D mask, summarises the prompt's blocks and keeps the anchor, with host reads as in the
+dynamic cache.
 
 ``generate(..., cache_implementation="static")`` works with no cache argument (the attention wrapper turns the
 layers of Transformers' ``StaticCache`` into these before their first update) and compiles the decode step on a
@@ -61,6 +62,7 @@ class SparseXStaticLayer(CacheLayerMixin):
     def _clear(self) -> None:
         self.offsets: list[int] | None = None
         self.prefilled = False
+        self.eager_length = 0  # the length after the last eager update, read on the host there (see update)
 
     @classmethod
     def adopt(cls, layer: StaticLayer) -> SparseXStaticLayer:
@@ -100,10 +102,11 @@ class SparseXStaticLayer(CacheLayerMixin):
             raise ValueError(f"this static cache holds batch {self.keys.shape[0]} with {self.keys.shape[1]} KV heads; "
                              f"got keys {tuple(key_states.shape)}. Build a new cache for another batch size.")
         n = key_states.shape[-2]
-        if not torch.compiler.is_compiling():  # eager: one host read (a compiled step trusts generate()'s capacity)
-            if self.host_length() + n > self.max_cache_len:
+        if not torch.compiler.is_compiling():  # eager: one host read, kept for this forward's attention (a compiled
+            self.eager_length = self.host_length() + n  # step trusts generate()'s capacity and reads nothing)
+            if self.eager_length > self.max_cache_len:
                 raise ValueError(f"the static cache holds {self.max_cache_len} tokens; this call brings it to "
-                                 f"{self.host_length() + n}. Build it with a larger max_cache_len (prompt + new tokens).")
+                                 f"{self.eager_length}. Build it with a larger max_cache_len (prompt + new tokens).")
         cols = torch.arange(n, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(n)
         self.keys.index_copy_(2, cols, key_states)
@@ -129,8 +132,8 @@ class SparseXStaticLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ padding and summaries
     def record_offsets(self, attention_mask: torch.Tensor | None, n: int) -> bool:
         """At the first forward, record each row's left padding from the 2-D mask's first ``n`` columns (host
-        read). Returns False if some row's padding is not a left prefix (that forward then runs the general path,
-        and decode steps are refused: a static cache serves left-padded batches only)."""
+        read). Returns False (and records nothing) if some row's padding is not a left prefix: a static cache
+        serves left-padded batches only."""
         if self.offsets is not None:
             return True
         b = self.keys.shape[0]
@@ -148,9 +151,11 @@ class SparseXStaticLayer(CacheLayerMixin):
         self.offsets_t.copy_(off.to(torch.int32))
         return True
 
-    def ensure_summaries(self, block_size: int) -> None:
-        """Allocate the summaries for ``block_size`` (eager); a new block size summarises the cached keys again."""
+    def refresh_summaries(self, block_size: int, tq: int) -> None:
+        """Bring the summaries up to date after ``tq`` new tokens: the blocks they touch (tensor ops), or, at the
+        first use or with another block size, every cached token into newly allocated summaries (eager)."""
         if self.block_size == block_size:
+            self.summarise(tq)
             return
         if torch.compiler.is_compiling():
             raise ValueError(f"the static cache was summarised with block_size={self.block_size}, the compiled "
@@ -193,9 +198,6 @@ class SparseXStaticLayer(CacheLayerMixin):
             _static(self.anchor)
         else:
             self.anchor.copy_(anchor)
-
-    def summary_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.kmin, self.kmax, self.kmean) if t is not None)
 
     # ------------------------------------------------------------------ consistency
     def crop(self, tokens_to_remove: int) -> None:

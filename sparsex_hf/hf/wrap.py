@@ -26,7 +26,7 @@ import torch
 
 from ..patches import MODEL_TABLE, attention_class, check_model_type, model_class
 from .cache import upgrade_layer
-from .static_cache import SparseXStaticLayer, convertible_static_layer, static_layer
+from .static_cache import convertible_static_layer, static_layer
 
 ATTN_NAME = "sparsex"
 
@@ -43,18 +43,16 @@ def _wrap_forward(original):
         if getattr(self.config, "_attn_implementation", None) != ATTN_NAME:
             return original(self, *args, **kwargs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        static = static_layer(cache, self.layer_idx)  # a static cache's layer goes through the attention kwargs
-        if static is not None:  # (traceable: a compiled step finds it with no graph break)
+        static = static_layer(cache, self.layer_idx)  # (traceable: a compiled step finds it with no graph break)
+        if static is None and convertible_static_layer(cache, self.layer_idx):  # Transformers' own static layer
+            static = _upgrade_eagerly(cache, self.layer_idx, self.config)
+        if static is not None:  # a static cache's layer goes through the attention kwargs
             return original(self, *args, sparsex_layer=static, **kwargs)
         if torch.compiler.is_compiling():
-            if not convertible_static_layer(cache, self.layer_idx):
-                return original(self, *args, **kwargs)
-            return original(self, *args, sparsex_layer=_upgrade_eagerly(cache, self.layer_idx, self.config), **kwargs)
-        layer = upgrade_layer(cache, self.layer_idx, _window(self.config)) if cache is not None else None
+            return original(self, *args, **kwargs)
+        layer = upgrade_layer(cache, self.layer_idx) if cache is not None else None
         if layer is None:
             return original(self, *args, **kwargs)
-        if isinstance(layer, SparseXStaticLayer):
-            return original(self, *args, sparsex_layer=layer, **kwargs)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         bsz, tq = hidden.shape[:2]
         layer.set_offsets(kwargs.get("attention_mask"), bsz, layer.get_seq_length() + tq)
@@ -68,14 +66,11 @@ def _wrap_forward(original):
     return forward
 
 
-def _window(config) -> int | None:
-    return getattr(config, "sliding_window", None)
-
-
 @torch.compiler.disable
 def _upgrade_eagerly(cache, layer_idx: int, config):
-    """``upgrade_layer`` outside the trace (a compiled chunked prefill meets Transformers' static layers first)."""
-    return upgrade_layer(cache, layer_idx, _window(config))
+    """``upgrade_layer`` for a Transformers static layer, outside any trace (a compiled chunked prefill meets them
+    first); the model's sliding window tells whether a sliding-window layer holds the whole capacity."""
+    return upgrade_layer(cache, layer_idx, getattr(config, "sliding_window", None))
 
 
 def _wrap_model_forward(original):

@@ -179,8 +179,7 @@ def decode_attention_torch(q, k_cache, v_cache, offsets, seq_len: int, max_doc_l
     g = hq // hkv
     idx, valid, part = key_sets(pos, sel, cfg, sliding_window, max_doc_len)
     offs = offsets.long()[:, None, None, None]
-    cache_idx = (idx + offs).clamp(min=0)  # invalid entries read a valid column (never past the length: NaN-safe)
-    cache_idx = torch.minimum(cache_idx, seq_len - 1) if isinstance(seq_len, torch.Tensor) else cache_idx.clamp(max=seq_len - 1)
+    cache_idx = (idx + offs).clamp(min=0).clamp(max=seq_len - 1)  # invalid entries read a valid column (NaN-safe)
     nk = idx.shape[-1]
     flat = cache_idx.reshape(bsz, hkv, tq * nk, 1).to(kbuf.device)
     kg = torch.gather(kbuf, 2, flat.expand(-1, -1, -1, d)).to(q.device, non_blocking=True)
