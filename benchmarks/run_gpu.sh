@@ -42,10 +42,10 @@ limit=()
 [ -n "${TIME_LIMIT:-}" ] && limit=(timeout -s INT "$TIME_LIMIT")
 case "$name" in
     tests-fast) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs -n 14 -q tests/ops/test_decode.py \
-        tests/ops/test_prefill.py tests/apps/test_oracle.py tests/hf/test_attention.py tests/hf/test_static_cache.py \
+        tests/ops/test_prefill.py tests/ops/test_tuning.py tests/apps/test_oracle.py tests/hf/test_attention.py tests/hf/test_static_cache.py \
         -k "gpu or rerank or two_stage or decode_union or select_kernel or padding or anchor or not_rounded or \
 low_precision_selection or exact_scores or oracle or loaders or from_pretrained_helper or unsupported or save_load or \
-cached_decode or group_loop or static or custom_op or device_tensor or covers" "$@" 2>&1 \
+cached_decode or group_loop or static or custom_op or device_tensor or covers or tile_shapes or tuning" "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
     tests-part) part="${1:?usage: run_gpu.sh tests-part K/N [ARGS...]}"; shift

@@ -355,7 +355,7 @@ def test_exact_scores_kernel_matches_torch(rows, slots):
 
 def test_inputs_the_budget_covers_go_to_sdpa(monkeypatch):
     """Documents of at most sink_tokens + window tokens (and dense layers) are dense causal attention by
-    definition: the Triton backend hands them to SDPA, with the reference's result and gradients; padded batches,
+    definition: the Triton backend hands them to SDPA, with the reference's result and gradients (padded rows too);
     chunks (Tq < Tk), a shorter sliding window, longer documents and mix stay on the kernels."""
     import torch.nn.functional as F
 
@@ -387,4 +387,55 @@ def test_inputs_the_budget_covers_go_to_sdpa(monkeypatch):
     run(cover, cover, False, conf=cfg.replace(combine="mix", beta=0.5))
     mask = torch.ones(1, cover, dtype=torch.bool)
     mask[0, :5] = False
-    run(cover, cover, False, attention_mask=mask)
+    run(cover, cover, True, attention_mask=mask)  # a padded row: SDPA on its real tokens, zeros elsewhere
+    run(cover, cover, True, attention_mask=torch.ones(1, cover, dtype=torch.bool))
+    mask = torch.ones(1, cover + 9, dtype=torch.bool)
+    mask[0, :9] = False
+    run(cover + 9, cover + 9, True, attention_mask=mask)  # padding makes the row short enough
+    mask[0, 8] = True  # cover + 1 real tokens
+    run(cover + 9, cover + 9, False, attention_mask=mask)
+
+
+def test_padded_batches_the_budget_covers_go_to_sdpa(monkeypatch):
+    """A batch of left-, right- and un-padded rows, all within the cover: one SDPA call per row, padding rows
+    zero, forward and gradients the reference's."""
+    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    cfg = SparseXConfig(**SPARSE_SMALL)
+    t = cfg.sink_tokens + cfg.window
+    mask = torch.ones(3, t, dtype=torch.long)
+    mask[0, :30] = 0  # left padding
+    mask[1, 50:] = 0  # right padding
+    mask = mask.to(DEVICE)
+    q, k, v = _inputs(("", 3, 4, 2, t, t, 32), torch.float32, seed=5, grad=True)
+    out = sparsex_attention(q, k, v, cfg, backend="triton", attention_mask=mask)
+    ref = sparsex_attention(q, k, v, cfg, backend="torch", attention_mask=mask)
+    assert (out[0, :, :30] == 0).all() and (out[1, :, 50:] == 0).all()
+    assert _rel(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("tile", [dict(block_m=16, window_n=64, num_warps=4, num_stages=2),
+                                  dict(block_m=128, window_n=128, num_warps=8, num_stages=2),
+                                  dict(block_m=32, window_n=16, num_warps=4, num_stages=3),
+                                  dict(block_m=64, window_n=128, num_warps=4, num_stages=2, tma=True)],
+                         ids=["bm16-wn64", "bm128-wn128", "bm32-wn16", "bm64-wn128-tma"])
+@pytest.mark.parametrize("name", ["wide-window", "union"])
+def test_tile_shapes_match_reference(name, tile):
+    """Every tile shape the table may name gives the reference's output and gradients: rows per program
+    (``block_m``), keys per unmasked window chunk (``window_n``, wider than a block: whole chunks, then the rest
+    a block at a time) and keys and values through tensor descriptors (``tma``), for both passes."""
+    from sparsex_hf.ops.attention import tuning
+
+    cfg = SparseXConfig(**CONFIGS[name])
+    q, k, v = _inputs(("T333", 1, 4, 2, 333, 333, 64), torch.float32, seed=SEEDS[name], grad=True)
+    do = torch.randn_like(q)
+    with tuning.override(fwd=tile, bwd=tile):
+        out = sparsex_attention(q, k, v, cfg, backend="triton")
+        got = torch.autograd.grad((out * do).sum(), (q, k, v))
+    ref = sparsex_attention(q, k, v, cfg, backend="torch")
+    want = torch.autograd.grad((ref * do).sum(), (q, k, v))
+    assert _rel(out, ref) < 1e-5
+    for a, b in zip(got, want):
+        assert not a.isnan().any() and _rel(a, b) < 1e-4

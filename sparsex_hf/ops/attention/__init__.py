@@ -21,6 +21,7 @@ from .common import block_summaries
 from .decode import MAX_DECODE_QUERIES, prompt_anchor
 from .decode_op import config_json, decode_op, run_decode
 from .documents import Document, cu_seqlens_from_position_ids, split_documents, validate_cu_seqlens
+from .layout import kernel_documents
 from .naive import SparseXStats, sparsex_attention_naive
 
 try:  # Triton is a Linux dependency; elsewhere only the reference runs
@@ -192,26 +193,40 @@ def sparsex_attention(
 def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu_q, cu_k, sliding_window, dense):
     """Dense causal attention by SDPA (its fastest kernel) where Sparse-X's key set of every query is all of its
     causal keys by definition: a dense layer, or documents of at most ``sink_tokens + window`` tokens (the window
-    and the sink cover everything). Unpadded input with ``Tq == Tk`` (one SDPA call) or packed documents (one per
-    document); anything else returns None and runs the kernels."""
+    and the sink cover everything). ``Tq == Tk`` only: an unpadded batch is one SDPA call, packed documents and
+    the rows of a padded batch one per document (padding rows are zeros, as the spec says); anything else returns
+    None and runs the kernels."""
     tq, tk = q.shape[2], k.shape[2]
-    if not DENSE_HANDOFF or tq != tk or attention_mask is not None or cu_q is not None or not (dense or cfg.combine == "union"):
+    if not DENSE_HANDOFF or tq != tk or cu_q is not None or not (dense or cfg.combine == "union"):
         return None
     if sliding_window is not None and sliding_window < tk:
         return None
+    if attention_mask is not None and cu_k is not None:
+        return None
     cover = cfg.sink_tokens + cfg.window
-    if not dense and tk > cover * (1 if cu_k is None else cu_k.numel() - 1):
+    parts = 1 if cu_k is None else cu_k.numel() - 1
+    if not dense and attention_mask is None and tk > cover * parts:
         return None  # some document is longer than the window covers (decided without reading cu_k on the host)
-    bounds = [0, tk] if cu_k is None else validate_cu_seqlens(cu_k, tk, "cu_seqlens").tolist()
-    if not dense and max(b - a for a, b in zip(bounds, bounds[1:])) > cover:
+    if attention_mask is not None:  # (b, first, length) of each row's real tokens, read on the host
+        docs = [(b, f, n) for b, _, f, _, n in kernel_documents(q.shape[0], tq, tk, attention_mask)]
+    else:
+        bounds = [0, tk] if cu_k is None else validate_cu_seqlens(cu_k, tk, "cu_seqlens").tolist()
+        docs = [(None, a, e - a) for a, e in zip(bounds, bounds[1:]) if e > a]
+    if not dense and max((n for *_, n in docs), default=0) > cover:
         return None
     log_once("sparsex: every query's key set is all of its causal keys here (a dense layer, or documents of at most "
              "sink_tokens + window tokens): computed by SDPA's causal attention.")
-    if cu_k is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                     scale=scale, enable_gqa=True)
-                      for a, b in zip(bounds, bounds[1:]) if b > a], 2)
+
+    def sdpa(rows, a, n):
+        return F.scaled_dot_product_attention(q[rows, :, a:a + n], k[rows, :, a:a + n], v[rows, :, a:a + n],
+                                              is_causal=True, scale=scale, enable_gqa=True)
+
+    if attention_mask is None or (len(docs) == q.shape[0] and all(n == tk for *_, n in docs)):  # no padding
+        return sdpa(slice(None), 0, tk) if len(docs) == 1 or attention_mask is not None else torch.cat([sdpa(slice(None), a, n) for _, a, n in docs], 2)
+    out = q.new_zeros(q.shape)
+    for b, a, n in docs:
+        out[b:b + 1, :, a:a + n] = sdpa(slice(b, b + 1), a, n)
+    return out
 
 
 def _empty_stats(q: torch.Tensor, k: torch.Tensor, cfg: SparseXConfig) -> SparseXStats:

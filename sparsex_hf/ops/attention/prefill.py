@@ -23,22 +23,12 @@ import triton.language as tl
 from torch import empty, empty_like  # module-level names: tests poison them (NaN) to catch unwritten elements
 
 from .layout import KernelLayout
-
-# Tile shapes measured on the H200 at 128K (docs/kernels.md): the forward is fastest with 64-row tiles and
-# 4 warps, the backward (atomics into dK, dV) with 128-row tiles and 8 warps. Each pass builds its own
-# layout, so they can differ. benchmarks/sweep_prefill.py times other shapes by updating these dicts.
-FWD_TILE = dict(block_m=64, num_warps=4, num_stages=2)
-BWD_TILE = dict(block_m=128, num_warps=8, num_stages=3)
+from .tuning import tile_shape
 
 
-def block_m(backward: bool = False) -> int:
-    """Query rows per program (a power of two >= 16)."""
-    return (BWD_TILE if backward else FWD_TILE)["block_m"]
-
-
-def _launch_options(backward: bool) -> dict:
-    tile = BWD_TILE if backward else FWD_TILE
-    return dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+def block_m(device, backward: bool = False) -> int:
+    """Query rows per program on ``device`` (tuning.py's table)."""
+    return tile_shape(device, backward)["block_m"]
 
 
 @triton.jit
@@ -50,14 +40,29 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
+def _load_kv(src_k, src_v, row, j, m_k, s_kt, s_vt, D: tl.constexpr, TMA: tl.constexpr, ZERO: tl.constexpr):
+    """Keys and values ``j`` (mask ``m_k``): with ``TMA`` from tensor descriptors at ``row`` (the bulk copy engine;
+    ``ZERO``: keys outside ``m_k`` are zeroed, as the masked pointer loads leave them), else by pointers."""
+    if TMA:
+        b_k = src_k.load([row, 0])
+        b_v = src_v.load([row, 0])
+        if ZERO:
+            b_k = tl.where(m_k[:, None], b_k, 0.0)
+            b_v = tl.where(m_k[:, None], b_v, 0.0)
+    else:
+        o_d = tl.arange(0, D)
+        b_k = tl.load(src_k + j[:, None].to(tl.int64) * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(src_v + j[:, None].to(tl.int64) * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
+    return b_k, b_v
+
+
+@triton.jit
+def _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
            D: tl.constexpr, BACKWARD: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr = True):
-    """One chunk of keys ``j`` (mask ``m_k``) for the rows of a tile (``member [BM, BN]``; ``MASKED=False``:
-    every key is a member of every row, no mask arithmetic)."""
+    """One chunk of keys ``j`` (tiles ``b_k``, ``b_v``; mask ``m_k``) for the rows of a tile (``member [BM, BN]``;
+    ``MASKED=False``: every key is a member of every row, no mask arithmetic)."""
     o_d = tl.arange(0, D)
-    b_k = tl.load(p_k + j[:, None].to(tl.int64) * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
-    b_v = tl.load(p_v + j[:, None].to(tl.int64) * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
     s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale
     if BACKWARD:
         p = tl.exp2(s - b_lse[:, None])
@@ -85,11 +90,11 @@ def _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
 
 
 @triton.jit
-def _window_chunk(js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+def _window_chunk(js, b_q, src_k, src_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
                   s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
                   BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, USE_LOCAL: tl.constexpr,
                   USE_STRIDE: tl.constexpr, USE_TOPK: tl.constexpr, HAS_SW: tl.constexpr, BACKWARD: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, TMA: tl.constexpr):
     """A chunk of the window range with per-row membership: local | sink | stride | selected, causal."""
     j = js + tl.arange(0, BN)
     m_k = j <= p_last
@@ -106,7 +111,8 @@ def _window_chunk(js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stri
     member &= (j[None, :] <= pos[:, None]) & m_r[:, None] & m_k[None, :]
     if HAS_SW:
         member &= (pos[:, None] - j[None, :]) < sliding
-    return _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
+    b_k, b_v = _load_kv(src_k, src_v, js, j, m_k, s_kt, s_vt, D, TMA, ZERO=True)
+    return _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                   b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
 
 
@@ -115,9 +121,10 @@ def _sparsex_kernel(
     Q, K, V, O, LSE, DO, DELTA, DQ, DK, DV, SEL, UNION, UCOUNT, TILES,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_lb, s_lh, s_sb, s_sh, s_st, s_ut, s_uh,
     HQ, HKV, TK, scale, sink, window, stride, sliding,
-    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, TOPK: tl.constexpr,
+    TOPK_P2: tl.constexpr,
     USE_LOCAL: tl.constexpr, USE_STRIDE: tl.constexpr, USE_TOPK: tl.constexpr, HAS_SW: tl.constexpr,
-    BACKWARD: tl.constexpr, IEEE: tl.constexpr,
+    BACKWARD: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # offsets reach past 2**31 at 10M tokens: index in int64
     i_t, i_h = pid // HQ, pid % HQ
@@ -170,6 +177,17 @@ def _sparsex_kernel(
         b_dq = tl.zeros([1, 1], dtype=tl.float32)
 
     o_n = tl.arange(0, BN)
+    if TMA:  # descriptors over the document's keys: a block, a wide window chunk, BN stride keys per load
+        n_keys = TK - k_col0
+        kn = tl.make_tensor_descriptor(p_k, shape=[n_keys, D], strides=[s_kt, 1], block_shape=[BN, D])
+        vn = tl.make_tensor_descriptor(p_v, shape=[n_keys, D], strides=[s_vt, 1], block_shape=[BN, D])
+        kw = tl.make_tensor_descriptor(p_k, shape=[n_keys, D], strides=[s_kt, 1], block_shape=[BW, D])
+        vw = tl.make_tensor_descriptor(p_v, shape=[n_keys, D], strides=[s_vt, 1], block_shape=[BW, D])
+        n_strided = (n_keys + stride_safe - 1) // stride_safe
+        ks = tl.make_tensor_descriptor(p_k, shape=[n_strided, D], strides=[stride_safe * s_kt, 1], block_shape=[BN, D])
+        vs = tl.make_tensor_descriptor(p_v, shape=[n_strided, D], strides=[stride_safe * s_vt, 1], block_shape=[BN, D])
+    else:
+        kn, vn, kw, vw, ks, vs = p_k, p_v, p_k, p_v, p_k, p_v
     # B: sink keys below the window range
     if USE_LOCAL:
         hi = tl.minimum(sink, lo)
@@ -179,7 +197,8 @@ def _sparsex_kernel(
             member = m_r[:, None] & m_k[None, :]
             if HAS_SW:
                 member &= (pos[:, None] - j[None, :]) < sliding
-            b_m, b_l, b_acc, b_dq = _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
+            b_k, b_v = _load_kv(kn, vn, js, j, m_k, s_kt, s_vt, D, TMA, ZERO=True)
+            b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
     # C: stride keys in [sink, lo)
     if USE_STRIDE:
@@ -193,7 +212,8 @@ def _sparsex_kernel(
                 member = m_r[:, None] & m_k[None, :]
                 if HAS_SW:
                     member &= (pos[:, None] - j[None, :]) < sliding
-                b_m, b_l, b_acc, b_dq = _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
+                b_k, b_v = _load_kv(ks, vs, ss, j, m_k, s_kt, s_vt, D, TMA, ZERO=True)
+                b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                                                b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
     # D: selected blocks below the window range (the union of the tile's rows, sorted)
     if USE_TOPK:
@@ -201,14 +221,15 @@ def _sparsex_kernel(
         n_u = tl.load(UCOUNT + i_t * HKV + i_kh)
         for u in range(0, n_u):
             blk = tl.load(UNION + u_off + u)
-            j = blk * BN + o_n  # int32 (a block index times 64 stays below 2**31); _chunk widens the address
+            j = blk * BN + o_n  # int32 (a block index times 64 stays below 2**31); _load_kv widens the address
             m_k = j >= 0
             in_sel = tl.sum((b_sel == blk).to(tl.int32), 1) > 0
             keep = (j >= sink) & ((stride == 0) | (j % stride_safe != 0))
             member = (m_r & in_sel)[:, None] & keep[None, :]
             if HAS_SW:
                 member &= (pos[:, None] - j[None, :]) < sliding
-            b_m, b_l, b_acc, b_dq = _chunk(b_q, p_k, p_v, j, m_k, member, s_kt, s_vt, qk_scale, scale,
+            b_k, b_v = _load_kv(kn, vn, blk * BN, j, m_k, s_kt, s_vt, D, TMA, ZERO=False)
+            b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
     # A: the window range [lo, p_last]. Chunks in [full_lo, full_hi) lie in every row's window and are causal
     # for every row: with the local set on, all their keys are members (no mask); without it, none are.
@@ -222,20 +243,28 @@ def _sparsex_kernel(
     m2_start = tl.where(has_full, full_hi, end)
     for js in range(lo, m1_end, BN):
         b_m, b_l, b_acc, b_dq = _window_chunk(
-            js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+            js, b_q, kn, vn, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
             s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
-            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE)
-    if USE_LOCAL:
-        for js in range(full_lo, tl.maximum(full_hi, full_lo), BN):
+            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE, TMA)
+    if USE_LOCAL:  # BW keys per chunk (a multiple of BN), then the rest BN at a time
+        full_w = full_lo + tl.maximum(full_hi - full_lo, 0) // BW * BW
+        for js in range(full_lo, full_w, BW):
+            j = js + tl.arange(0, BW)
+            b_k, b_v = _load_kv(kw, vw, js, j, j >= 0, s_kt, s_vt, D, TMA, ZERO=False)
+            b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, j >= 0, m_r[:, None], qk_scale, scale,
+                                           b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD,
+                                           IEEE, MASKED=False)
+        for js in range(full_w, tl.maximum(full_hi, full_w), BN):
             j = js + o_n
-            b_m, b_l, b_acc, b_dq = _chunk(b_q, p_k, p_v, j, j >= 0, m_r[:, None], s_kt, s_vt, qk_scale, scale,
+            b_k, b_v = _load_kv(kn, vn, js, j, j >= 0, s_kt, s_vt, D, TMA, ZERO=False)
+            b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, j >= 0, m_r[:, None], qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD,
                                            IEEE, MASKED=False)
     for js in range(m2_start, end, BN):
         b_m, b_l, b_acc, b_dq = _window_chunk(
-            js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+            js, b_q, kn, vn, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
             s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
-            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE)
+            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE, TMA)
 
     if BACKWARD:
         tl.store(DQ + q_off, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_r[:, None])
@@ -315,6 +344,23 @@ def attend_backward(q, k, v, o, lse, do, sel, layout, union, count, *, scale, si
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_tma(tile: dict, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned base addresses and row strides (else the pointer loads, which
+    compute the same values); device-side descriptors need Triton's scratch allocator."""
+    if not tile.get("tma", False):
+        return False
+    item = k.element_size()
+    ok = all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s * item % 16 == 0 for s in t.stride()[:-1])
+             for t in (k, v))
+    if ok and k.device.type == "cuda":
+        triton.set_allocator(_scratch)
+    return ok
+
+
 def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink, window, stride,
             sliding_window, block_size, flags, backward):
     bsz, hq, tq, d = q.shape
@@ -325,6 +371,10 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
     topk = sel.shape[-1]
     dummy = lse
     grid = (n_tiles * hq,)
+    tile = tile_shape(q.device, backward)
+    if tile["block_m"] != layout.block_m:
+        raise ValueError(f"layout built for block_m={layout.block_m}, the {'backward' if backward else 'forward'} tile "
+                         f"on {q.device} has block_m={tile['block_m']}: build the layout with prefill.block_m(device)")
     _sparsex_kernel[grid](
         q, k, v, o, lse, do if backward else q, delta if backward else dummy, dq if backward else q,
         dk if backward else dummy, dv if backward else dummy, sel, union, count, layout.tiles,
@@ -332,7 +382,9 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
         v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1),
         sel.stride(0), sel.stride(1), sel.stride(2), union.stride(0), union.stride(1),
         hq, hkv, tk, scale, sink, window, stride, sliding_window or 0,
-        G=hq // hkv, D=d, BM=layout.block_m, BN=block_size, TOPK=topk, TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
+        G=hq // hkv, D=d, BM=layout.block_m, BN=block_size, BW=max(tile["window_n"], block_size), TOPK=topk,
+        TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
         USE_LOCAL=flags[0], USE_STRIDE=flags[1], USE_TOPK=flags[2] and topk > 0, HAS_SW=sliding_window is not None,
-        BACKWARD=backward, IEEE=q.dtype == torch.float32, **_launch_options(backward),
+        BACKWARD=backward, IEEE=q.dtype == torch.float32, TMA=_use_tma(tile, k, v),
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )

@@ -115,7 +115,9 @@ def _block_topk_kernel(
     pl = tl.load(PL + o_out, mask=m_out, other=0)
     top_v = tl.where(o_k[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BQ // RED, KP2], tl.float32)
     top_i = tl.full([BQ // RED, KP2], -1, tl.int32)
-    for b0 in range(0, NB, BNB):
+    # blocks past the last row's causal bound (start <= pf - window) are ineligible for every row: not visited
+    nb_hi = tl.minimum(NB, tl.maximum(tl.max(tl.where(m_out, pf, 0)) - window, -1) // block + 1)
+    for b0 in range(0, nb_hi, BNB):
         o_b = b0 + tl.arange(0, BNB)
         m_b = o_b < NB
         p_k = i_kh * s_kh + o_b[:, None] * s_kb + o_d[None, :]

@@ -14,7 +14,7 @@ from .select import SelectParams, select_blocks_triton
 
 
 def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
-    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, block_m(backward), attention_mask, cu_q, cu_k)
+    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, block_m(q.device, backward), attention_mask, cu_q, cu_k)
 
 
 @torch.library.custom_op("sparsex::select", mutates_args=())
