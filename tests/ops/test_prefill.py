@@ -416,22 +416,21 @@ def test_padded_batches_the_budget_covers_go_to_sdpa(monkeypatch):
         assert _rel(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("tile", [dict(block_m=16, window_n=64, num_warps=4, num_stages=2),
-                                  dict(block_m=128, window_n=128, num_warps=8, num_stages=2),
-                                  dict(block_m=32, window_n=16, num_warps=4, num_stages=3),
-                                  dict(block_m=64, window_n=128, num_warps=4, num_stages=2, tma=True)],
-                         ids=["bm16-wn64", "bm128-wn128", "bm32-wn16", "bm64-wn128-tma"])
+@pytest.mark.parametrize("tile, select", [(dict(block_m=16, window_n=64, num_warps=4, num_stages=2), dict(rows=16, num_warps=4)),
+                                          (dict(block_m=128, window_n=128, num_warps=8, num_stages=2), dict(rows=64, num_warps=4)),
+                                          (dict(block_m=32, window_n=16, num_warps=4, num_stages=3), dict(rows=128, num_warps=8))],
+                         ids=["bm16-wn64-rows16", "bm128-wn128-rows64", "bm32-wn16-rows128"])
 @pytest.mark.parametrize("name", ["wide-window", "union"])
-def test_tile_shapes_match_reference(name, tile):
+def test_tile_shapes_match_reference(name, tile, select):
     """Every tile shape the table may name gives the reference's output and gradients: rows per program
-    (``block_m``), keys per unmasked window chunk (``window_n``, wider than a block: whole chunks, then the rest
-    a block at a time) and keys and values through tensor descriptors (``tma``), for both passes."""
+    (``block_m``) and keys per unmasked window chunk (``window_n``, wider than a block: whole chunks, then the rest
+    a block at a time) for both passes, and score rows per program of the selection (``rows``)."""
     from sparsex_hf.ops.attention import tuning
 
     cfg = SparseXConfig(**CONFIGS[name])
     q, k, v = _inputs(("T333", 1, 4, 2, 333, 333, 64), torch.float32, seed=SEEDS[name], grad=True)
     do = torch.randn_like(q)
-    with tuning.override(fwd=tile, bwd=tile):
+    with tuning.override(fwd=tile, bwd=tile, select=select):
         out = sparsex_attention(q, k, v, cfg, backend="triton")
         got = torch.autograd.grad((out * do).sum(), (q, k, v))
     ref = sparsex_attention(q, k, v, cfg, backend="torch")

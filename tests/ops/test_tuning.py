@@ -12,11 +12,12 @@ def test_table_entries_are_valid_and_default_applies_off_the_table():
     table = tuning._table()
     assert "default" in table
     for gpu, entry in table.items():
-        for name in ("fwd", "bwd"):
-            assert tuning.check_tile(entry[name]) is entry[name]
+        for kind in ("fwd", "bwd", "select"):
+            assert tuning.check_tile(entry[kind], kind) is entry[kind]
         if gpu != "default":
             assert entry["measured"]  # where the shapes were measured
     assert tuning.tile_shape(torch.device("cpu")) == table["default"]["fwd"]
+    assert tuning.tile_shape(torch.device("cpu"), "select") == table["default"]["select"]
     assert prefill.block_m(torch.device("cpu"), backward=True) == table["default"]["bwd"]["block_m"]
 
 
@@ -25,20 +26,26 @@ def test_override_is_scoped():
     before = tuning.tile_shape(torch.device("cpu"))
     with tuning.override(fwd=tile):
         assert tuning.tile_shape(torch.device("cpu")) == tile
-        assert tuning.tile_shape(torch.device("cpu"), backward=True) == tuning._table()["default"]["bwd"]
+        assert tuning.tile_shape(torch.device("cpu"), "bwd") == tuning._table()["default"]["bwd"]
     assert tuning.tile_shape(torch.device("cpu")) == before
 
 
-@pytest.mark.parametrize("bad, words", [
-    (dict(block_m=48, window_n=64, num_warps=4, num_stages=2), "block_m=48"),
-    (dict(block_m=64, window_n=8, num_warps=4, num_stages=2), "window_n=8"),
-    (dict(block_m=64, window_n=64, num_warps=3, num_stages=2), "num_warps=3"),
-    (dict(block_m=64, window_n=64, num_warps=4), "missing ['num_stages']"),
+@pytest.mark.parametrize("bad, kind, words", [
+    (dict(block_m=48, window_n=64, num_warps=4, num_stages=2), "fwd", "block_m=48"),
+    (dict(block_m=64, window_n=8, num_warps=4, num_stages=2), "bwd", "window_n=8"),
+    (dict(block_m=64, window_n=64, num_warps=3, num_stages=2), "fwd", "num_warps=3"),
+    (dict(block_m=64, window_n=64, num_warps=4, num_stages=0), "fwd", "num_stages=0"),
+    (dict(block_m=64, window_n=64, num_warps=4), "fwd", "['num_stages']"),
+    (dict(rows=32, num_warps=4, num_stages=2), "select", "['num_stages']"),
+    (dict(rows=24, num_warps=4), "select", "rows=24"),
 ])
-def test_bad_tiles_say_what_is_allowed(bad, words):
-    with pytest.raises(ValueError, match="allowed|a tile names") as e:
-        tuning.check_tile(bad)
+def test_bad_tiles_say_what_is_allowed(bad, kind, words):
+    with pytest.raises(ValueError, match="allowed|names exactly") as e:
+        tuning.check_tile(bad, kind)
     assert words in str(e.value)
+    with pytest.raises(ValueError, match="unknown kernel 'attn'"):
+        with tuning.override(attn=bad):
+            pass
 
 
 def test_save_entry_round_trips(tmp_path, monkeypatch):
@@ -49,11 +56,13 @@ def test_save_entry_round_trips(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
     tuning._table.cache_clear()
     try:
-        tuning.save_entry("Some GPU", fwd, bwd, "a sweep", path=str(path))
-        assert tuning._table()["Some GPU"] == dict(fwd=fwd, bwd=bwd, measured="a sweep")
+        select = dict(rows=64, num_warps=8)
+        tuning.save_entry("Some GPU", dict(fwd=fwd, bwd=bwd, select=select), "a sweep", path=str(path))
+        assert tuning._table()["Some GPU"] == dict(fwd=fwd, bwd=bwd, select=select, measured="a sweep")
         monkeypatch.setattr(tuning, "_device_name", lambda device: "Some GPU")
         assert tuning.tile_shape(torch.device("cuda")) == fwd
-        assert tuning.tile_shape(torch.device("cuda"), backward=True) == bwd
+        assert tuning.tile_shape(torch.device("cuda"), "bwd") == bwd
+        assert tuning.tile_shape(torch.device("cuda"), "select") == select
     finally:
         monkeypatch.undo()
         tuning._table.cache_clear()

@@ -221,8 +221,10 @@ def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu
         return F.scaled_dot_product_attention(q[rows, :, a:a + n], k[rows, :, a:a + n], v[rows, :, a:a + n],
                                               is_causal=True, scale=scale, enable_gqa=True)
 
-    if attention_mask is None or (len(docs) == q.shape[0] and all(n == tk for *_, n in docs)):  # no padding
-        return sdpa(slice(None), 0, tk) if len(docs) == 1 or attention_mask is not None else torch.cat([sdpa(slice(None), a, n) for _, a, n in docs], 2)
+    if attention_mask is not None and len(docs) == q.shape[0] and all(n == tk for *_, n in docs):
+        return sdpa(slice(None), 0, tk)  # a mask without padding
+    if attention_mask is None:
+        return sdpa(slice(None), 0, tk) if len(docs) == 1 else torch.cat([sdpa(slice(None), a, n) for _, a, n in docs], 2)
     out = q.new_zeros(q.shape)
     for b, a, n in docs:
         out[b:b + 1, :, a:a + n] = sdpa(slice(b, b + 1), a, n)

@@ -28,7 +28,7 @@ from .tuning import tile_shape
 
 def block_m(device, backward: bool = False) -> int:
     """Query rows per program on ``device`` (tuning.py's table)."""
-    return tile_shape(device, backward)["block_m"]
+    return tile_shape(device, "bwd" if backward else "fwd")["block_m"]
 
 
 @triton.jit
@@ -40,19 +40,11 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(src_k, src_v, row, j, m_k, s_kt, s_vt, D: tl.constexpr, TMA: tl.constexpr, ZERO: tl.constexpr):
-    """Keys and values ``j`` (mask ``m_k``): with ``TMA`` from tensor descriptors at ``row`` (the bulk copy engine;
-    ``ZERO``: keys outside ``m_k`` are zeroed, as the masked pointer loads leave them), else by pointers."""
-    if TMA:
-        b_k = src_k.load([row, 0])
-        b_v = src_v.load([row, 0])
-        if ZERO:
-            b_k = tl.where(m_k[:, None], b_k, 0.0)
-            b_v = tl.where(m_k[:, None], b_v, 0.0)
-    else:
-        o_d = tl.arange(0, D)
-        b_k = tl.load(src_k + j[:, None].to(tl.int64) * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
-        b_v = tl.load(src_v + j[:, None].to(tl.int64) * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
+def _load_kv(p_k, p_v, j, m_k, s_kt, s_vt, D: tl.constexpr):
+    """Keys and values ``j`` (rows outside ``m_k`` are zeros)."""
+    o_d = tl.arange(0, D)
+    b_k = tl.load(p_k + j[:, None].to(tl.int64) * s_kt + o_d[None, :], mask=m_k[:, None], other=0.0)
+    b_v = tl.load(p_v + j[:, None].to(tl.int64) * s_vt + o_d[None, :], mask=m_k[:, None], other=0.0)
     return b_k, b_v
 
 
@@ -90,11 +82,11 @@ def _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
 
 
 @triton.jit
-def _window_chunk(js, b_q, src_k, src_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+def _window_chunk(js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
                   s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
                   BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, USE_LOCAL: tl.constexpr,
                   USE_STRIDE: tl.constexpr, USE_TOPK: tl.constexpr, HAS_SW: tl.constexpr, BACKWARD: tl.constexpr,
-                  IEEE: tl.constexpr, TMA: tl.constexpr):
+                  IEEE: tl.constexpr):
     """A chunk of the window range with per-row membership: local | sink | stride | selected, causal."""
     j = js + tl.arange(0, BN)
     m_k = j <= p_last
@@ -111,7 +103,7 @@ def _window_chunk(js, b_q, src_k, src_v, pos, m_r, b_sel, p_last, sink, window, 
     member &= (j[None, :] <= pos[:, None]) & m_r[:, None] & m_k[None, :]
     if HAS_SW:
         member &= (pos[:, None] - j[None, :]) < sliding
-    b_k, b_v = _load_kv(src_k, src_v, js, j, m_k, s_kt, s_vt, D, TMA, ZERO=True)
+    b_k, b_v = _load_kv(p_k, p_v, j, m_k, s_kt, s_vt, D)
     return _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                   b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
 
@@ -124,7 +116,7 @@ def _sparsex_kernel(
     G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, TOPK: tl.constexpr,
     TOPK_P2: tl.constexpr,
     USE_LOCAL: tl.constexpr, USE_STRIDE: tl.constexpr, USE_TOPK: tl.constexpr, HAS_SW: tl.constexpr,
-    BACKWARD: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    BACKWARD: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # offsets reach past 2**31 at 10M tokens: index in int64
     i_t, i_h = pid // HQ, pid % HQ
@@ -177,17 +169,6 @@ def _sparsex_kernel(
         b_dq = tl.zeros([1, 1], dtype=tl.float32)
 
     o_n = tl.arange(0, BN)
-    if TMA:  # descriptors over the document's keys: a block, a wide window chunk, BN stride keys per load
-        n_keys = TK - k_col0
-        kn = tl.make_tensor_descriptor(p_k, shape=[n_keys, D], strides=[s_kt, 1], block_shape=[BN, D])
-        vn = tl.make_tensor_descriptor(p_v, shape=[n_keys, D], strides=[s_vt, 1], block_shape=[BN, D])
-        kw = tl.make_tensor_descriptor(p_k, shape=[n_keys, D], strides=[s_kt, 1], block_shape=[BW, D])
-        vw = tl.make_tensor_descriptor(p_v, shape=[n_keys, D], strides=[s_vt, 1], block_shape=[BW, D])
-        n_strided = (n_keys + stride_safe - 1) // stride_safe
-        ks = tl.make_tensor_descriptor(p_k, shape=[n_strided, D], strides=[stride_safe * s_kt, 1], block_shape=[BN, D])
-        vs = tl.make_tensor_descriptor(p_v, shape=[n_strided, D], strides=[stride_safe * s_vt, 1], block_shape=[BN, D])
-    else:
-        kn, vn, kw, vw, ks, vs = p_k, p_v, p_k, p_v, p_k, p_v
     # B: sink keys below the window range
     if USE_LOCAL:
         hi = tl.minimum(sink, lo)
@@ -197,7 +178,7 @@ def _sparsex_kernel(
             member = m_r[:, None] & m_k[None, :]
             if HAS_SW:
                 member &= (pos[:, None] - j[None, :]) < sliding
-            b_k, b_v = _load_kv(kn, vn, js, j, m_k, s_kt, s_vt, D, TMA, ZERO=True)
+            b_k, b_v = _load_kv(p_k, p_v, j, m_k, s_kt, s_vt, D)
             b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
     # C: stride keys in [sink, lo)
@@ -212,7 +193,7 @@ def _sparsex_kernel(
                 member = m_r[:, None] & m_k[None, :]
                 if HAS_SW:
                     member &= (pos[:, None] - j[None, :]) < sliding
-                b_k, b_v = _load_kv(ks, vs, ss, j, m_k, s_kt, s_vt, D, TMA, ZERO=True)
+                b_k, b_v = _load_kv(p_k, p_v, j, m_k, s_kt, s_vt, D)
                 b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                                                b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
     # D: selected blocks below the window range (the union of the tile's rows, sorted)
@@ -228,7 +209,7 @@ def _sparsex_kernel(
             member = (m_r & in_sel)[:, None] & keep[None, :]
             if HAS_SW:
                 member &= (pos[:, None] - j[None, :]) < sliding
-            b_k, b_v = _load_kv(kn, vn, blk * BN, j, m_k, s_kt, s_vt, D, TMA, ZERO=False)
+            b_k, b_v = _load_kv(p_k, p_v, j, m_k, s_kt, s_vt, D)
             b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, m_k, member, qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD, IEEE)
     # A: the window range [lo, p_last]. Chunks in [full_lo, full_hi) lie in every row's window and are causal
@@ -243,28 +224,28 @@ def _sparsex_kernel(
     m2_start = tl.where(has_full, full_hi, end)
     for js in range(lo, m1_end, BN):
         b_m, b_l, b_acc, b_dq = _window_chunk(
-            js, b_q, kn, vn, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+            js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
             s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
-            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE, TMA)
+            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE)
     if USE_LOCAL:  # BW keys per chunk (a multiple of BN), then the rest BN at a time
         full_w = full_lo + tl.maximum(full_hi - full_lo, 0) // BW * BW
         for js in range(full_lo, full_w, BW):
             j = js + tl.arange(0, BW)
-            b_k, b_v = _load_kv(kw, vw, js, j, j >= 0, s_kt, s_vt, D, TMA, ZERO=False)
+            b_k, b_v = _load_kv(p_k, p_v, j, j >= 0, s_kt, s_vt, D)
             b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, j >= 0, m_r[:, None], qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD,
                                            IEEE, MASKED=False)
         for js in range(full_w, tl.maximum(full_hi, full_w), BN):
             j = js + o_n
-            b_k, b_v = _load_kv(kn, vn, js, j, j >= 0, s_kt, s_vt, D, TMA, ZERO=False)
+            b_k, b_v = _load_kv(p_k, p_v, j, j >= 0, s_kt, s_vt, D)
             b_m, b_l, b_acc, b_dq = _chunk(b_q, b_k, b_v, j, j >= 0, m_r[:, None], qk_scale, scale,
                                            b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv, D, BACKWARD,
                                            IEEE, MASKED=False)
     for js in range(m2_start, end, BN):
         b_m, b_l, b_acc, b_dq = _window_chunk(
-            js, b_q, kn, vn, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
+            js, b_q, p_k, p_v, pos, m_r, b_sel, p_last, sink, window, stride_safe, has_stride, sliding,
             s_kt, s_vt, qk_scale, scale, b_m, b_l, b_acc, b_do, b_lse, b_delta, b_dq, p_dk, p_dv,
-            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE, TMA)
+            BM, BN, D, USE_LOCAL, USE_STRIDE, USE_TOPK, HAS_SW, BACKWARD, IEEE)
 
     if BACKWARD:
         tl.store(DQ + q_off, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_r[:, None])
@@ -344,23 +325,6 @@ def attend_backward(q, k, v, o, lse, do, sel, layout, union, count, *, scale, si
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _use_tma(tile: dict, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned base addresses and row strides (else the pointer loads, which
-    compute the same values); device-side descriptors need Triton's scratch allocator."""
-    if not tile.get("tma", False):
-        return False
-    item = k.element_size()
-    ok = all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s * item % 16 == 0 for s in t.stride()[:-1])
-             for t in (k, v))
-    if ok and k.device.type == "cuda":
-        triton.set_allocator(_scratch)
-    return ok
-
-
 def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink, window, stride,
             sliding_window, block_size, flags, backward):
     bsz, hq, tq, d = q.shape
@@ -371,7 +335,7 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
     topk = sel.shape[-1]
     dummy = lse
     grid = (n_tiles * hq,)
-    tile = tile_shape(q.device, backward)
+    tile = tile_shape(q.device, "bwd" if backward else "fwd")
     if tile["block_m"] != layout.block_m:
         raise ValueError(f"layout built for block_m={layout.block_m}, the {'backward' if backward else 'forward'} tile "
                          f"on {q.device} has block_m={tile['block_m']}: build the layout with prefill.block_m(device)")
@@ -385,6 +349,6 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
         G=hq // hkv, D=d, BM=layout.block_m, BN=block_size, BW=max(tile["window_n"], block_size), TOPK=topk,
         TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
         USE_LOCAL=flags[0], USE_STRIDE=flags[1], USE_TOPK=flags[2] and topk > 0, HAS_SW=sliding_window is not None,
-        BACKWARD=backward, IEEE=q.dtype == torch.float32, TMA=_use_tma(tile, k, v),
+        BACKWARD=backward, IEEE=q.dtype == torch.float32,
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )

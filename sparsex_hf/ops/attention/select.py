@@ -18,6 +18,7 @@ from torch import empty  # a module-level name: tests poison it (NaN) to catch u
 
 from .common import document_anchor, rerank_blocks
 from .layout import KernelLayout
+from .tuning import tile_shape
 
 
 class SelectParams(NamedTuple):
@@ -169,7 +170,8 @@ def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: i
     if rows == 0 or k == 0:
         return idx[..., :k]
     excl = exclude if exclude is not None else idx
-    bq = max(32, reduce)
+    shape = tile_shape(qr.device, "select")
+    bq = max(shape["rows"], reduce)
     grid = (triton.cdiv(r, bq), hkv)
     _block_topk_kernel[grid](
         qr, ka, ka if kb is None else kb, p_first.to(torch.int32), p_last.to(torch.int32), excl, val, idx,
@@ -178,7 +180,8 @@ def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: i
         r, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
         G=group, D=d, BQ=bq, BNB=64, RED=reduce, K=k, KP2=kp2, N_EXCL=0 if exclude is None else exclude.shape[-1],
         MINMAX=kb is not None, HAS_SW=sliding_window is not None, IEEE=ka.dtype == torch.float32,
-        HILO=qr.dtype == torch.float32 and ka.dtype != torch.float32, num_warps=4 if bq <= 64 else 8,
+        HILO=qr.dtype == torch.float32 and ka.dtype != torch.float32,
+        num_warps=shape["num_warps"] if bq <= 64 else max(8, shape["num_warps"]),
         UNROLL_G=group * bq * d * qr.element_size() <= UNROLLED_QUERY_BYTES,
     )
     return idx[..., :k]

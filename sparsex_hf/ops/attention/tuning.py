@@ -1,10 +1,11 @@
-"""Tile shapes of the prefill kernels per GPU, from a table measured once (not tuned at every launch).
+"""Launch shapes of the prefill kernels per GPU, from a table measured once (not tuned at every launch).
 
 ``tiles.json`` maps a GPU's name (``torch.cuda.get_device_name``) to the shapes ``benchmarks/sweep_prefill.py``
-measured fastest on it, one per pass: ``block_m`` query rows per program, ``window_n`` keys per chunk of the
-unmasked window range (a power of two; at least the block size is used), ``num_warps``, ``num_stages`` and,
-optionally, ``tma`` (keys and values through tensor descriptors, the bulk copy engine of sm_90 and later). GPUs
-not in the table, and the Triton interpreter, use ``"default"``. ``sweep_prefill.py --save`` writes a GPU's entry.
+measured fastest on it, one per kernel: ``fwd`` and ``bwd`` (the attention passes: ``block_m`` query rows per
+program, ``window_n`` keys per chunk of the unmasked window range, a power of two of which at least the block size
+is used, ``num_warps``, ``num_stages``) and ``select`` (the block-score kernel: ``rows`` score rows per program,
+``num_warps``). GPUs not in the table, and the Triton interpreter, use ``"default"``. ``sweep_prefill.py --save``
+writes a GPU's entry.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 import torch
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tiles.json")
-FIELDS = ("block_m", "window_n", "num_warps", "num_stages")
+FIELDS = {"fwd": ("block_m", "window_n", "num_warps", "num_stages"), "bwd": ("block_m", "window_n", "num_warps", "num_stages"),
+          "select": ("rows", "num_warps")}
 _override: dict[str, dict] = {}
 
 
@@ -26,25 +28,26 @@ def _table() -> dict:
     with open(TABLE_PATH) as f:
         table = json.load(f)
     for gpu, entry in table.items():
-        for name in ("fwd", "bwd"):
-            check_tile(entry[name], f"{TABLE_PATH}: {gpu!r} {name}")
+        for kind in FIELDS:
+            check_tile(entry[kind], kind, f"{TABLE_PATH}: {gpu!r} {kind}")
     return table
 
 
-def check_tile(tile: dict, where: str = "tile") -> dict:
-    """``tile`` itself if it names every field with an allowed value, else a ValueError saying which is wrong."""
-    missing = [f for f in FIELDS if f not in tile]
-    if missing:
-        raise ValueError(f"{where}: missing {missing}; a tile names {list(FIELDS)}")
-    for f in ("block_m", "window_n"):
-        v = tile[f]
+def check_tile(tile: dict, kind: str = "fwd", where: str = "tile") -> dict:
+    """``tile`` itself if it names every field of ``kind`` with an allowed value, else a ValueError saying what is
+    wrong and what is allowed."""
+    fields = FIELDS[kind]
+    wrong = sorted(set(fields) ^ set(tile))
+    if wrong:
+        raise ValueError(f"{where}: fields {wrong} missing or unknown; a {kind} tile names exactly {list(fields)}")
+    for f in ("block_m", "window_n", "rows"):
+        v = tile.get(f, 16)
         if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
             raise ValueError(f"{where}: {f}={v!r}; allowed are powers of two >= 16")
-    if tile["num_warps"] not in (1, 2, 4, 8, 16) or not (isinstance(tile["num_stages"], int) and 1 <= tile["num_stages"] <= 8):
-        raise ValueError(f"{where}: num_warps={tile['num_warps']!r}, num_stages={tile['num_stages']!r}; "
-                         "allowed are num_warps in 1, 2, 4, 8, 16 and num_stages in 1..8")
-    if not isinstance(tile.get("tma", False), bool):
-        raise ValueError(f"{where}: tma={tile['tma']!r}; allowed are true and false")
+    if tile["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{where}: num_warps={tile['num_warps']!r}; allowed are 1, 2, 4, 8, 16")
+    if not (isinstance(tile.get("num_stages", 1), int) and 1 <= tile.get("num_stages", 1) <= 8):
+        raise ValueError(f"{where}: num_stages={tile['num_stages']!r}; allowed are 1 to 8")
     return tile
 
 
@@ -55,22 +58,23 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def tile_shape(device: torch.device, backward: bool = False) -> dict:
-    """The tile of the forward (or backward) pass on ``device``: the table's entry for its GPU, else the default."""
-    name = "bwd" if backward else "fwd"
-    if name in _override:
-        return _override[name]
+def tile_shape(device: torch.device, kind: str = "fwd") -> dict:
+    """The launch shape of kernel ``kind`` (``"fwd"``, ``"bwd"``, ``"select"``) on ``device``: the table's entry
+    for its GPU, else the default."""
+    if kind in _override:
+        return _override[kind]
     table = _table()
-    return table.get(_device_name(torch.device(device)), table["default"])[name]
+    return table.get(_device_name(torch.device(device)), table["default"])[kind]
 
 
 @contextlib.contextmanager
-def override(fwd: dict | None = None, bwd: dict | None = None):
-    """Use these tiles instead of the table's inside the block (how the sweep times its variants)."""
+def override(**tiles: dict):
+    """Use these shapes (``fwd=``, ``bwd=``, ``select=``) instead of the table's inside the block (the sweep)."""
     saved = dict(_override)
-    for name, tile in (("fwd", fwd), ("bwd", bwd)):
-        if tile is not None:
-            _override[name] = check_tile(dict(tile), f"override {name}")
+    for kind, tile in tiles.items():
+        if kind not in FIELDS:
+            raise ValueError(f"override: unknown kernel {kind!r}; allowed are {list(FIELDS)}")
+        _override[kind] = check_tile(dict(tile), kind, f"override {kind}")
     try:
         yield
     finally:
@@ -78,11 +82,11 @@ def override(fwd: dict | None = None, bwd: dict | None = None):
         _override.update(saved)
 
 
-def save_entry(gpu: str, fwd: dict, bwd: dict, measured: str, path: str = TABLE_PATH) -> None:
-    """Write ``gpu``'s entry into the table at ``path`` (the sweep's ``--save``)."""
+def save_entry(gpu: str, tiles: dict, measured: str, path: str = TABLE_PATH) -> None:
+    """Write ``gpu``'s entry (``tiles``: one shape per kernel) into the table at ``path`` (the sweep's ``--save``)."""
     with open(path) as f:
         table = json.load(f)
-    table[gpu] = dict(fwd=check_tile(dict(fwd), "fwd"), bwd=check_tile(dict(bwd), "bwd"), measured=measured)
+    table[gpu] = {kind: check_tile(dict(tiles[kind]), kind, kind) for kind in FIELDS} | {"measured": measured}
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
         f.write("\n")
