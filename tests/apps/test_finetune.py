@@ -1,6 +1,7 @@
 """The LoRA context-extension recipe (sparsex-finetune, sparsex_hf/apps/finetune.py) on tiny random Llama and
 Mistral models."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +16,10 @@ from utils import tiny_model
 from sparsex_hf import sparsex_attention
 from sparsex_hf.apps import finetune
 from sparsex_hf.hf import attention as attention_mod
+
+# the recipe reads its corpus through `datasets` (the [train] extra; CI installs it): without it these skip
+needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
+                                    reason="needs `datasets` (pip install 'sparsex-hf[train]')")
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +52,7 @@ def _metrics(out):
     return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
 
 
+@needs_datasets
 def test_bad_inputs_are_refused_before_training(tmp_path):
     model = _model_dir(tmp_path, "llama")
     data = _data(tmp_path)
@@ -63,6 +69,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path):
         finetune.setup(_args(str(tmp_path / "gpt2"), data, tmp_path / "o", "--max-steps", "1"))
 
 
+@needs_datasets
 @pytest.mark.parametrize("model_type", ["llama", "mistral"])
 def test_recipe_runs_and_trains_only_lora_and_norms(tmp_path, model_type):
     calls = []
@@ -109,6 +116,7 @@ def _base_key(k):
     return k if k.endswith(".weight") else k + ".weight"
 
 
+@needs_datasets
 def test_loss_falls_on_a_repeated_batch(tmp_path):
     model = _model_dir(tmp_path, "llama")
     out = tmp_path / "run"
@@ -121,6 +129,7 @@ def test_loss_falls_on_a_repeated_batch(tmp_path):
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 17, losses
 
 
+@needs_datasets
 def test_resume_continues_from_the_checkpoint(tmp_path):
     """An interrupted run (its last checkpoint gone) resumed with --resume ends where the uninterrupted run ended."""
     model = _model_dir(tmp_path, "llama")
@@ -144,6 +153,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
 
 
+@needs_datasets
 def test_mix_gates_learn_and_save(tmp_path):
     model = _model_dir(tmp_path, "llama")
     out = tmp_path / "mix"
@@ -155,6 +165,7 @@ def test_mix_gates_learn_and_save(tmp_path):
     assert not os.path.isfile(out / "adapter_model.safetensors")
 
 
+@needs_datasets
 def test_two_processes_with_torchrun(tmp_path):
     """Data parallel on two CPU processes (gloo) through accelerate, as `accelerate launch` runs it on GPUs:
     each step counts both processes' tokens, the learning-rate schedule counts optimizer steps (the same

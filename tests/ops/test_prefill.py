@@ -417,14 +417,15 @@ def test_padded_batches_the_budget_covers_go_to_sdpa(monkeypatch):
 
 
 @pytest.mark.parametrize("tile, select", [(dict(block_m=16, window_n=64, num_warps=4, num_stages=2), dict(rows=16, num_warps=4)),
-                                          (dict(block_m=128, window_n=128, num_warps=8, num_stages=2), dict(rows=64, num_warps=4)),
+                                          (dict(block_m=128, window_n=128, num_warps=8, num_stages=1), dict(rows=64, num_warps=4)),
                                           (dict(block_m=32, window_n=16, num_warps=4, num_stages=3), dict(rows=128, num_warps=8))],
                          ids=["bm16-wn64-rows16", "bm128-wn128-rows64", "bm32-wn16-rows128"])
 @pytest.mark.parametrize("name", ["wide-window", "union"])
 def test_tile_shapes_match_reference(name, tile, select):
     """Every tile shape the table may name gives the reference's output and gradients: rows per program
     (``block_m``) and keys per unmasked window chunk (``window_n``, wider than a block: whole chunks, then the rest
-    a block at a time) for both passes, and score rows per program of the selection (``rows``)."""
+    a block at a time) for both passes, and score rows per program of the selection (``rows``). (fp32 inputs: the
+    128-row, 128-key tile fits the H200's shared memory with one stage only.)"""
     from sparsex_hf.ops.attention import tuning
 
     cfg = SparseXConfig(**CONFIGS[name])

@@ -66,3 +66,11 @@ def test_save_entry_round_trips(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         tuning._table.cache_clear()
+
+
+@pytest.mark.parametrize("rows, heads, want", [(16384, 2, 64), (2048, 8, 32), (128, 8, 32), (16384, 8, 64)])
+def test_selection_rows_per_program_shrink_on_short_inputs(rows, heads, want):
+    """The table's 64 rows per program where the grid fills a 132-SM GPU twice (1M tokens, 2 KV heads: 512
+    programs), halved to 32 where it would not (128K with 8 KV heads: 256 programs; 8K); never below 32."""
+    assert tuning.rows_per_program(64, rows, heads, sms=132) == want
+    assert tuning.rows_per_program(64, rows, heads, sms=None) == 64  # the interpreter: the table's value

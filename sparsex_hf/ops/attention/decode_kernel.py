@@ -20,8 +20,6 @@ and weights the branch outputs as the reference does.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +29,7 @@ from ...config import SparseXConfig
 from .common import rerank_blocks, resolve_mix_weights, shortlist_config
 from .decode import add_anchor, decode_positions, decode_select
 from .select import exact_scores_triton, merge_topk
+from .tuning import sm_count
 
 
 @triton.jit
@@ -194,15 +193,11 @@ def _rows(q: torch.Tensor) -> torch.Tensor:
     return q if q.stride(-1) == 1 else q.contiguous()
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
 
 def _splits(n_max: int, cfg, tq: int, programs: int, device) -> int:
     chunks = (min(cfg.window, n_max) + cfg.sink_tokens + (n_max // cfg.stride if cfg.stride else 0)) // cfg.block_size
     chunks += tq * cfg.topk + 2
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    sms = sm_count(device) if device.type == "cuda" else 4
     want = max(1, (2 * sms) // max(1, programs))
     return int(max(1, min(want, chunks // 4, 64)))
 
@@ -409,7 +404,7 @@ def decode_select_triton(q, summaries, off, seq_len, cfg, sliding_window) -> tor
     minmax = cfg.score == "minmax"
     ka, kb = (kmax, kmin) if minmax else (kmean, kmean)
     bnb = 64
-    sms = _sm_count(dev.index or 0) if dev.type == "cuda" else 4
+    sms = sm_count(dev) if dev.type == "cuda" else 4
     nsplit = max(1, min(triton.next_power_of_2(max(1, (2 * sms) // (bsz * hkv))), triton.next_power_of_2(triton.cdiv(nb, 4 * bnb)), 64))
     tqp = max(16, triton.next_power_of_2(tq))
     kp2 = max(2, triton.next_power_of_2(cfg.topk))

@@ -18,7 +18,7 @@ from torch import empty  # a module-level name: tests poison it (NaN) to catch u
 
 from .common import document_anchor, rerank_blocks
 from .layout import KernelLayout
-from .tuning import tile_shape
+from .tuning import rows_per_program, sm_count, tile_shape
 
 
 class SelectParams(NamedTuple):
@@ -171,7 +171,8 @@ def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: i
         return idx[..., :k]
     excl = exclude if exclude is not None else idx
     shape = tile_shape(qr.device, "select")
-    bq = max(shape["rows"], reduce)
+    sms = sm_count(qr.device) if qr.is_cuda else None
+    bq = max(rows_per_program(shape["rows"], r, hkv, sms), reduce)
     grid = (triton.cdiv(r, bq), hkv)
     _block_topk_kernel[grid](
         qr, ka, ka if kb is None else kb, p_first.to(torch.int32), p_last.to(torch.int32), excl, val, idx,

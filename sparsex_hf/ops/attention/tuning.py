@@ -67,6 +67,26 @@ def tile_shape(device: torch.device, kind: str = "fwd") -> dict:
     return table.get(_device_name(torch.device(device)), table["default"])[kind]
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (the current one when it names no index)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def rows_per_program(most: int, rows: int, heads: int, sms: int | None, least: int = 32) -> int:
+    """Score rows per program of the block-score kernel: the table's ``most``, halved (not below ``least``) while
+    the grid (``ceil(rows / r) * heads`` programs) would not fill ``sms`` multiprocessors twice -- short inputs
+    keep the GPU busy, long ones read the summaries fewer times. ``sms=None`` (the interpreter): ``most``."""
+    r = most
+    while sms and r > least and -(-rows // r) * heads < 2 * sms:
+        r //= 2
+    return r
+
+
 @contextlib.contextmanager
 def override(**tiles: dict):
     """Use these shapes (``fwd=``, ``bwd=``, ``select=``) instead of the table's inside the block (the sweep)."""
