@@ -188,6 +188,13 @@ def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: i
     return idx[..., :k]
 
 
+def _tile_bounds(first: int, n: int, tile: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ranges ``[lo, hi)`` of a document's selection tiles (aligned to its start) among its query rows,
+    which are its positions ``first .. n - 1``."""
+    t = torch.arange(first // tile, (n - 1) // tile + 1, device=device)
+    return torch.clamp(t * tile, min=first) - first, torch.clamp((t + 1) * tile, max=n) - first
+
+
 def _tile_means(qd: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tile: int) -> torch.Tensor:
     """Mean query of each selection tile: ``qd [Hq, m, D]``, consecutive tiles ``[lo, hi)`` of which only
     the first and the last may be partial -> ``[Hq, tiles, D]`` in fp32."""
@@ -240,25 +247,26 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
         kmean = kd.mean(2, dtype=torch.float32).to(k.dtype).contiguous() if cfg.score in ("mean", "hybrid") else None
         qd = q[b, :, q_row0 : q_row0 + m]  # [Hq, m, D], positions n-m .. n-1
         first = n - m
-        # selection tiles of this document (aligned to its start): rows [lo, hi) of qd
-        t_ids = torch.arange(first // tile, (n - 1) // tile + 1)
-        lo = torch.clamp(t_ids * tile, min=first) - first
-        hi = torch.clamp((t_ids + 1) * tile, max=n) - first
+        # selection tiles of this document (aligned to its start): rows [lo, hi) of qd, on the host (for slicing)
+        # and on the device (for the kernels: made there, since a copy from pageable host memory waits for the GPU)
+        lo, hi = _tile_bounds(first, n, tile, torch.device("cpu"))
+        lo_d, hi_d = _tile_bounds(first, n, tile, q.device)
         rows_per_tile = tile if (tile > 1 and cfg.select_query == "each") else 1
         per_chunk = max(1, budget // (4 * hq * d * rows_per_tile))
-        for c0 in range(0, t_ids.numel(), per_chunk):
+        for c0 in range(0, lo.numel(), per_chunk):
             c_lo, c_hi = lo[c0 : c0 + per_chunk], hi[c0 : c0 + per_chunk]
+            c_lo_d, c_hi_d = lo_d[c0 : c0 + per_chunk], hi_d[c0 : c0 + per_chunk]
             nt = c_lo.numel()
             if tile == 1:
                 rows, reduce = qd[:, int(c_lo[0]) : int(c_lo[0]) + nt], 1
             elif cfg.select_query == "mean":
                 rows, reduce = _tile_means(qd, c_lo, c_hi, tile), 1  # fp32, as the reference scores them
             else:  # every query of a tile, padded to `tile` rows by repeating the tile's first query
-                slot = torch.arange(tile)
-                idx = torch.where(slot[None] < (c_hi - c_lo)[:, None], c_lo[:, None] + slot[None], c_lo[:, None])
-                rows, reduce = qd[:, idx.flatten().to(q.device)], tile
+                slot = torch.arange(tile, device=q.device)
+                idx = torch.where(slot[None] < (c_hi_d - c_lo_d)[:, None], c_lo_d[:, None] + slot[None], c_lo_d[:, None])
+                rows, reduce = qd[:, idx.flatten()], tile
             rows = rows.contiguous()
-            p_first, p_last = (c_lo + first).to(q.device), (c_hi - 1 + first).to(q.device)
+            p_first, p_last = c_lo_d + first, c_hi_d - 1 + first
             topk_of = lambda kind, count, exclude=None: block_topk_triton(  # noqa: E731
                 rows, kmax if kind == "minmax" else kmean, kmin if kind == "minmax" else None, g, reduce,
                 p_first, p_last, count, cfg, sliding_window, exclude)
@@ -274,7 +282,7 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
             if tile == 1:
                 row_sel = top
             else:
-                row_sel = top.repeat_interleave((c_hi - c_lo).to(q.device), dim=1, output_size=int(c_hi[-1] - c_lo[0]))
+                row_sel = top.repeat_interleave(c_hi_d - c_lo_d, dim=1, output_size=int(c_hi[-1] - c_lo[0]))
             sel[b, :, r0 : r0 + row_sel.shape[1], : row_sel.shape[2]] = row_sel.to(torch.int32)
         if cfg.anchor:  # the last tile: every eligible block ranked by exact scores (common.anchor_blocks)
             a, top = document_anchor(qd.unflatten(0, (hkv, g)), first, k[b, :, k_col0 : k_col0 + n], cfg, sliding_window)
