@@ -174,7 +174,7 @@ def _merge_splits_kernel(OP, MP, LP, O, L, s_ob, s_oh, s_ot, HKV, NSPLIT,
     _merge_splits(OP, MP, LP, O, L, s_ob, s_oh, s_ot, i_bh, i_bh // HKV, i_bh % HKV, NSPLIT, G, TQ, BM, D)
 
 
-# Whether the last split of each decode kernel merges the splits (two launches per step instead of four). Measured on
+# Whether the last split of each decode kernel merges the splits (two Triton launches per step instead of four). Measured on
 # the H200 (2026-12-02, tags dec6 / dec7): eager 0.183 -> 0.151 ms at 64K and 0.273 -> 0.184 ms at 1M; replayed from a
 # CUDA graph 0.046 -> 0.045 ms at 64K but 0.089 -> 0.108 ms at 1M. So by default it folds unless a CUDA graph is
 # being captured; True / False force it (the tests run both).
@@ -191,7 +191,6 @@ def _rows(q: torch.Tensor) -> torch.Tensor:
     """``q`` as the kernels read it: any batch / head / token strides, unit stride along the head dim (the
     attention module's transposed query already is, so a decode step copies nothing)."""
     return q if q.stride(-1) == 1 else q.contiguous()
-
 
 
 def _splits(n_max: int, cfg, tq: int, programs: int, device) -> int:
@@ -443,7 +442,8 @@ def sparsex_decode_triton(q, k_cache, v_cache, summaries, offsets, seq_len: int,
                           anchor=None) -> torch.Tensor:
     """A decode step with the kernels (same contract as ``decode.sparsex_decode_torch``): selection (one kernel whose
     last split merges the top-k; the ``"hybrid"`` score selects with the torch code, same rule) and the split-K
-    attention (one kernel whose last split merges the splits): two launches (four inside a CUDA graph)."""
+    attention (one kernel whose last split merges the splits): two Triton launches, each after zeroing its
+    split counters (four Triton launches inside a CUDA graph, no counters)."""
     off = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
     if cfg.score == "hybrid":
         sel = decode_select(q, decode_positions(off, seq_len, q.shape[2]), summaries, cfg, sliding_window)

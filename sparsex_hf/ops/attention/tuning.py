@@ -18,8 +18,8 @@ import os
 import torch
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tiles.json")
-FIELDS = {"fwd": ("block_m", "window_n", "num_warps", "num_stages"), "bwd": ("block_m", "window_n", "num_warps", "num_stages"),
-          "select": ("rows", "num_warps")}
+_ATTENTION = ("block_m", "window_n", "num_warps", "num_stages")
+FIELDS = {"fwd": _ATTENTION, "bwd": _ATTENTION, "select": ("rows", "num_warps")}
 _override: dict[str, dict] = {}
 
 
