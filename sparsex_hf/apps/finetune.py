@@ -2,9 +2,9 @@
 norms (LongLoRA), trained with the sparse attention the model will run with.
 
 Run it with ``python -m sparsex_hf.apps.finetune`` (or the ``sparsex-finetune`` command) on one device, or with
-``accelerate launch`` on several GPUs (DDP or FSDP from accelerate's own config). Data are local text, JSONL or
-Parquet files read with ``datasets``, tokenized and packed into sequences of the target length; packing keeps
-documents apart through ``position_ids`` (the Sparse-X kernels and SDPA both honour them).
+``accelerate launch`` on several GPUs (DDP or FSDP from accelerate's own config). Data are local text files (one
+document each) or JSONL / Parquet files (read with ``datasets``), tokenized and packed into sequences of the target
+length; packing keeps documents apart through ``position_ids`` (the Sparse-X kernels and SDPA both honour them).
 
 Output directory: ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout),
 ``sparsex_training.json`` (the arguments, the RoPE and Sparse-X configs), ``metrics.jsonl`` (one JSON line per
@@ -58,10 +58,34 @@ def _builder(path: str) -> str:
     raise ValueError(f"--data {path!r}: unsupported file type; use text ({', '.join(TEXT_EXT)}), .jsonl/.json or .parquet")
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _rows(kind: str, paths: list[str], text_field: str) -> tuple[str, list]:
+    """``("text", strings)`` or ``("input_ids", token lists)`` of the files of one kind; text files are read
+    directly (one document each), JSON/Parquet through ``datasets``."""
+    if kind == "text":
+        return "text", [_read_text(p) for p in paths]
+    load_dataset = require("datasets", "train").load_dataset
+    try:
+        ds = load_dataset(kind, data_files=paths, split="train")
+    except StopIteration:  # what `datasets` raises for an empty JSON / JSONL file
+        raise ValueError(f"--data {paths}: no documents (an empty file?)") from None
+    if "input_ids" in ds.column_names:
+        return "input_ids", [list(map(int, x)) for x in ds["input_ids"]]
+    if text_field not in ds.column_names:
+        raise ValueError(f"{paths}: no '{text_field}' column (columns: {ds.column_names}); pass --text-field")
+    return "text", ds[text_field]
+
+
 def load_documents(files: list[str], tokenizer, text_field: str = "text") -> list[list[int]]:
     """Token ids of every document (a text file is one document; a JSONL/Parquet row is one, from its
     ``text_field`` or from a pre-tokenized ``input_ids`` column), each ending with EOS."""
-    load_dataset = require("datasets", "train").load_dataset
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"--data {f!r}: no such file")
@@ -71,20 +95,11 @@ def load_documents(files: list[str], tokenizer, text_field: str = "text") -> lis
     docs: list[list[int]] = []
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     for kind, paths in by_kind.items():
-        kw = {"sample_by": "document"} if kind == "text" else {}
-        try:
-            ds = load_dataset(kind, data_files=paths, split="train", **kw)
-        except StopIteration:  # what `datasets` raises for an empty JSON / JSONL file
-            raise ValueError(f"--data {paths}: no documents (an empty file?)") from None
-        if "input_ids" in ds.column_names:
-            rows = [list(map(int, x)) for x in ds["input_ids"]]
-        else:
-            column = "text" if kind == "text" else text_field
-            if column not in ds.column_names:
-                raise ValueError(f"{paths}: no '{column}' column (columns: {ds.column_names}); pass --text-field")
+        what, rows = _rows(kind, paths, text_field)
+        if what == "text":
             if tokenizer is None:
                 raise ValueError("the data are text but the model has no tokenizer; pass --tokenizer or pre-tokenized input_ids")
-            rows = [tokenizer(t, add_special_tokens=False).input_ids for t in ds[column] if t]
+            rows = [tokenizer(t, add_special_tokens=False).input_ids for t in rows if t]
         docs += [r + ([eos] if eos is not None else []) for r in rows if r]
     if not docs:
         raise ValueError(f"--data {files}: no documents (the files are empty)")

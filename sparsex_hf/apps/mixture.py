@@ -15,7 +15,9 @@ differently. Seeds are the recipe's ``--seed`` through a stream of its own.
   the order they appear.
 
 With a chat template, half of the samples are formatted as a user turn and the assistant's answer; the others
-as plain text (``Question: ... Answer:``).
+as plain text (``Question: ... Answer:``). A sample's length is drawn uniformly from a quarter of the training
+length (at least 512 tokens) to all of it, so that retrieval is trained at the original context as well as at
+the new one (8K to 32K when SmolLM2 goes from 8K to 32K).
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ def make_retrieval_sample(tokenizer, stream: list[int], length: int, fmt: str, s
 def mix_sequences(plain: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], tokenizer, docs: list[list[int]],
                   length: int, share: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``plain`` training sequences ``(input_ids, position_ids, labels)`` with synthetic samples added so that they
-    make ``share`` of the result (formats alternating), shuffled; each sample is its own sequence (positions from
-    0, the loss on its answer only)."""
+    make ``share`` of the result (formats alternating, lengths uniform from ``length // 4`` (at least 512)
+    to ``length``), shuffled;
+    each sample is its own sequence (positions from 0, the loss on its answer only)."""
     if not 0 <= share < 1:
         raise ValueError(f"--mix must be in [0, 1) (the share of synthetic sequences), got {share}")
     n = round(share * len(plain) / (1 - share))
@@ -124,7 +127,8 @@ def mix_sequences(plain: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], 
     rng = random.Random(f"sparsex-mixture-{seed}")  # a stream of its own: disjoint from the eval's seeds
     out = list(plain)
     for i in range(n):
-        ids, labels = make_retrieval_sample(tokenizer, stream, length, FORMATS[i % len(FORMATS)], rng.getrandbits(63))
+        size = rng.randint(max(length // 4, min(length, 512)), length)
+        ids, labels = make_retrieval_sample(tokenizer, stream, size, FORMATS[i % len(FORMATS)], rng.getrandbits(63))
         out.append((torch.tensor(ids), torch.arange(len(ids)), torch.tensor(labels)))
     rng.shuffle(out)
     return out

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from sparsex_hf import sparsex_attention
 from sparsex_hf.apps import finetune
 from sparsex_hf.hf import attention as attention_mod
 
-# the recipe reads its corpus through `datasets` (the [train] extra; CI installs it): without it these skip
+# JSONL corpora are read through `datasets` (the [train] extra; CI installs it): without it these skip
 needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
                                     reason="needs `datasets` (pip install 'sparsex-hf[train]')")
 
@@ -189,6 +190,30 @@ def test_two_processes_with_torchrun(tmp_path):
     assert all(r["tokens"] == 256 for r in single)
     peft_model = finetune.load_extended(model, str(tmp_path / "ddp"), dtype=torch.float32)
     assert sum("lora_" in n for n, _ in peft_model.named_parameters()) > 0
+
+
+def test_text_files_are_read_without_datasets(tmp_path, monkeypatch):
+    """Text corpora need no `datasets`: each file is one document (UTF-8), empty files are skipped; a file that
+    is not UTF-8 is refused by name."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ModuleNotFoundError
+    (tmp_path / "a.txt").write_text("alpha beta\ngamma")
+    (tmp_path / "b.md").write_text("")
+    (tmp_path / "c.py").write_text("x = 1")
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [len(w) for w in text.split()]})()
+
+    docs = finetune.load_documents([str(tmp_path / n) for n in ("a.txt", "b.md", "c.py")], Tok())
+    assert docs == [[5, 4, 5, 0], [1, 1, 1, 0]]
+    (tmp_path / "d.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(ValueError, match="d.txt.* not UTF-8"):
+        finetune.load_documents([str(tmp_path / "d.txt")], Tok())
+    (tmp_path / "e.jsonl").write_text("{}")
+    with pytest.raises(ModuleNotFoundError, match=r"sparsex-hf\[train\]"):
+        finetune.load_documents([str(tmp_path / "e.jsonl")], Tok())
 
 
 def test_command_errors_are_one_line_and_leave_no_output_folder(tmp_path, capsys):

@@ -67,6 +67,13 @@ def test_mix_adds_the_share_of_samples_and_keeps_the_plain_sequences(tok, stream
         mix_sequences(plain, tok, [stream], 512, 1.0, seed=0)
 
 
+def test_mix_spreads_the_sample_lengths_over_a_quarter_to_all_of_the_length(tok, stream):
+    plain = [(torch.arange(4), torch.arange(4), torch.arange(4)) for _ in range(12)]
+    sizes = [len(s[0]) for s in mix_sequences(plain, tok, [stream], 4096, 0.5, seed=1) if (s[2] == -100).any()]
+    assert len(sizes) == 12 and min(sizes) >= 1024 - 64 and max(sizes) <= 4096
+    assert min(sizes) < 2048 and max(sizes) > 3072  # spread, not all at the full length
+
+
 @pytest.mark.slow
 def test_recipe_trains_on_a_mixture(tmp_path, tok):
     """``sparsex-finetune --mix 0.5`` on a tiny Llama with SmolLM2's vocabulary: half of the training sequences are
