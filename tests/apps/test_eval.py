@@ -64,6 +64,31 @@ def test_task_fits_length_exactly_and_is_reproducible(tok, task):
 
 
 @needs_smollm2
+def test_haystack_search_finds_the_largest_size_that_fits():
+    """The interpolation search of a sample's haystack size returns what a plain bisection returns (the largest
+    size whose token count fits), for irregular growing counts, and 0 when even one unit does not fit."""
+    import random
+
+    from sparsex_hf.apps.eval.tasks import _largest_fitting
+
+    rng = random.Random(0)
+    for _ in range(500):
+        counts = [rng.randint(0, 200)]
+        for _ in range(rng.randint(1, 4000)):
+            counts.append(counts[-1] + rng.choice([0, 1, 2, 7, 30, 120]))
+        calls = []
+
+        def count(u, counts=counts, calls=calls):
+            calls.append(u)
+            return counts[u] if u < len(counts) else counts[-1] + 10**9
+
+        budget = rng.randint(0, counts[-1])
+        want = max((u for u in range(1, len(counts)) if counts[u] <= budget), default=0)
+        assert _largest_fitting(count, budget) == want
+    with pytest.raises(RuntimeError, match="did not converge"):
+        _largest_fitting(lambda u: 0, 10)
+
+
 def test_needle_depth_is_spread_and_respected(tok):
     depths = []
     for i in range(4):

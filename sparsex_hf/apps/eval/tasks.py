@@ -299,22 +299,41 @@ def make_sample(task: str, length: int, index: int, tokenizer, seed: int = 0, n_
     def build(units):
         return spec.build(random.Random(sample_seed), units, depth if depth is not None else 0.0, sample_seed)
 
-    # binary search of the haystack size: the largest that fits the budget
-    lo, hi = 0, 1
-    while count(build(hi)[0]) <= budget:
-        lo, hi = hi, hi * 2
-        if hi > 1 << 22:
-            raise RuntimeError("haystack search did not converge")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if count(build(mid)[0]) <= budget:
-            lo = mid
-        else:
-            hi = mid
+    lo = _largest_fitting(lambda units: count(build(units)[0]), budget)
     if lo == 0:
         raise ValueError(f"task {task!r} does not fit {length} tokens (its template alone is longer)")
     prompt, answers, meta = build(lo)
     return Sample(task, length, index, prompt, answers, spec.max_new_tokens, depth, count(prompt), dict(meta, units=lo))
+
+
+def _largest_fitting(count: Callable[[int], int], budget: int, limit: int = 1 << 22) -> int:
+    """The largest haystack size ``u`` (units) with ``count(u) <= budget``, 0 if none, for token counts that
+    grow with the size: interpolation search from the counts at 1 and 64 units (a bisection step whenever an
+    interpolated step did not halve the bracket), about five tokenizations of a full-length prompt instead of
+    the ~2 log2(u) of a doubling search."""
+    lo, c_lo = 1, count(1)
+    if c_lo > budget:
+        return 0
+    hi, c_hi = None, None  # count(lo) <= budget < count(hi)
+    slope = None
+    nxt, bisect = 64, False
+    while hi is None or hi - lo > 1:
+        if nxt > limit:
+            raise RuntimeError("haystack search did not converge")
+        c = count(nxt)
+        width = None if hi is None else hi - lo
+        if c <= budget:
+            slope = (c - c_lo) / (nxt - lo) if nxt > lo else slope
+            lo, c_lo = nxt, c
+        else:
+            hi, c_hi = nxt, c
+        if hi is None:  # extrapolate past the budget (one unit beyond, so that the bracket closes)
+            nxt = lo + max(1, int((budget - c_lo) / max(slope or 1.0, 1e-3))) + 1
+            continue
+        bisect = not bisect and width is not None and 2 * (hi - lo) > width
+        guess = lo + int((budget - c_lo) * (hi - lo) / max(c_hi - c_lo, 1))
+        nxt = (lo + hi) // 2 if bisect else min(max(guess, lo + 1), hi - 1)
+    return lo
 
 
 def _stable_seed(*parts) -> int:
