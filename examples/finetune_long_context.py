@@ -3,7 +3,8 @@
 
     python examples/finetune_long_context.py --model smollm2 --data corpus/*.txt --target-length 32768 \\
         --rope yarn --max-steps 200 --output-dir runs/smollm2-32k [--resume] [--merge]
-    accelerate launch examples/finetune_long_context.py ...   # several GPUs (DDP / FSDP from accelerate config)
+    accelerate launch --config_file examples/accelerate/fsdp.yaml examples/finetune_long_context.py ...  # 2 GPUs
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/finetune_long_context.py ...
 
 Every flag: ``python examples/finetune_long_context.py --help``.
 """

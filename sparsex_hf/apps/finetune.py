@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
@@ -400,6 +400,9 @@ def train(args) -> dict:
     """Run the recipe described by ``args`` (see :func:`build_parser`); returns the last step's and the final
     eval's metrics."""
     acc = Accelerator(gradient_accumulation_steps=args.grad_accum, mixed_precision="bf16" if _use_bf16(args) else "no")
+    if acc.distributed_type == DistributedType.FSDP and (args.train_mix or args.only_mix):
+        raise ValueError("--train-mix / --only-mix are not supported under FSDP (the gates are read from the unsharded "
+                         "modules when saving); train them with DDP or on one GPU")
     set_seed(args.seed)
     s = setup(args, device=acc.device)  # bad input fails here, before the output folder exists
     os.makedirs(args.output_dir, exist_ok=True)
@@ -432,13 +435,16 @@ def train(args) -> dict:
     if not (args.save_every and final_step % args.save_every == 0) and final_step > run.start:
         run.checkpoint(final_step)
     acc.wait_for_everyone()
+    state = acc.get_state_dict(run.model)  # on every process: FSDP gathers the full tensors here
     if acc.is_main_process:
-        save_outputs(acc.unwrap_model(run.model), run.s, args)
+        save_outputs(acc.unwrap_model(run.model), run.s, args, state)
     return dict(last=last, final=final, output_dir=args.output_dir)
 
 
-def save_outputs(model, s: Setup, args) -> None:
-    """The adapter (PEFT layout), the learned mix gates, and with ``--merge`` the merged model."""
+def save_outputs(model, s: Setup, args, state: dict | None = None) -> None:
+    """The adapter (PEFT layout, from ``state``, the gathered state dict, when given), the learned mix gates, and
+    with ``--merge`` the merged model: the base model reloaded with the saved adapter and merged, so that it
+    never depends on how the training model was wrapped or sharded."""
     if s.gates:  # the trained copies (PEFT's modules_to_save wraps the originals): read them through the call
         cls = attention_class(model.config.model_type)
         attn = [m for m in model.modules() if isinstance(m, cls)]
@@ -446,9 +452,10 @@ def save_outputs(model, s: Setup, args) -> None:
         save_file(gates, os.path.join(args.output_dir, "mix_gates.safetensors"))
     if args.only_mix:
         return
-    model.save_pretrained(args.output_dir)
+    model.save_pretrained(args.output_dir, state_dict=state)
     if args.merge:
-        merged = model.merge_and_unload()
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        merged = load_extended(args.model, args.output_dir, dtype=dtype).merge_and_unload()
         for mod in merged.modules():  # learned gates are in mix_gates.safetensors; the base class has no such module
             if hasattr(mod, "sparsex_mix"):
                 del mod.sparsex_mix

@@ -58,3 +58,30 @@ def test_fsdp2_on_two_cpu_processes_trains_like_one(tmp_path):
     assert (a["world"], a["sharded"], b["world"], b["sharded"]) == (1, False, 2, True)
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
     assert a["losses"][-1] < a["losses"][0] - 0.02  # it trains
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_accelerate_configs_in_examples_launch_as_documented(name, monkeypatch):
+    """examples/accelerate/*.yaml as `accelerate launch --config_file` reads them: two processes, bf16, and for
+    FSDP the FSDP2 plugin wrapping each decoder layer with a full state dict for the one save."""
+    import os
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "accelerate", f"{name}.yaml")
+    args = launch_command_parser().parse_args(["--config_file", path, "examples/finetune_long_context.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == 2 and args.mixed_precision == "bf16" and args.use_fsdp == (name == "fsdp")
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    if name == "ddp":
+        assert args.multi_gpu and "ACCELERATE_USE_FSDP" not in env
+        return
+    for k, v in env.items():
+        if k.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT" and plugin.activation_checkpointing is False
