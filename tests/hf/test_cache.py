@@ -282,3 +282,40 @@ def test_anchor_is_kept_by_the_cache_and_follows_the_rows(count_decode):
     assert torch.equal(swapped.flip(0), out)
     beams = sparse.generate(ids, attention_mask=mask, num_beams=3, **kw).sequences
     assert beams.shape == (2, 312)
+
+
+def _split_map(n_layers: int, first: str | int, rest: str) -> dict:
+    """Embedding and the first half of the layers on ``first``, the rest (and the head) on ``rest``."""
+    out = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": rest, "lm_head": rest}
+    out.update({f"model.layers.{i}": first if i < n_layers // 2 else rest for i in range(n_layers)})
+    return out
+
+
+@pytest.mark.parametrize("split", ["cpu+disk", pytest.param("cuda+cpu", marks=pytest.mark.gpu)])
+def test_generate_with_layers_placed_by_device_map(tmp_path, split):
+    """``from_pretrained(..., device_map=...)``: Accelerate places the layers (``cpu+disk``: half of them offloaded
+    to disk, run on the CPU; ``cuda+cpu``: half on the GPU, half offloaded to the CPU and run on the GPU). Sparse-X
+    attends through its cache on each layer's device, summaries included, and generates what the same model on one
+    device generates."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if split == "cuda+cpu" else "cpu"
+    model = tiny_model("llama", "sparsex", num_hidden_layers=4, head_dim=32, tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "m")
+    first, rest = (0, "cpu") if split == "cuda+cpu" else ("cpu", "disk")
+    placed = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="sparsex", dtype=torch.float32,
+                                                  device_map=_split_map(4, first, rest), offload_folder=str(tmp_path / "off"))
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="sparsex", dtype=torch.float32).to(device)
+    for m in (placed, whole):
+        sparsex_hf.set_sparsex_config(m, **SPARSE_SMALL)
+    assert {str(p.device) for n, p in placed.named_parameters() if ".layers.3." in n} == {"meta"}  # offloaded
+    ids = torch.randint(3, 256, (1, 700), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    with torch.no_grad():
+        a, b = placed.generate(ids, **kw), whole.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    cache = getattr(a, "cache", None) or a.past_key_values  # renamed in Transformers 5.2x
+    assert cache.get_seq_length() == 700 + 11 and all(isinstance(x, SparseXLayer) for x in cache.layers)
+    for layer in cache.layers:  # keys, values and block summaries where the layer ran
+        assert layer.keys.device.type == device and layer.values.device.type == device
+        assert all(t.device.type == device for t in layer.summaries(SPARSE_SMALL["block_size"]))
