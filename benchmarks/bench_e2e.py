@@ -106,14 +106,22 @@ def profile_step(step, label: str, out_dir: str) -> None:
         fh.write(table)
 
 
-def filled_cache(model, attn: str, bsz: int, t: int):
-    """A cache of ``t`` random keys/values per layer (offsets 0: no padding)."""
+def layer_device(model, i: int) -> torch.device:
+    """Where decoder layer ``i`` runs (its parameters' device; Accelerate may have placed the layers apart)."""
+    return next(model.model.layers[i].parameters()).device
+
+
+def filled_cache(model, attn: str, bsz: int, t: int, offload: bool = False):
+    """A cache of ``t`` random keys/values per layer (offsets 0: no padding), each layer's on the device its layer
+    runs on (with ``offload``: a Sparse-X cache whose keys and values are kept on the CPU)."""
     n_layers = model.config.num_hidden_layers
-    cache = SparseXCache(model.config) if attn == "sparsex" else DynamicCache(config=model.config)
-    gen = torch.Generator(device="cuda").manual_seed(t)
+    cache = SparseXCache(model.config, offload=offload) if attn == "sparsex" else DynamicCache(config=model.config)
+    kv_heads, head_dim = model.config.num_key_value_heads, model.config.head_dim
     for i in range(n_layers):
-        k = torch.randn(bsz, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn(bsz, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        dev = layer_device(model, i)
+        gen = torch.Generator(device=dev).manual_seed(t + i)
+        k = torch.randn(bsz, kv_heads, t, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(bsz, kv_heads, t, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
         layer = cache.layers[i]
         if attn == "sparsex":
             layer.set_offsets(None, bsz, t)

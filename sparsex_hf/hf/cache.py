@@ -78,7 +78,9 @@ class SparseXLayer(DynamicLayer):
         cap = 0 if self._kbuf is None else self._kbuf.shape[-2]
         if n <= cap:
             return
-        new_cap = max(n, 2 * cap, 256)
+        # grow by a quarter (amortised O(1) appends) and not by doubling: a cache filled by one long prefill would
+        # otherwise take twice its size on the first decode step
+        new_cap = max(n, cap + max(cap // 4, 256))
         b, h, _, d = like.shape
         dev = self._storage_device()
         kb = torch.empty(b, h, new_cap, d, dtype=like.dtype, device=dev)

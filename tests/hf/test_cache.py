@@ -246,6 +246,19 @@ def test_summaries_are_at_most_a_32nd_of_the_cache():
     assert layer.summary_bytes() <= kv / 32
 
 
+def test_buffers_grow_by_a_quarter_so_a_long_prefill_does_not_double_on_decode():
+    layer = SparseXLayer()
+    layer.set_offsets(None, 1, 4096)
+    layer.update(torch.zeros(1, 2, 4096, 8), torch.zeros(1, 2, 4096, 8))
+    assert layer._kbuf.shape[-2] == 4096  # exactly the prefill
+    layer.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8))  # the first decode step
+    assert layer._kbuf.shape[-2] == 4096 + 1024 and layer.keys.shape[-2] == 4097
+    assert layer.keys[..., :4096, :].eq(0).all() and layer.keys[..., 4096, :].eq(1).all()  # copied, then appended
+    for _ in range(1023):
+        layer.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8))
+    assert layer._kbuf.shape[-2] == 5120  # no reallocation inside the capacity
+
+
 def test_offloaded_layer_decodes_like_a_resident_one():
     cfg = sparsex_hf.SparseXConfig(**SPARSE_SMALL)
     q, k, v = random_qkv(2, 4, 2, 260, 260, 32, dtype=torch.float32, seed=2)
