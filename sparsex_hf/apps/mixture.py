@@ -117,9 +117,8 @@ def make_retrieval_sample(tokenizer, stream: list[int], length: int, fmt: str, s
 def mix_sequences(plain: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], tokenizer, docs: list[list[int]],
                   length: int, share: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``plain`` training sequences ``(input_ids, position_ids, labels)`` with synthetic samples added so that they
-    make ``share`` of the result (formats alternating, lengths uniform from ``length // 4`` (at least 512)
-    to ``length``), shuffled;
-    each sample is its own sequence (positions from 0, the loss on its answer only)."""
+    make ``share`` of the result (formats alternating, lengths uniform from ``length // 4``, at least 512, to
+    ``length``), shuffled; each sample is its own sequence (positions from 0, the loss on its answer only)."""
     if not 0 <= share < 1:
         raise ValueError(f"--mix must be in [0, 1) (the share of synthetic sequences), got {share}")
     n = round(share * len(plain) / (1 - share))
