@@ -309,13 +309,12 @@ def make_sample(task: str, length: int, index: int, tokenizer, seed: int = 0, n_
 def _largest_fitting(count: Callable[[int], int], budget: int, limit: int = 1 << 22) -> int:
     """The largest haystack size ``u`` (units) with ``count(u) <= budget``, 0 if none, for token counts that
     grow with the size: interpolation search from the counts at 1 and 64 units (a bisection step whenever an
-    interpolated step did not halve the bracket), about five tokenizations of a full-length prompt instead of
+    interpolated step did not halve the bracket), five to eight tokenizations of a full-length prompt instead of
     the ~2 log2(u) of a doubling search."""
     lo, c_lo = 1, count(1)
     if c_lo > budget:
         return 0
     hi, c_hi = None, None  # count(lo) <= budget < count(hi)
-    slope = None
     nxt, bisect = 64, False
     while hi is None or hi - lo > 1:
         if nxt > limit:
@@ -323,7 +322,7 @@ def _largest_fitting(count: Callable[[int], int], budget: int, limit: int = 1 <<
         c = count(nxt)
         width = None if hi is None else hi - lo
         if c <= budget:
-            slope = (c - c_lo) / (nxt - lo) if nxt > lo else slope
+            slope = (c - c_lo) / (nxt - lo)  # nxt > lo always
             lo, c_lo = nxt, c
         else:
             hi, c_hi = nxt, c
