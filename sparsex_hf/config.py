@@ -7,20 +7,33 @@ The config is a frozen, validated dataclass. Inside a Transformers model it live
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 COMBINE_MODES = ("union", "mix")
-SELECTION_SCORES = ("minmax", "mean", "hybrid")
-SELECT_QUERIES = ("each", "mean")
+SELECTION_SCORES = ("minmax", "mean")
 BACKENDS = ("auto", "torch", "triton")
 ANCHORS = (False, "last", "split")
 
+# Settings of how a config runs here, not of what it computes: never written into a saved checkpoint.
+RUNTIME_FIELDS = ("backend",)
 
-PRESETS: dict[str, dict[str, Any]] = {"default": {}, "retrieval": {"rerank": 2, "anchor": "split"}}
+# Options that are gone, with the one value that is still accepted (what every config now computes): a checkpoint
+# saved with it loads; any other value raises an error that says what replaced it.
+REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
+    "select_query": ("mean", "a selection tile is always scored by its mean query ('each' was never better: "
+                             "docs/evaluation.md)"),
+}
+
+# Named configs (``SparseXConfig.preset``): fields over the defaults. The defaults are the faithful rule (two-stage
+# selection with the split anchor); "retrieval" is its earlier name; "one-stage" is the min/max bound's top-k alone
+# (the default before 0.3: the same speed, loses real-text retrieval).
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "retrieval": {}, "one-stage": {"rerank": 0, "anchor": False}}
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -42,34 +55,31 @@ class SparseXConfig:
             one softmax per branch, weights renormalised over the branches that are non-empty).
         alpha, beta, gamma: ``mix`` weights of the local (sink + window), stride and top-k branches;
             ``alpha > 0``, ``beta, gamma >= 0``.
-        score: block score used for selection: ``"minmax"`` (Quest bound
-            ``sum_d max(q_d*kmin_d, q_d*kmax_d)``), ``"mean"`` (``q . mean(K_b)``) or ``"hybrid"``
-            (half of the blocks by ``minmax``, the rest by ``mean``).
+        score: block score of the first selection stage: ``"minmax"`` (Quest bound
+            ``sum_d max(q_d*kmin_d, q_d*kmax_d)``) or ``"mean"`` (``q . mean(K_b)``).
         select_tile: consecutive query positions (aligned to the sequence start, ``p // select_tile``)
-            that share one top-k selection (a power of two in [1, 256]); 1 = every query selects alone,
-            strictly causally. With a tile, the selection of ``p`` also looks at the queries after ``p`` in
-            its tile (at most ``select_tile - 1`` positions ahead); the attention itself stays causal.
-        rerank: two-stage selection when > 0: the ``rerank * topk`` blocks with the best ``score`` are ranked again by
-            their exact score, the largest logit of the block's keys for the selection's queries (max over the GQA
-            group; with tiles, the tile's mean query, or with ``select_query="each"`` every query of the tile), and
-            the ``topk`` best are kept; 0 = one stage. An integer in [0, 16]; not with ``score="hybrid"``.
+            that share one top-k selection, scored by their mean query (a power of two in [1, 256]); 1 = every
+            query selects alone, strictly causally. With a tile, the selection of ``p`` also looks at the queries
+            after ``p`` in its tile (at most ``select_tile - 1`` positions ahead); the attention itself stays causal.
+        rerank: two-stage selection when > 0 (default 2): the ``rerank * topk`` blocks with the best ``score`` are
+            ranked again by their exact score, the largest logit of the block's keys for the selection's query (max
+            over the GQA group; with tiles, the tile's mean query), and the ``topk`` best are kept; 0 = one stage
+            (then ``anchor=False`` too). An integer in [0, 16].
         anchor: with ``rerank > 0``, the last selection tile of each document's queries in a call (the end of the
             prompt) selects its ``topk`` blocks over every eligible block (not a shortlist) by exact scores; a cache
-            keeps those blocks and every later decode step adds them to its shortlist. ``True`` or ``"last"``: the
-            best exact score of the tile's last query (the one that predicts the next token; one query reads
-            every key once per call). ``"split"`` (the ``"retrieval"`` preset): half of the blocks that way, the
-            rest by the largest exact logit of any query of the tile (the question's tokens; the tile's queries
-            read every key). Decode steps score ``topk`` more blocks.
-        select_query: with ``select_tile > 1``, ``"mean"`` scores the tile's mean query
-            (``1/select_tile`` of the selection work; best recall measured on SmolLM2) and ``"each"``
-            scores every query and takes the max over the tile.
+            keeps those blocks and every later decode step adds them to its shortlist. ``"split"`` (default): half
+            of the blocks by the exact score of the tile's last query (the one that predicts the next token), the
+            rest by the largest exact logit of any query of the tile (the question's tokens). ``True`` or
+            ``"last"``: all of them by the last query. ``False``: no anchor. Decode steps score ``topk`` more
+            blocks.
         dense_layers: layer indices that keep dense causal attention (e.g. ``(0,)``).
         dense_below: inputs with at most this many keys use dense causal attention (0 = never).
             Logged once at INFO when it triggers.
         respect_sliding_window: when the model passes a ``sliding_window`` (Mistral), keys further
             than the window are excluded from every set, as the model was trained. ``False`` lets
             Sparse-X reach beyond it.
-        backend: ``"auto"`` (by device), ``"torch"`` (the reference) or ``"triton"`` (the kernels).
+        backend: ``"auto"`` (by device), ``"torch"`` (the reference) or ``"triton"`` (the kernels). A setting of
+            the machine, not of the model: never saved with a checkpoint (``RUNTIME_FIELDS``).
         prefill_chunk: ``generate()`` prefills a longer prompt chunk by chunk into the cache (Transformers'
             ``prefill_chunk_size``), so activation memory stays bounded; 0 turns chunking off. Set on the
             model's generation config by ``sparsex_hf.from_pretrained`` and ``apply_sparsex``.
@@ -86,9 +96,8 @@ class SparseXConfig:
     gamma: float = 1.0
     score: str = "minmax"
     select_tile: int = 64
-    select_query: str = "mean"
-    rerank: int = 0
-    anchor: bool | str = False
+    rerank: int = 2
+    anchor: bool | str = "split"
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     dense_below: int = 0
     respect_sliding_window: bool = True
@@ -109,8 +118,6 @@ class SparseXConfig:
         if not (_is_power_of_two(self.select_tile) and self.select_tile <= 256):
             raise bad("select_tile", "a power of two in [1, 256]")
         self._check_two_stage(bad)
-        if self.select_query not in SELECT_QUERIES:
-            raise bad("select_query", f"one of {SELECT_QUERIES}")
         if self.sink_tokens < 0:
             raise bad("sink_tokens", "an integer >= 0")
         if self.window < 1:
@@ -126,7 +133,7 @@ class SparseXConfig:
         if self.combine not in COMBINE_MODES:
             raise bad("combine", f"one of {COMBINE_MODES}")
         if self.score not in SELECTION_SCORES:
-            raise bad("score", f"one of {SELECTION_SCORES}")
+            raise bad("score", f"one of {SELECTION_SCORES} ('hybrid' was removed: never better, docs/evaluation.md)")
         if self.backend not in BACKENDS:
             raise bad("backend", f"one of {BACKENDS}")
         for name in ("alpha", "beta", "gamma"):
@@ -157,21 +164,20 @@ class SparseXConfig:
     def _check_two_stage(self, bad) -> None:
         if not 0 <= self.rerank <= 16:
             raise bad("rerank", "an integer in [0, 16] (0: one-stage selection)")
-        if self.rerank and self.score == "hybrid":
-            raise bad("rerank", "0 with score='hybrid' (the exact second stage ranks one score's shortlist)")
         if self.anchor is True:
             object.__setattr__(self, "anchor", "last")
         if self.anchor not in ANCHORS:
             raise bad("anchor", f"False, True (= 'last') or one of {ANCHORS[1:]}")
         if self.anchor and not self.rerank:
-            raise bad("anchor", "False when rerank=0 (the exact second stage ranks the anchor blocks)")
+            raise bad("anchor", "False when rerank=0 (the exact second stage ranks the anchor blocks): pass "
+                                "rerank=0, anchor=False together, or SparseXConfig.preset('one-stage')")
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> SparseXConfig:
-        """A named configuration, with ``changes`` on top: ``"default"`` (the defaults) or ``"retrieval"``
-        (two-stage selection with the split anchor, ``rerank=2, anchor="split"``: SmolLM2's real-text retrieval
-        within 0-7 points of dense attention at 2K-8K where the default loses up to 40; measured cost on the H200:
-        +16% prefill at 128K, +26% at 1M, a 4.6x slower decode attention step at 1M; ``docs/evaluation.md``)."""
+        """A named configuration, with ``changes`` on top: ``"default"`` (the defaults: two-stage selection with the
+        split anchor, dense attention's answers on real-text retrieval; ``docs/evaluation.md``), ``"retrieval"``
+        (its earlier name, the same config) or ``"one-stage"`` (``rerank=0, anchor=False``: the min/max bound's
+        top-k alone, which loses needles in real text)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **changes})
@@ -183,18 +189,27 @@ class SparseXConfig:
         return self._json
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (what ``model.config.sparsex`` stores)."""
+        """A JSON-serialisable dict of every field."""
         out = dataclasses.asdict(self)
         out["dense_layers"] = list(self.dense_layers)
         return out
 
+    def stored(self) -> StoredConfig:
+        """What ``model.config.sparsex`` holds: :meth:`to_dict` as a :class:`StoredConfig`, whose copies (the ones
+        Transformers serialises when it saves a model config) leave out the runtime fields."""
+        return StoredConfig(self.to_dict())
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SparseXConfig:
         allowed = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        for name, (kept, why) in REMOVED_FIELDS.items():
+            if name in data and data.pop(name) != kept:
+                raise ValueError(f"SparseXConfig.{name} was removed: {why}; drop the field.")
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"Unknown SparseXConfig field(s) {unknown}; allowed fields are {sorted(allowed)}.")
-        return cls(**dict(data))
+        return cls(**data)
 
     @classmethod
     def from_any(cls, value: SparseXConfig | Mapping[str, Any] | None) -> SparseXConfig:
@@ -216,3 +231,18 @@ class SparseXConfig:
         stride_keys = num_keys // self.stride + 1 if self.stride else 0
         budget = self.sink_tokens + self.window + stride_keys + self.topk * self.block_size
         return min(num_keys, budget)
+
+
+@functools.lru_cache(maxsize=64)
+def config_from_json(text: str) -> SparseXConfig:
+    """The config of a ``SparseXConfig.json`` string (how the custom ops take it), parsed once per string."""
+    return SparseXConfig.from_dict(json.loads(text))
+
+
+class StoredConfig(dict):
+    """A config's fields as ``model.config.sparsex`` stores them: a plain dict to read and edit, whose (deep) copies
+    drop :data:`RUNTIME_FIELDS`. Transformers serialises a model config from a deep copy of its attributes, so a
+    saved checkpoint never records how it ran here (``backend``); the loaded model runs with the default."""
+
+    def __deepcopy__(self, memo) -> dict[str, Any]:
+        return {k: copy.deepcopy(v, memo) for k, v in self.items() if k not in RUNTIME_FIELDS}

@@ -40,9 +40,8 @@ def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: 
         "mean": (qx * blocks.mean(1)).sum(-1).max(0).values.tolist(),
     }
 
-    def top(kind, count, exclude=()):
-        pool = [b for b in candidates if b not in exclude]
-        return sorted(pool, key=lambda b: (-scores[kind][b], b))[:count]
+    def top(kind, count):
+        return sorted(candidates, key=lambda b: (-scores[kind][b], b))[:count]
 
     if cfg.topk == 0:
         chosen = []
@@ -57,9 +56,6 @@ def brute_force_key_set(p: int, n: int, k: torch.Tensor, qg: torch.Tensor, cfg: 
     elif cfg.rerank:  # the summary score's shortlist, ranked again by the largest logit of each block's keys
         exact = {b: (qg @ blocks[b].T).max().item() for b in candidates}
         chosen = sorted(top(cfg.score, cfg.rerank * cfg.topk), key=lambda b: (-exact[b], b))[: cfg.topk]
-    elif cfg.score == "hybrid":
-        first = top("minmax", (cfg.topk + 1) // 2)
-        chosen = first + top("mean", cfg.topk - len(first), exclude=first)
     else:
         chosen = top(cfg.score, cfg.topk)
     topk = {j for b in chosen for j in range(b * B, (b + 1) * B) if visible(j)}
@@ -101,7 +97,7 @@ def brute_force(q, k, v, cfg: SparseXConfig, scale=None, attention_mask=None, cu
             mates = [rr for rr, pp in zip(q_rows, positions) if pp // cfg.select_tile == p // cfg.select_tile]
             for h in range(hkv):
                 qt = q[b, h * g : (h + 1) * g][:, mates]  # [G, tile queries, D]
-                qg = qt.mean(1) if cfg.select_query == "mean" else qt.reshape(-1, d)
+                qg = qt.mean(1)
                 mate_pos = [pp for pp in positions if pp // cfg.select_tile == p // cfg.select_tile]
                 anchored = cfg.anchor and p // cfg.select_tile == positions[-1] // cfg.select_tile
                 sink, local, stride, topk, _ = brute_force_key_set(p, n, kd[h], qg, cfg, sliding_window, mate_pos,
@@ -203,7 +199,8 @@ def left_padded(batch=2, length=150, pad=23, seed=0):
 
 
 SPARSE_SMALL = dict(block_size=16, sink_tokens=16, window=64, stride=32, topk=4)
+ONE_STAGE = dict(rerank=0, anchor=False)  # the min/max bound's top-k alone (SparseXConfig.preset("one-stage"))
 
 
-__all__ = ["SPARSE_SMALL", "brute_force", "dense_causal", "left_padded", "model_pair", "padded_prompts", "random_qkv",
+__all__ = ["ONE_STAGE", "SPARSE_SMALL", "brute_force", "dense_causal", "left_padded", "model_pair", "padded_prompts", "random_qkv",
            "tiny_config", "tiny_model"]

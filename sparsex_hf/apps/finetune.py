@@ -232,7 +232,7 @@ def setup(args, device=None) -> Setup:
     check_model_type(getattr(config, "model_type", None))
     rope = extend_rope(config, args.rope, args.target_length)
     cfg = sparsex_config_from_args(args, config, **({"combine": "mix"} if (args.train_mix or args.only_mix) else {}))
-    config.sparsex = cfg.to_dict()
+    config.sparsex = cfg.stored()
     tok = _tokenizer(args)
     train, held = _split_data(args, tok)
     dtype = torch.bfloat16 if _use_bf16(args) else torch.float32
@@ -477,7 +477,7 @@ def load_extended(model: str, adapter_dir: str, *, attn_implementation: str = "s
     a = info["args"]
     extend_rope(config, a["rope"], a["target_length"])
     cfg = SparseXConfig.from_any(info["sparsex"])
-    config.sparsex = cfg.to_dict()
+    config.sparsex = cfg.stored()
     base = load_model(model, dtype=dtype, config=config, attn_implementation=attn_implementation, device=device)
     if cfg.combine == "mix" and os.path.isfile(os.path.join(adapter_dir, "mix_gates.safetensors")):
         attach_mix_gates(base, cfg)

@@ -67,7 +67,7 @@ def get_sparsex_config(obj: Any) -> SparseXConfig:
     if hit is not None and hit[0] == stored:
         return hit[1]
     cfg = SparseXConfig.from_any(stored)
-    _PARSED[config] = (copy.deepcopy(stored), cfg)  # deep: an in-place edit of a list field is seen too
+    _PARSED[config] = (copy.deepcopy(dict(stored)), cfg)  # deep: an in-place edit of a list field is seen too
     return cfg
 
 

@@ -27,7 +27,7 @@ def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | N
     check_model_type(getattr(getattr(model, "config", None), "model_type", None))
     base = get_sparsex_config(model) if config is None else SparseXConfig.from_any(config)
     cfg = base.replace(**changes) if changes else base
-    model.config.sparsex = cfg.to_dict()
+    model.config.sparsex = cfg.stored()
     return cfg
 
 
@@ -50,7 +50,7 @@ def from_pretrained(
     check_model_type(model_type)
     stored = get_sparsex_config(config)
     cfg = sparsex if isinstance(sparsex, SparseXConfig) else stored.replace(**dict(sparsex or {}))
-    config.sparsex = cfg.to_dict()
+    config.sparsex = cfg.stored()
     kwargs.setdefault("attn_implementation", ATTN_NAME)
     if kwargs["attn_implementation"] == ATTN_NAME:
         wrap_class(model_type)
@@ -164,7 +164,7 @@ def _merge_into(config, sparsex) -> SparseXConfig:
     if sparsex is None:
         return stored
     cfg = sparsex if isinstance(sparsex, SparseXConfig) else stored.replace(**sparsex)
-    config.sparsex = cfg.to_dict()
+    config.sparsex = cfg.stored()
     return cfg
 
 

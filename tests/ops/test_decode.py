@@ -50,7 +50,8 @@ def _case(b=2, hq=4, hkv=2, t=300, tq=1, d=32, pad=(0, 37), dtype=torch.float32,
 def _check(cfg, backend, b=2, hq=4, hkv=2, t=300, tq=1, d=32, pad=(0, 37), sliding_window=None, mix=None,
            dtype=torch.float32, tol=2e-5, seed=0):
     q, k, v, mask = _case(b, hq, hkv, t, tq, d, pad, dtype, seed)
-    ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1), attention_mask=mask, backend="torch",
+    # a step given no anchor blocks selects as re-running the sequence per query without the prompt anchor does
+    ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1, anchor=False), attention_mask=mask, backend="torch",
                             sliding_window=sliding_window, mix_weights=mix)
     # the cache holds everything; the decode step is the last tq queries
     cache = Cache(k, v, None if all(p == 0 for p in pad[:b]) else mask, cfg.block_size)
@@ -91,26 +92,29 @@ def test_decode_length_as_a_device_tensor_equals_the_host_int(backend, extra):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("extra", [{}, {"combine": "mix"}, {"rerank": 2}])
-def test_decode_kernels_fold_their_merges_or_launch_them_alike(monkeypatch, extra):
-    """The last split of each decode kernel merges the splits (eager), or separate merge kernels do (inside a CUDA
-    graph): the same output bit for bit, equal to the reference, with padding and several queries."""
+@pytest.mark.parametrize("extra", [{}, {"combine": "mix"}, {"rerank": 0, "anchor": False}])
+def test_decode_kernels_reuse_their_scratch_and_reset_their_counters(monkeypatch, extra):
+    """The kernels keep their scratch buffers from call to call and their split counters in one buffer that each
+    launch's last programs set back to zero: calls of two shapes, alternating, give bit for bit what fresh buffers
+    give, equal to the reference, and leave every counter at zero."""
     from sparsex_hf.ops.attention import decode_kernel
 
+    monkeypatch.setattr(decode_kernel, "REUSE_SCRATCH", True)
     cfg = SparseXConfig(**SPARSE_SMALL, **extra)
     q, k, v, mask = _case(t=333, tq=3, seed=4)
     cache = Cache(k, v, mask, cfg.block_size)
-    outs = []
-    for fold in (True, False):
-        monkeypatch.setattr(decode_kernel, "FOLD_MERGES", fold)
-        outs.append(cache(q[:, :, -3:], cfg, backend="triton"))
-    assert torch.equal(outs[0], outs[1])
-    ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1), attention_mask=mask, backend="torch")
-    torch.testing.assert_close(outs[0], ref[:, :, -3:], atol=2e-5, rtol=2e-5)
+    ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1, anchor=False), attention_mask=mask, backend="torch")
+    for _ in range(2):
+        for tq in (3, 1):
+            got = cache(q[:, :, -tq:], cfg, backend="triton")
+            torch.testing.assert_close(got, ref[:, :, -3:][:, :, -tq:], atol=2e-5, rtol=2e-5)
+    monkeypatch.setattr(decode_kernel, "REUSE_SCRATCH", False)
+    assert torch.equal(cache(q[:, :, -1:], cfg, backend="triton"), got)
+    assert all(int(c.abs().sum()) == 0 for c in decode_kernel._COUNTERS.values())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("score", ["minmax", "mean", "hybrid"])
+@pytest.mark.parametrize("score", ["minmax", "mean"])
 def test_decode_scores_match_reference(backend, score):
     _check(SparseXConfig(**SPARSE_SMALL, score=score), backend, t=257, tq=2, seed=1)
 
@@ -166,7 +170,7 @@ def test_decode_reads_only_its_keys(backend):
     cache = Cache(k, v)
     out = cache(q[:, :, -1:], cfg, backend=backend)
     pos = decode_positions(cache.offsets, cache.seq_len, 1)
-    sel = decode_select(q[:, :, -1:], pos, cache.summaries, cfg, None)
+    sel = decode_select(q[:, :, -1:], pos, cache.summaries, cfg, None, cache.k, cache.offsets)
     p = int(pos[0, 0])
     keep = torch.zeros(400, dtype=torch.bool, device=DEV)
     keep[:16] = True
@@ -196,14 +200,17 @@ def test_decode_errors_are_clear():
 
 @pytest.mark.parametrize("score", ["minmax", "mean"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_select_kernel_matches_reference_over_many_splits(score, ties):
-    """The split selection kernel + merge picks the reference's blocks in the reference's order (ties: lower
-    block first), with enough blocks for several splits per (sequence, KV head) and rows of different length."""
+def test_shortlist_kernel_matches_reference_over_many_splits(score, ties):
+    """The shortlist kernel (split over the summary blocks, the last split merges) lists the reference's blocks in the
+    reference's order (ties: lower block first), with enough blocks for several splits per (sequence, KV head) and
+    rows of different length: the top-k with one stage, the ``rerank * topk`` shortlist with the anchor blocks that
+    are eligible and not listed appended with two."""
     if not HAS_TRITON:
         pytest.skip("needs triton")
-    from sparsex_hf.ops.attention.decode_kernel import decode_select_triton
+    from sparsex_hf.ops.attention.common import shortlist_config
+    from sparsex_hf.ops.attention.decode import add_anchor
+    from sparsex_hf.ops.attention.decode_kernel import decode_shortlist_triton
 
-    cfg = SparseXConfig(**SPARSE_SMALL, score=score).replace(block_size=4, topk=6)
     t = 1100  # 275 blocks of 4: two splits of 256 blocks
     q, k, v, mask = _case(b=2, hq=4, hkv=2, t=t, d=16, pad=(0, 70), seed=3)
     if ties:  # 8 small-integer keys repeated along the sequence: many blocks with exactly equal scores
@@ -211,16 +218,23 @@ def test_select_kernel_matches_reference_over_many_splits(score, ties):
         q = torch.randint(-2, 3, q.shape, generator=gen).float().to(DEV)
         k = torch.randint(-2, 3, (*k.shape[:2], 8, k.shape[3]), generator=gen).float().to(DEV)
         k = k[:, :, torch.arange(t, device=DEV) % 8]
-    cache = Cache(k, v, mask, cfg.block_size)
+    one = SparseXConfig(**SPARSE_SMALL, score=score, rerank=0, anchor=False).replace(block_size=4, topk=6)
+    two = one.replace(topk=3, rerank=2, anchor="split")
+    cache = Cache(k, v, mask, 4)
     summ, off = cache.summaries, cache.offsets
-    for tq in (1, 3):
-        qq = q[:, :, -tq:]
-        ref = decode_select(qq, decode_positions(off, t, tq), summ, cfg, None)
-        if DEV == "cuda":  # the CUDA reference path takes torch.topk (unordered ties): compare the CPU rule
-            ref = decode_select(qq.cpu(), decode_positions(off.cpu(), t, tq), tuple(s.cpu() for s in summ), cfg, None)
-        got = decode_select_triton(qq, summ, off, t, cfg, None)
-        assert got.dtype == torch.int32 and got.shape == ref.shape
-        assert torch.equal(got.long().cpu(), ref.cpu()), (got, ref)
+    cpu = lambda x: x.cpu()  # noqa: E731  (the CUDA reference path takes torch.topk, unordered ties: the CPU rule)
+    anchor = torch.tensor([[[200, 3, 1, -1]] * 2, [[180, 250, 0, 2]] * 2], device=DEV)  # eligible or not, listed or not
+    for cfg in (one, two):
+        for tq in (1, 3):
+            qq = q[:, :, -tq:]
+            pos = decode_positions(off.cpu(), t, tq)
+            want = decode_select(cpu(qq), pos, tuple(map(cpu, summ)), shortlist_config(cfg) if cfg.rerank else cfg, None)
+            if cfg.anchor:
+                want = add_anchor(want, anchor.cpu(), pos, summ[0].shape[2], cfg, None)
+                assert ((want[..., -4:] >= 0) & (want[..., -4:] < 250)).any() and (want[..., -4:] == -1).any()
+            got = decode_shortlist_triton(qq, summ, off, t, cfg, None, anchor if cfg.anchor else None)
+            assert got.dtype == torch.int32 and got.shape == want.shape
+            assert torch.equal(got.long().cpu(), want), (got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -263,7 +277,7 @@ def test_decode_custom_op_schema_fake_and_compile():
     """The decode step is the custom op ``sparsex::decode`` under torch.compile: its schema and fake
     implementation pass ``torch.library.opcheck``, and a compiled step (one graph, no break) equals the eager one,
     with the anchor and the two-stage selection."""
-    from sparsex_hf.ops.attention.decode_op import config_json, decode_op
+    from sparsex_hf.ops.attention.decode_op import decode_op
 
     cfg = SparseXConfig(**SPARSE_SMALL, rerank=2, anchor="split", backend="torch")
     q, k, v, mask = _case(t=260)
@@ -272,7 +286,7 @@ def test_decode_custom_op_schema_fake_and_compile():
     q1 = q[:, :, -1:]
     for lengths in (None, torch.tensor([cache.seq_len], device=DEV)):  # a host length, or a static cache's tensor
         args = (q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor, None, lengths, cache.seq_len, 260 - 0,
-                config_json(cfg), 32**-0.5, 0, "torch")
+                cfg.json, 32**-0.5, 0, "torch")
         torch.library.opcheck(decode_op, args, test_utils=("test_schema", "test_faketensor"))
 
     def step(q1, k, v, kmin, kmax, kmean, offsets, anchor):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import SPARSE_SMALL, brute_force, dense_causal, random_qkv
+from utils import ONE_STAGE, SPARSE_SMALL, brute_force, dense_causal, random_qkv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
 from sparsex_hf.ops.attention.naive import sparsex_attention_naive
@@ -22,14 +22,15 @@ SHAPES = [
 ]
 CONFIGS = {
     "union-minmax": dict(SPARSE_SMALL),
+    "one-stage": dict(SPARSE_SMALL, **ONE_STAGE),
     "union-mean": dict(SPARSE_SMALL, score="mean", stride=0),
-    "union-hybrid-unaligned-sink": dict(SPARSE_SMALL, score="hybrid", sink_tokens=5, topk=3),
+    "unaligned-sink": dict(SPARSE_SMALL, sink_tokens=5, topk=3),
     "mix": dict(SPARSE_SMALL, combine="mix", beta=0.5, gamma=2.0),
-    "tile16-each": dict(SPARSE_SMALL, select_tile=16),
-    "tile8-mean-hybrid": dict(SPARSE_SMALL, select_tile=8, select_query="mean", score="hybrid"),
-    "rerank2-per-query": dict(SPARSE_SMALL, select_tile=1, rerank=2, topk=3),
-    "tile16-mean-rerank3": dict(SPARSE_SMALL, select_tile=16, select_query="mean", rerank=3, topk=2),
-    "tile8-each-mean-rerank2": dict(SPARSE_SMALL, select_tile=8, select_query="each", score="mean", rerank=2, topk=2),
+    "tile16": dict(SPARSE_SMALL, select_tile=16),
+    "tile8-one-stage-mean": dict(SPARSE_SMALL, select_tile=8, score="mean", **ONE_STAGE),
+    "rerank2-per-query": dict(SPARSE_SMALL, select_tile=1, rerank=2, topk=3, anchor=False),
+    "tile16-rerank3": dict(SPARSE_SMALL, select_tile=16, rerank=3, topk=2, anchor=False),
+    "tile8-mean-rerank2": dict(SPARSE_SMALL, select_tile=8, score="mean", rerank=2, topk=2),
     "tile16-mean-anchor": dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor=True, topk=2),
     "per-query-anchor": dict(SPARSE_SMALL, select_tile=1, rerank=2, anchor=True, topk=3),
     "tile16-split-anchor": dict(SPARSE_SMALL, select_tile=16, rerank=1, anchor="split", topk=3),

@@ -25,9 +25,9 @@ def cases(draw, max_t=96):
     cfg = SparseXConfig(
         block_size=draw(st.sampled_from([16, 32])), sink_tokens=draw(st.integers(0, 20)),
         window=draw(st.integers(1, 60)), stride=draw(st.integers(0, 30)), topk=draw(st.integers(0, 3)),
-        score=draw(st.sampled_from(["minmax", "mean"] + ([] if rerank else ["hybrid"]))),
-        select_tile=draw(st.sampled_from([1, 16])), select_query=draw(st.sampled_from(["mean", "each"])),
-        combine=draw(st.sampled_from(["union", "mix"])), rerank=rerank, anchor=bool(rerank) and draw(st.booleans()),
+        score=draw(st.sampled_from(["minmax", "mean"])), select_tile=draw(st.sampled_from([1, 16])),
+        combine=draw(st.sampled_from(["union", "mix"])), rerank=rerank,
+        anchor=draw(st.sampled_from([False, "last", "split"])) if rerank else False,
     )
     pads = [draw(st.integers(0, tk - 1)) for _ in range(b)] if draw(st.booleans()) else None
     return b, hkv * g, hkv, tq, tk, d, cfg, pads, draw(st.integers(0, 10_000))

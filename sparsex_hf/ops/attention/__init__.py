@@ -17,19 +17,20 @@ import torch
 import torch.nn.functional as F
 
 from ...config import SparseXConfig
-from .common import block_summaries
+from .common import anchor_scores, block_summaries
 from .decode import MAX_DECODE_QUERIES, prompt_anchor
-from .decode_op import config_json, decode_op, run_decode
+from .decode_op import decode_op, run_decode
 from .documents import Document, cu_seqlens_from_position_ids, split_documents, validate_cu_seqlens
 from .layout import kernel_documents
 from .naive import SparseXStats, sparsex_attention_naive
 
 try:  # Triton is a Linux dependency; elsewhere only the reference runs
+    from .select import anchor_scores_triton
     from .triton_ops import sparsex_attention_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - Linux CI always has triton
-    sparsex_attention_triton = None
+    sparsex_attention_triton = anchor_scores_triton = None
     HAS_TRITON = False
 
 logger = logging.getLogger("sparsex_hf")
@@ -320,7 +321,7 @@ def sparsex_decode_attention(
         lengths = seq_len if isinstance(seq_len, torch.Tensor) else None
         return decode_op(q, k_cache, v_cache, *summaries, offsets, anchor, mix_weights, lengths,
                          k_cache.shape[2] if lengths is not None else seq_len, max_doc_len,
-                         config_json(cfg), float(scale), int(sliding_window or 0), backend)
+                         cfg.json, float(scale), int(sliding_window or 0), backend)
     return run_decode(backend, q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg, scale=scale,
                       sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
 
@@ -333,6 +334,7 @@ def sparsex_prompt_anchor(
     config: SparseXConfig | Mapping[str, Any] | None = None,
     *,
     sliding_window: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """The anchor blocks of a prefill (``config.anchor``), for :func:`sparsex_decode_attention`'s ``anchor``.
 
@@ -340,6 +342,7 @@ def sparsex_prompt_anchor(
         q: ``[B, Hq, Tq, D]``, the prefill's queries (cache positions ``seq_len - Tq ... seq_len - 1``).
         k_cache: ``[B, Hkv, L, D]``, ``L >= seq_len``; offsets (read on the host: a CPU tensor avoids a device
             sync), seq_len: as for the decode.
+        backend: as for :func:`sparsex_attention` (the Triton kernel scores the blocks; the reference otherwise).
     Returns:
         ``[B, Hkv, topk]`` long: per row, the blocks its last selection tile selects (-1 = none).
     """
@@ -351,7 +354,11 @@ def sparsex_prompt_anchor(
         raise ValueError(f"seq_len={seq_len} must be in [Tq={q.shape[2]}, cache length {k_cache.shape[2]}].")
     if not cfg.respect_sliding_window:
         sliding_window = None
-    return prompt_anchor(q, k_cache.to(q.device), offsets, seq_len, cfg, sliding_window)
+    scores = anchor_scores
+    if resolve_backend(backend or cfg.backend, q.device) == "triton":
+        _check_triton(q, cfg, False)
+        scores = anchor_scores_triton
+    return prompt_anchor(q, k_cache.to(q.device), offsets, seq_len, cfg, sliding_window, scores)
 
 
 __all__ = [

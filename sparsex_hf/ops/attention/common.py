@@ -21,6 +21,7 @@ __all__ = [
     "max_block_logits",
     "rerank_blocks",
     "anchor_blocks",
+    "anchor_scores",
     "document_anchor",
     "shortlist_config",
     "block_summaries",
@@ -28,6 +29,7 @@ __all__ = [
     "resolve_mix_weights",
     "select_blocks",
     "shared_scores",
+    "tile_mean_queries",
     "top_blocks",
     "top_blocks_besides",
 ]
@@ -83,22 +85,24 @@ def shared_scores(q: torch.Tensor, p: torch.Tensor | None, summaries, kind: str,
     """Selection scores ``[Hkv, m, nb]`` for queries ``q [Hkv, G, m, D]`` at positions ``p [m]``.
 
     Shared by the GQA group (max over its heads) and, when ``select_tile > 1``, by the queries of one
-    selection tile ``p // select_tile``: the max of their scores (``select_query="each"``) or the score of
-    their mean query (``"mean"``). Only the queries in ``q`` count, so callers pass whole tiles.
+    selection tile ``p // select_tile``: the score of their mean query. Only the queries in ``q`` count, so callers
+    pass whole tiles.
     """
     if cfg.select_tile == 1:
         return block_scores(q, summaries, kind)
-    _, inv = torch.unique_consecutive(p // cfg.select_tile, return_inverse=True)
+    means, inv = tile_mean_queries(q, p, cfg.select_tile)
+    return block_scores(means, summaries, kind)[:, inv]
+
+
+def tile_mean_queries(q: torch.Tensor, p: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean query of each selection tile present in ``q [Hkv, G, m, D]`` (positions ``p [m]``, ascending):
+    ``([Hkv, G, tiles, D], inv [m])``, ``inv`` the tile of each query."""
+    _, inv = torch.unique_consecutive(p // tile, return_inverse=True)
     n_tiles = int(inv[-1]) + 1
-    if cfg.select_query == "mean":
-        hkv, g, m, d = q.shape
-        total = q.new_zeros(hkv, g, n_tiles, d).index_add_(2, inv, q)
-        count = torch.bincount(inv, minlength=n_tiles).to(q.dtype)
-        return block_scores(total / count[:, None], summaries, kind)[:, inv]
-    s = block_scores(q, summaries, kind)  # [Hkv, m, nb]
-    tile = s.new_full((s.shape[0], n_tiles, s.shape[2]), -math.inf)
-    tile.scatter_reduce_(1, inv[None, :, None].expand_as(s), s, "amax")
-    return tile[:, inv]
+    hkv, g, m, d = q.shape
+    total = q.new_zeros(hkv, g, n_tiles, d).index_add_(2, inv, q)
+    count = torch.bincount(inv, minlength=n_tiles).to(q.dtype)
+    return total / count[:, None], inv
 
 
 def equal_summary_scores(scores: torch.Tensor, summaries, kind: str) -> torch.Tensor:
@@ -128,12 +132,6 @@ def select_blocks(q, p, summaries, eligible: torch.Tensor, cfg: SparseXConfig, k
     document's keys) are read by the exact second stage (``cfg.rerank > 0``).
     """
     neg = torch.tensor(-math.inf, dtype=q.dtype, device=q.device)
-    if cfg.score == "hybrid":
-        first = (cfg.topk + 1) // 2
-        s_mm = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, "minmax", cfg), summaries, "minmax"), neg)
-        sel_mm = top_blocks(s_mm, first)
-        s_mean = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, "mean", cfg), summaries, "mean"), neg)
-        return torch.cat([sel_mm, top_blocks_besides(s_mean, sel_mm, cfg.topk - first)], -1)
     s = torch.where(eligible, equal_summary_scores(shared_scores(q, p, summaries, cfg.score, cfg), summaries, cfg.score), neg)
     if cfg.rerank:
         if keys is None:
@@ -160,25 +158,17 @@ def max_block_logits(qr: torch.Tensor, kb: torch.Tensor, short: torch.Tensor) ->
 def exact_block_scores(q: torch.Tensor, p, keys: torch.Tensor, short: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
     """The second stage's exact scores ``[Hkv, m, S]`` of each query's shortlisted blocks ``short [Hkv, m, S]``
     (-1 = none): the largest logit of the block's keys ``keys [Hkv, n, D]``, max over the group's heads, for the
-    same queries as the first stage (the query; the tile's mean query; the max over the tile's queries)."""
+    same query as the first stage (the query, or its tile's mean query)."""
     hkv, g, m, d = q.shape
     bs = cfg.block_size
     nb = keys.shape[1] // bs
     kb = keys[:, : nb * bs].reshape(hkv, nb, bs, d).to(q.dtype)
     if cfg.select_tile == 1:
         return max_block_logits(q, kb, short)
-    _, inv = torch.unique_consecutive(p // cfg.select_tile, return_inverse=True)
-    n_tiles = int(inv[-1]) + 1
-    if cfg.select_query == "mean":
-        total = q.new_zeros(hkv, g, n_tiles, d).index_add_(2, inv, q)
-        count = torch.bincount(inv, minlength=n_tiles).to(q.dtype)
-        first = torch.zeros(n_tiles, dtype=torch.long, device=q.device).scatter_reduce(
-            0, inv, torch.arange(m, device=q.device), "amin", include_self=False)
-        return max_block_logits(total / count[:, None], kb, short[:, first])[:, inv]
-    s = max_block_logits(q, kb, short)  # a tile shares its shortlist: the max over its queries
-    tile = s.new_full((hkv, n_tiles, s.shape[2]), -math.inf)
-    tile.scatter_reduce_(1, inv[None, :, None].expand_as(s), s, "amax")
-    return tile[:, inv]
+    means, inv = tile_mean_queries(q, p, cfg.select_tile)
+    first = torch.zeros(means.shape[2], dtype=torch.long, device=q.device).scatter_reduce(
+        0, inv, torch.arange(m, device=q.device), "amin", include_self=False)
+    return max_block_logits(means, kb, short[:, first])[:, inv]
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,20 +178,16 @@ def shortlist_config(cfg: SparseXConfig) -> SparseXConfig:
     return cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0, anchor=False)
 
 
-def anchor_blocks(q: torch.Tensor, keys: torch.Tensor, eligible: torch.Tensor, cfg: SparseXConfig,
-                  budget: int = 64 << 20) -> torch.Tensor:
-    """The anchor tile's selection (``cfg.anchor``): ``q [Hkv, G, r, D]`` the tile's queries (the last one predicts
-    the next token), ``keys [Hkv, n, D]`` the document's keys, ``eligible [nb]`` the blocks eligible for every
-    query of the tile -> ``[Hkv, <= topk]`` block indices (-1 where fewer are eligible).
-
-    Every eligible block is ranked by its exact score, the largest logit of its keys over the group's heads,
-    computed in fp32 at least (ties: lower block first): for the last query (``"last"``); or (``"split"``) the
-    ``ceil(topk / 2)`` best for the last query, then the best of the others by the largest logit over all the
-    tile's queries. Keys are read in chunks of blocks so that the logits stay within ``budget`` bytes."""
-    if cfg.anchor != "split":
-        q = q[:, :, -1:]
+def anchor_scores(q: torch.Tensor, keys: torch.Tensor, cfg: SparseXConfig,
+                  budget: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor tile's exact block scores: ``q [Hkv, G, r, D]`` the tile's queries (the last one predicts the next
+    token), ``keys [Hkv, n, D]`` the document's keys -> ``(last, any)``, each ``[Hkv, n // block_size]``: the largest
+    logit of each complete block's keys for the tile's last query, and for any of its queries, max over the group's
+    heads, computed in fp32 at least. Keys are read in chunks of blocks so that the logits stay within ``budget``
+    bytes."""
     hkv, g, r, d = q.shape
-    bs, nb = cfg.block_size, eligible.shape[-1]
+    bs = cfg.block_size
+    nb = keys.shape[1] // bs
     dtype = torch.promote_types(q.dtype, torch.float32)
     scores = torch.full((hkv, r, nb), -math.inf, dtype=dtype, device=q.device)  # per query of the tile
     qf = q.to(dtype)
@@ -210,24 +196,35 @@ def anchor_blocks(q: torch.Tensor, keys: torch.Tensor, eligible: torch.Tensor, c
         b1 = min(nb, b0 + step)
         logits = torch.einsum("hgrd,hkd->hgrk", qf, keys[:, b0 * bs : b1 * bs].to(dtype))
         scores[..., b0:b1] = logits.view(hkv, g, r, b1 - b0, bs).amax(-1).amax(1)
-    scores = scores.masked_fill(~eligible.to(q.device), -math.inf)
+    return scores[:, -1], scores.amax(1)
+
+
+def anchor_blocks(last: torch.Tensor, any_: torch.Tensor, eligible: torch.Tensor, cfg: SparseXConfig) -> torch.Tensor:
+    """The anchor tile's selection (``cfg.anchor``) from its :func:`anchor_scores` ``last``, ``any_`` (``[Hkv, nb]``)
+    and ``eligible [nb]`` (the blocks eligible for every query of the tile) -> ``[Hkv, <= topk]`` block indices (-1
+    where fewer are eligible): the ``topk`` best by ``last`` (``"last"``), or (``"split"``) the ``ceil(topk / 2)``
+    best by ``last``, then the best of the others by ``any_`` (ties: lower block first)."""
+    eligible = eligible.to(last.device)
+    last = last.masked_fill(~eligible, -math.inf)
     if cfg.anchor != "split":
-        return top_blocks(scores[:, -1], cfg.topk)
-    first = top_blocks(scores[:, -1], (cfg.topk + 1) // 2)
-    return torch.cat([first, top_blocks_besides(scores.amax(1), first, cfg.topk - first.shape[-1])], -1)
+        return top_blocks(last, cfg.topk)
+    first = top_blocks(last, (cfg.topk + 1) // 2)
+    return torch.cat([first, top_blocks_besides(any_.masked_fill(~eligible, -math.inf), first,
+                                                cfg.topk - first.shape[-1])], -1)
 
 
-def document_anchor(q: torch.Tensor, first: int, keys: torch.Tensor, cfg: SparseXConfig,
-                    sliding_window) -> tuple[int, torch.Tensor]:
+def document_anchor(q: torch.Tensor, first: int, keys: torch.Tensor, cfg: SparseXConfig, sliding_window,
+                    scores=anchor_scores) -> tuple[int, torch.Tensor]:
     """The anchor of one document's queries in a call: ``q [Hkv, G, m, D]`` at positions ``first ... first + m - 1``,
     ``keys [Hkv, n, D]`` its keys -> ``(a, blocks)``: the last selection tile is ``q``'s rows ``a ...`` (the
     tile's queries present in the call), ``blocks [Hkv, <= topk]`` its :func:`anchor_blocks` among the blocks
-    eligible for all of them."""
+    eligible for all of them. ``scores``: :func:`anchor_scores` or the Triton kernel's (``select.py``)."""
     last = first + q.shape[2] - 1
     a = max(last // cfg.select_tile * cfg.select_tile, first) - first
     ends = torch.tensor([first + a, last], device=q.device)
     eligible = eligible_blocks(ends, keys.shape[1] // cfg.block_size, cfg, sliding_window).all(0)
-    return a, anchor_blocks(q[:, :, a:], keys, eligible, cfg)
+    tile = q[:, :, a:] if cfg.anchor == "split" else q[:, :, -1:]
+    return a, anchor_blocks(*scores(tile, keys, cfg), eligible, cfg)
 
 
 def rerank_blocks(short: torch.Tensor, exact: torch.Tensor, k: int) -> torch.Tensor:

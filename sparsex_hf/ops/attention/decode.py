@@ -10,9 +10,9 @@ queries to share a selection tile with) and shared by the GQA group, as ``naive.
 ``select_tile=1``. The attention stage reads only the attended keys: sink, window, the stride keys below
 the window and the selected blocks below the window, four disjoint sets whose union is the spec's ``S(i)`` (docs/spec.md).
 
-Two implementations of the attention stage: ``backend="torch"`` gathers the attended keys (any device;
-the offloaded cache gathers on the CPU and copies only those keys to the GPU) and ``backend="triton"``
-reads them in place from the cache with one split-K kernel (``decode_kernel.py``).
+This module is the torch backend (``backend="torch"``, the reference of a decode step): it gathers the attended
+keys (any device; the offloaded cache gathers on the CPU and copies only those keys to the GPU).
+``backend="triton"`` (``decode_kernel.py``) computes the same in two kernels reading the cache in place.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from ...config import SparseXConfig
 from .common import (
+    anchor_scores,
     block_scores,
     document_anchor,
     eligible_blocks,
@@ -65,7 +66,7 @@ def decode_select(q: torch.Tensor, pos: torch.Tensor, summaries, cfg: SparseXCon
     eligible = eligible.expand(bsz, hkv, tq, nb).flatten(0, 1)
     qf = q.float().reshape(bsz * hkv, hq // hkv, tq, d)
     summ = tuple(s.float().flatten(0, 1) for s in summaries)
-    if q.is_cuda and cfg.score != "hybrid":
+    if q.is_cuda:
         # torch.topk instead of the reference's stable sort (1 ms at 1M context): equal unless two blocks tie
         scores = torch.where(eligible, block_scores(qf, summ, cfg.score), float("-inf"))
         val, sel = scores.topk(min(cfg.topk, nb), dim=-1)
@@ -92,13 +93,13 @@ def add_anchor(short: torch.Tensor, anchor: torch.Tensor | None, pos: torch.Tens
 
 
 def prompt_anchor(q: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, seq_len: int, cfg: SparseXConfig,
-                  sliding_window=None) -> torch.Tensor:
+                  sliding_window=None, scores=anchor_scores) -> torch.Tensor:
     """The anchor blocks a cache keeps after a prefill (``cfg.anchor``): ``[B, Hkv, topk]`` long (-1 = none).
 
     ``q [B, Hq, Tq, D]`` are the queries of the call (cache positions ``seq_len - Tq ... seq_len - 1``),
     ``keys [B, Hkv, >= seq_len, D]`` the cached keys, rows starting at ``offsets [B]``. Each row's blocks are
     the prefill's choice for its last selection tile (``common.document_anchor``); ``offsets`` are read on the
-    host (pass a CPU tensor to avoid a device sync)."""
+    host (pass a CPU tensor to avoid a device sync). ``scores``: ``common.anchor_scores`` or the Triton kernel's."""
     bsz, hq, tq, d = q.shape
     hkv = keys.shape[1]
     out = torch.full((bsz, hkv, cfg.topk), -1, dtype=torch.long, device=q.device)
@@ -108,7 +109,7 @@ def prompt_anchor(q: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, se
             continue
         rows = min(n, tq)  # (a row shorter than the call starts inside it: its padding queries do not count)
         _, top = document_anchor(q[b, :, tq - rows :].unflatten(0, (hkv, hq // hkv)), n - rows,
-                                 keys[b, :, int(off) : seq_len], cfg, sliding_window)
+                                 keys[b, :, int(off) : seq_len], cfg, sliding_window, scores)
         out[b, :, : top.shape[-1]] = top
     return out
 
@@ -117,12 +118,13 @@ def decode_exact_scores(q, short, k_cache, offsets, block_size: int) -> torch.Te
     """``[B, Hkv, Tq, S]``: the largest logit (max over the GQA group) of each shortlisted block's keys
     (``short [B, Hkv, Tq, S]``, -1 = none -> -inf), read from the cache where it lives."""
     bsz, hq, tq, d = q.shape
-    hkv = k_cache.shape[1]
+    hkv, cap = k_cache.shape[1], k_cache.shape[2]
     qg = q.float().view(bsz, hkv, hq // hkv, tq, d)
     base = offsets.long().to(short.device)[:, None, None, None] + torch.arange(block_size, device=short.device)
     out = torch.full(short.shape, -math.inf, dtype=torch.float32, device=q.device)
     for s in range(short.shape[-1]):  # one shortlist slot at a time: memory B * Hkv * Tq * block_size * D
-        cols = (short[..., s, None].clamp(min=0) * block_size + base).flatten(2)  # [B, Hkv, Tq * bs]
+        # (an empty slot reads block 0 of its row, clamped into the buffer: a row shorter than a block ends there)
+        cols = (short[..., s, None].clamp(min=0) * block_size + base).clamp(max=cap - 1).flatten(2)  # [B, Hkv, Tq*bs]
         keys = torch.gather(k_cache, 2, cols.to(k_cache.device)[..., None].expand(-1, -1, -1, d))
         keys = keys.to(q.device, torch.float32).view(bsz, hkv, tq, block_size, d)
         logits = torch.einsum("bhgtd,bhtkd->bhgtk", qg, keys).amax(-1).amax(2)

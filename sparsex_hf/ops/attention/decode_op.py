@@ -9,12 +9,9 @@ the op.
 
 from __future__ import annotations
 
-import functools
-import json
-
 import torch
 
-from ...config import SparseXConfig
+from ...config import SparseXConfig, config_from_json
 from .decode import sparsex_decode_torch
 
 try:
@@ -22,17 +19,7 @@ try:
 except ImportError:  # pragma: no cover - Linux CI always has triton
     sparsex_decode_triton = None
 
-__all__ = ["config_json", "decode_op", "run_decode"]
-
-
-def config_json(cfg: SparseXConfig) -> str:
-    """The config as the op's string argument (``cfg.json``: made with the config, a constant when traced)."""
-    return cfg.json
-
-
-@functools.lru_cache(maxsize=64)
-def _config(text: str) -> SparseXConfig:
-    return SparseXConfig.from_dict(json.loads(text))
+__all__ = ["decode_op", "run_decode"]
 
 
 def run_decode(backend: str, q, k_cache, v_cache, summaries, offsets, seq_len: int | torch.Tensor, max_doc_len: int,
@@ -52,13 +39,13 @@ def decode_op(
     lengths: torch.Tensor | None, seq_len: int, max_doc_len: int, config: str, scale: float, sliding_window: int,
     backend: str,
 ) -> torch.Tensor:
-    """``[B, Hq, Tq, Dv]``: :func:`run_decode` with the config given as :func:`config_json` and
+    """``[B, Hq, Tq, Dv]``: :func:`run_decode` with the config given as ``SparseXConfig.json`` and
     ``sliding_window = 0`` for none. With ``lengths`` (a one-element device tensor, a static cache) the cache
     length is read from it, and ``seq_len`` is only the buffers' capacity: the op's arguments stay the same from
     step to step, so a CUDA graph replays it."""
     return run_decode(backend, q, k_cache, v_cache, (kmin, kmax, kmean), offsets,
                       lengths if lengths is not None else seq_len, max_doc_len,
-                      _config(config), scale=scale, sliding_window=sliding_window or None, mix_weights=mix_weights,
+                      config_from_json(config), scale=scale, sliding_window=sliding_window or None, mix_weights=mix_weights,
                       anchor=anchor)
 
 

@@ -1,39 +1,24 @@
-"""Selection stage on the GPU: block summaries, block scores (Triton), top-k per selection tile.
+"""Selection stage on the GPU: block summaries, block scores, the exact second stage and the prompt anchor (Triton).
 
-Scores follow ``naive.shared_scores``: the min/max bound ``q+ . kmax + q- . kmin`` (two matrix
-products) or ``q . kmean``, max over the GQA group's heads and, with ``select_tile > 1`` and
-``select_query="each"``, over the tile's queries; ``select_query="mean"`` scores the tile's mean query.
-One kernel scores the blocks, masks the ineligible ones and keeps a running top-k per row, so no score
-tensor reaches memory; chunks of tiles bound the query copies.
+Scores follow ``common.shared_scores``: the min/max bound ``q+ . kmax + q- . kmin`` (two matrix products) or
+``q . kmean``, max over the GQA group's heads, for each query or (``select_tile > 1``) each selection tile's mean
+query. One kernel scores the blocks, masks the ineligible ones and keeps a running top-``S`` per row, so no score
+tensor reaches memory; with ``rerank`` the same program then reads the keys of its rows' ``S = rerank * topk``
+shortlisted blocks, ranks them by their exact largest logit and keeps the ``topk`` best. A second kernel scores every
+block exactly for the prompt's anchor tile (``anchor``). Chunks of tiles bound the query copies.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
-from .common import document_anchor, rerank_blocks
+from ...config import SparseXConfig
+from .common import document_anchor
 from .layout import KernelLayout
 from .tuning import rows_per_program, sm_count, tile_shape
-
-
-class SelectParams(NamedTuple):
-    """The config fields the selection reads (a plain tuple: built per call from the custom op's scalars
-    without re-validating a :class:`SparseXConfig`)."""
-
-    block_size: int
-    sink_tokens: int
-    window: int
-    topk: int
-    score: str
-    select_tile: int
-    select_query: str
-    rerank: int = 0
-    anchor: bool | str = False
 
 
 @triton.jit
@@ -92,32 +77,33 @@ def _head_scores(Q, q_off, o_q, o_d, R, s_qr, b_ka, b_kb, MINMAX: tl.constexpr, 
 
 @triton.jit
 def _block_topk_kernel(
-    Q, KA, KB, PF, PL, EXCL, VAL, IDX,
-    s_qh, s_qr, s_kh, s_kb, s_vh, s_vr, s_eh, s_er,
+    Q, KA, KB, PF, PL, KEYS, IDX,
+    s_qh, s_qr, s_kh, s_kb, s_xh, s_xt, s_ih, s_ir,
     R, NB, block, sink, window, sliding,
-    G: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, RED: tl.constexpr,
-    K: tl.constexpr, KP2: tl.constexpr, N_EXCL: tl.constexpr, MINMAX: tl.constexpr, HAS_SW: tl.constexpr,
-    IEEE: tl.constexpr, HILO: tl.constexpr, UNROLL_G: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, S: tl.constexpr,
+    SP2: tl.constexpr, TOPK: tl.constexpr, TKP2: tl.constexpr, BS: tl.constexpr, RERANK: tl.constexpr,
+    MINMAX: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr, HILO: tl.constexpr, UNROLL_G: tl.constexpr,
 ):
-    """Top-K eligible blocks per score row, streaming over the blocks: no score tensor in memory.
+    """Top-``TOPK`` eligible blocks per score row (a query, or a selection tile's mean query), max over the group's
+    ``G`` heads, streaming over the blocks: no score tensor in memory.
 
-    A score row is ``RED`` consecutive query rows (max over them and over the group's ``G`` heads). Block
-    ``b`` is eligible for a row whose queries span positions ``[PF, PL]`` if it is eligible for both ends
-    (naive.eligible_blocks). Blocks are visited in increasing order and a block replaces the current
-    minimum only when strictly greater, so ties keep the lower block index, as the reference does.
+    Block ``b`` is eligible for a row whose queries span positions ``[PF, PL]`` if it is eligible for both ends
+    (common.eligible_blocks). Blocks are visited in increasing order and a block replaces the current minimum only
+    when strictly greater, so ties keep the lower block index, as the reference does. With ``RERANK`` the scan keeps
+    ``S`` blocks, and the program ranks them again by their exact score (the largest logit of the block's keys
+    ``KEYS``, max over the group's heads; ties: lower block) and keeps ``TOPK``.
     """
     i_r, i_kh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    o_q = i_r * BQ + tl.arange(0, BQ)  # query rows
-    o_out = i_r * (BQ // RED) + tl.arange(0, BQ // RED)  # score rows
-    m_out = o_out < R // RED
+    o_q = i_r * BQ + tl.arange(0, BQ)  # score rows
+    m_q = o_q < R
     o_d = tl.arange(0, D)
-    o_k = tl.arange(0, KP2)
-    pf = tl.load(PF + o_out, mask=m_out, other=0)
-    pl = tl.load(PL + o_out, mask=m_out, other=0)
-    top_v = tl.where(o_k[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BQ // RED, KP2], tl.float32)
-    top_i = tl.full([BQ // RED, KP2], -1, tl.int32)
+    o_k = tl.arange(0, SP2)
+    pf = tl.load(PF + o_q, mask=m_q, other=0)
+    pl = tl.load(PL + o_q, mask=m_q, other=0)
+    top_v = tl.where(o_k[None, :] < S, float("-inf"), float("inf")) + tl.zeros([BQ, SP2], tl.float32)
+    top_i = tl.full([BQ, SP2], -1, tl.int32)
     # blocks past the last row's causal bound (start <= pf - window) are ineligible for every row: not visited
-    nb_hi = tl.minimum(NB, tl.maximum(tl.max(tl.where(m_out, pf, 0)) - window, -1) // block + 1)
+    nb_hi = tl.minimum(NB, tl.maximum(tl.max(tl.where(m_q, pf, 0)) - window, -1) // block + 1)
     for b0 in range(0, nb_hi, BNB):
         o_b = b0 + tl.arange(0, BNB)
         m_b = o_b < NB
@@ -136,56 +122,138 @@ def _block_topk_kernel(
             for g in range(G):
                 s = _head_scores(Q, (i_kh * G + g) * s_qh, o_q, o_d, R, s_qr, b_ka, b_kb, MINMAX, HILO, IEEE)
                 best = tl.maximum(best, s)
-        if RED > 1:
-            best = tl.max(tl.reshape(best, [BQ // RED, RED, BNB]), axis=1)
         b_end = o_b * block + block - 1
         ok = (b_end[None, :] <= pf[:, None]) & ((o_b * block)[None, :] <= (pf - window)[:, None])
-        ok &= (b_end >= sink)[None, :] & (sink <= pf - window)[:, None] & m_b[None, :] & m_out[:, None]
+        ok &= (b_end >= sink)[None, :] & (sink <= pf - window)[:, None] & m_b[None, :] & m_q[:, None]
         if HAS_SW:
             ok &= b_end[None, :] > (pl - sliding)[:, None]
-        for e in tl.static_range(N_EXCL):
-            ex = tl.load(EXCL + i_kh * s_eh + o_out * s_er + e, mask=m_out, other=-1)
-            ok &= o_b[None, :] != ex[:, None]
         best = tl.where(ok, best, float("-inf"))
-        top_v, top_i = merge_topk(top_v, top_i, best, b0, o_k, K, BNB)
+        top_v, top_i = merge_topk(top_v, top_i, best, b0, o_k, S, BNB)
     top_i = tl.where(top_v > float("-inf"), top_i, -1)
-    m_st = m_out[:, None] & (o_k[None, :] < K)
-    tl.store(VAL + i_kh * s_vh + o_out[:, None] * s_vr + o_k[None, :], top_v, mask=m_st)
-    tl.store(IDX + i_kh * s_vh + o_out[:, None] * s_vr + o_k[None, :], top_i, mask=m_st)
+    o_o = tl.arange(0, TKP2)
+    if RERANK:
+        top_i = _exact_rank(Q, KEYS, top_i, i_r, i_kh, s_qh, s_qr, s_xh, s_xt, R, o_d, o_k, o_o,
+                            G, GP, D, BQ, S, TOPK, BS, IEEE, HILO)
+    m_st = m_q[:, None] & (o_o[None, :] < TOPK)
+    tl.store(IDX + i_kh * s_ih + o_q[:, None] * s_ir + o_o[None, :], top_i, mask=m_st)
 
 
-def block_topk_triton(qr, ka, kb, group: int, reduce: int, p_first, p_last, k: int, cfg, sliding_window=None,
-                      exclude=None) -> torch.Tensor:
-    """Top-``k`` eligible blocks of every score row: ``qr [Hq, R, D]`` (``R`` a multiple of ``reduce``; fp32 rows
-    with half-precision summaries are scored at fp32 precision),
-    ``ka/kb [Hkv, nb, D]`` (kmax/kmin, or kmean and None), ``p_first/p_last [R // reduce]`` positions
-    spanned by each row, ``exclude [Hkv, R // reduce, e]`` blocks to skip (-1 = none) -> ``[Hkv, R // reduce, k]``
-    int32 block indices (-1 where fewer are eligible), unordered."""
+@triton.jit
+def _exact_rank(Q, KEYS, short, i_r, i_kh, s_qh, s_qr, s_xh, s_xt, R, o_d, o_k, o_o,
+                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, S: tl.constexpr,
+                TOPK: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, HILO: tl.constexpr):
+    """The exact second stage of a program's rows: ``short [BQ, SP2]`` shortlisted blocks (-1 = none) -> ``[BQ,
+    TKP2]``, the ``TOPK`` with the largest logit of any of their keys for the row's group of queries (ties: lower
+    block; -1 where fewer are listed)."""
+    o_b = tl.arange(0, BQ)
+    o_g = tl.arange(0, GP)
+    o_j = tl.arange(0, BS)
+    p_x = KEYS + i_kh * s_xh
+    exact = tl.full(short.shape, float("-inf"), tl.float32)
+    for r in range(0, BQ):
+        row = i_r * BQ + r
+        m_g = ((o_g < G) & (row < R)).to(tl.int32) != 0  # (a fresh boolean)
+        b_q = tl.load(Q + (i_kh * G + o_g)[:, None] * s_qh + row * s_qr + o_d[None, :], mask=m_g[:, None], other=0.0)
+        blks = tl.sum(tl.where(o_b[:, None] == r, short, 0), 0)
+        ex_r = tl.full(blks.shape, float("-inf"), tl.float32)
+        for s in tl.static_range(S):
+            blk = tl.sum(tl.where(o_k == s, blks, 0))
+            listed = ((o_j >= 0) & (blk >= 0)).to(tl.int32) != 0  # (a fresh boolean: the interpreter keeps some ints)
+            cols = (tl.maximum(blk, 0) * BS + o_j).to(tl.int64)
+            b_k = tl.load(p_x + cols[:, None] * s_xt + o_d[None, :], mask=listed[:, None], other=0.0)
+            sc = tl.where((o_g < G)[:, None], dot_split(b_q, tl.trans(b_k), HILO, IEEE), float("-inf"))
+            ex_r = tl.where(o_k == s, tl.where(blk >= 0, tl.max(tl.max(sc, 1), 0), float("-inf")), ex_r)
+        exact = tl.where(o_b[:, None] == r, ex_r[None, :], exact)
+    out = tl.full([BQ, o_o.shape[0]], -1, tl.int32)
+    for t in tl.static_range(TOPK):
+        c_v = tl.max(exact, 1)
+        c_i = tl.min(tl.where(exact == c_v[:, None], short, 2147483647), 1)
+        out = tl.where(o_o[None, :] == t, tl.where(c_v > float("-inf"), c_i, -1)[:, None], out)
+        exact = tl.where((short == c_i[:, None]) & (exact == c_v[:, None]), float("-inf"), exact)
+    return out
+
+
+def block_topk_triton(qr, ka, kb, group: int, p_first, p_last, cfg: SparseXConfig, sliding_window=None,
+                      keys=None) -> torch.Tensor:
+    """The ``topk`` eligible blocks of every score row: ``qr [Hq, R, D]`` (fp32 rows with half-precision summaries
+    are scored at fp32 precision), ``ka/kb [Hkv, nb, D]`` (kmax/kmin, or kmean and None), ``p_first/p_last [R]``
+    positions spanned by each row -> ``[Hkv, R, topk]`` int32 block indices (-1 where fewer are eligible). With
+    ``cfg.rerank``, ``keys [Hkv, n, D]`` (the document's keys) rank the ``rerank * topk`` best again by exact scores
+    (then in that order; with one stage the order is the kernel's)."""
     hq, r, d = qr.shape
     hkv, nb, _ = ka.shape
-    rows = r // reduce
-    kp2 = max(2, triton.next_power_of_2(k))
-    val = torch.empty(hkv, rows, kp2, device=qr.device, dtype=torch.float32)
-    idx = torch.full((hkv, rows, kp2), -1, device=qr.device, dtype=torch.int32)
-    if rows == 0 or k == 0:
-        return idx[..., :k]
-    excl = exclude if exclude is not None else idx
+    k = cfg.topk
+    s = cfg.rerank * k if cfg.rerank else k
+    idx = empty(hkv, r, k, device=qr.device, dtype=torch.int32)
+    if r == 0 or k == 0:
+        return idx
+    xk = keys if cfg.rerank else ka
     shape = tile_shape(qr.device, "select")
     sms = sm_count(qr.device) if qr.is_cuda else None
-    bq = max(rows_per_program(shape["rows"], r, hkv, sms), reduce)
+    bq = rows_per_program(shape["rows"], r, hkv, sms)
     grid = (triton.cdiv(r, bq), hkv)
     _block_topk_kernel[grid](
-        qr, ka, ka if kb is None else kb, p_first.to(torch.int32), p_last.to(torch.int32), excl, val, idx,
-        qr.stride(0), qr.stride(1), ka.stride(0), ka.stride(1), val.stride(0), val.stride(1),
-        excl.stride(0), excl.stride(1),
-        r, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
-        G=group, D=d, BQ=bq, BNB=64, RED=reduce, K=k, KP2=kp2, N_EXCL=0 if exclude is None else exclude.shape[-1],
-        MINMAX=kb is not None, HAS_SW=sliding_window is not None, IEEE=ka.dtype == torch.float32,
-        HILO=qr.dtype == torch.float32 and ka.dtype != torch.float32,
-        num_warps=shape["num_warps"] if bq <= 64 else max(8, shape["num_warps"]),
+        qr, ka, ka if kb is None else kb, p_first.to(torch.int32), p_last.to(torch.int32), xk, idx,
+        qr.stride(0), qr.stride(1), ka.stride(0), ka.stride(1), xk.stride(0), xk.stride(1), idx.stride(0),
+        idx.stride(1), r, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
+        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BQ=bq, BNB=64, S=s,
+        SP2=max(2, triton.next_power_of_2(s)), TOPK=k, TKP2=max(2, triton.next_power_of_2(k)), BS=cfg.block_size,
+        RERANK=cfg.rerank > 0, MINMAX=kb is not None, HAS_SW=sliding_window is not None,
+        IEEE=ka.dtype == torch.float32, HILO=qr.dtype == torch.float32 and ka.dtype != torch.float32,
         UNROLL_G=group * bq * d * qr.element_size() <= UNROLLED_QUERY_BYTES,
+        num_warps=shape["num_warps"] if bq <= 64 else max(8, shape["num_warps"]),
     )
-    return idx[..., :k]
+    return idx
+
+
+@triton.jit
+def _anchor_scores_kernel(Q, KEYS, LAST, ANY, s_qh, s_qr, s_xh, s_xt, HKV, R, NB, PER,
+                          G: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
+    """The anchor tile's exact block scores (``common.anchor_scores``): for blocks ``[i_c * PER, +PER)`` of KV head
+    ``i_kh``, the largest logit of the block's keys for the tile's last query (``LAST``) and for any of its ``R``
+    queries (``ANY``), max over the group's heads, over the program's ``BR`` (head, query) rows: ``[row chunk, Hkv,
+    NB]`` each (the host takes the max over the row chunks)."""
+    i_c, i_kh, i_rc = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    o_x = i_rc * BR + tl.arange(0, BR)  # rows (head g, query t) = g * R + t
+    m_x = o_x < G * R
+    r_g, r_t = o_x // R, o_x % R
+    o_d = tl.arange(0, D)
+    o_j = tl.arange(0, BS)
+    b_q = tl.load(Q + (i_kh * G + r_g)[:, None] * s_qh + r_t[:, None] * s_qr + o_d[None, :], mask=m_x[:, None],
+                  other=0.0)
+    is_last = m_x & (r_t == R - 1)
+    p_x = KEYS + i_kh * s_xh
+    out = (i_rc * HKV + i_kh) * NB
+    for b in range(i_c * PER, tl.minimum(i_c * PER + PER, NB)):
+        b_k = tl.load(p_x + (b * BS + o_j).to(tl.int64)[:, None] * s_xt + o_d[None, :])
+        if IEEE:
+            row_max = tl.max(tl.dot(b_q, tl.trans(b_k), input_precision="ieee"), 1)
+        else:
+            row_max = tl.max(tl.dot(b_q, tl.trans(b_k)), 1)
+        tl.store(ANY + out + b, tl.max(tl.where(m_x, row_max, float("-inf")), 0))
+        tl.store(LAST + out + b, tl.max(tl.where(is_last, row_max, float("-inf")), 0))
+
+
+def anchor_scores_triton(q: torch.Tensor, keys: torch.Tensor, cfg: SparseXConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``common.anchor_scores`` by the kernel: ``q [Hkv, G, r, D]`` the anchor tile's queries, ``keys [Hkv, n, D]``
+    -> ``(last, any)``, each ``[Hkv, n // block_size]`` fp32."""
+    hkv, g, r, d = q.shape
+    bs = cfg.block_size
+    nb = keys.shape[1] // bs
+    rows = q.reshape(hkv * g, r, d)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    br = min(64, max(16, triton.next_power_of_2(g * r)))
+    n_rc = triton.cdiv(g * r, br)
+    sms = sm_count(q.device) if q.is_cuda else 4
+    per = max(1, triton.cdiv(nb * hkv * n_rc, 4 * sms))  # about four programs per multiprocessor
+    last = empty(n_rc, hkv, nb, dtype=torch.float32, device=q.device)
+    any_ = empty(n_rc, hkv, nb, dtype=torch.float32, device=q.device)
+    if nb:
+        _anchor_scores_kernel[(triton.cdiv(nb, per), hkv, n_rc)](
+            rows, keys, last, any_, rows.stride(0), rows.stride(1), keys.stride(0), keys.stride(1), hkv, r, nb, per,
+            G=g, D=d, BR=br, BS=bs, IEEE=keys.dtype == torch.float32, num_warps=4,
+        )
+    return last.amax(0), any_.amax(0)
 
 
 def _tile_bounds(first: int, n: int, tile: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,27 +277,11 @@ def _tile_means(qd: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tile: int)
     return torch.cat(parts, 1)
 
 
-def _rerank(rows, k, b: int, k_col0: int, short, g: int, reduce: int, cfg: SelectParams) -> torch.Tensor:
-    """The exact second stage (``common.exact_block_scores``) for the kernel's score rows of one document:
-    ``rows [Hq, R, D]`` contiguous (``reduce`` consecutive rows share a selection: the max over them), the
-    document's keys from column ``k_col0`` of row ``b`` of ``k``, ``short [Hkv, R // reduce, S]`` ->
-    ``[Hkv, R // reduce, topk]``."""
-    r = rows.shape[1]
-    short = short.long()
-    listed = short.repeat_interleave(reduce, 1) if reduce > 1 else short
-    q_rows = torch.arange(r, device=rows.device, dtype=torch.int64) * rows.stride(1)
-    k_rows = torch.full((r,), b * k.stride(0) + k_col0 * k.stride(2), device=rows.device, dtype=torch.int64)
-    exact = exact_scores_triton(rows, q_rows, k, k_rows, listed, g, cfg.block_size)
-    if reduce > 1:
-        exact = exact.view(exact.shape[0], r // reduce, reduce, -1).amax(2)
-    return rerank_blocks(short, exact, cfg.topk)
-
-
-def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_window=None) -> torch.Tensor:
+def select_blocks_triton(q, k, layout: KernelLayout, cfg: SparseXConfig, sliding_window=None) -> torch.Tensor:
     """Top-k blocks of every query row: ``[B, Hkv, Tq, topk]`` int32, -1 where none (rows of no document too).
 
-    Work is chunked by selection tiles so that scores and query copies of one chunk stay within
-    ``max(64 MiB, q bytes / 16)``."""
+    Work is chunked by selection tiles so that the query copies of one chunk stay within ``max(64 MiB, q bytes /
+    16)``."""
     bsz, hq, tq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -242,102 +294,37 @@ def select_blocks_triton(q, k, layout: KernelLayout, cfg: SelectParams, sliding_
         nb = n // bs
         if nb == 0:
             continue
-        kd = k[b, :, k_col0 : k_col0 + nb * bs].unflatten(1, (nb, bs))
-        kmax, kmin = kd.amax(2).contiguous(), kd.amin(2).contiguous()
-        kmean = kd.mean(2, dtype=torch.float32).to(k.dtype).contiguous() if cfg.score in ("mean", "hybrid") else None
+        keys = k[b, :, k_col0 : k_col0 + n]  # [Hkv, n, D]
+        kb = keys[:, : nb * bs].unflatten(1, (nb, bs))
+        if cfg.score == "minmax":
+            ka, kb = kb.amax(2).contiguous(), kb.amin(2).contiguous()
+        else:
+            ka, kb = kb.mean(2, dtype=torch.float32).to(k.dtype).contiguous(), None
         qd = q[b, :, q_row0 : q_row0 + m]  # [Hq, m, D], positions n-m .. n-1
         first = n - m
         # selection tiles of this document (aligned to its start): rows [lo, hi) of qd, on the host (for slicing)
         # and on the device (for the kernels: made there, since a copy from pageable host memory waits for the GPU)
         lo, hi = _tile_bounds(first, n, tile, torch.device("cpu"))
         lo_d, hi_d = _tile_bounds(first, n, tile, q.device)
-        rows_per_tile = tile if (tile > 1 and cfg.select_query == "each") else 1
-        per_chunk = max(1, budget // (4 * hq * d * rows_per_tile))
+        per_chunk = max(1, budget // (4 * hq * d))
         for c0 in range(0, lo.numel(), per_chunk):
             c_lo, c_hi = lo[c0 : c0 + per_chunk], hi[c0 : c0 + per_chunk]
             c_lo_d, c_hi_d = lo_d[c0 : c0 + per_chunk], hi_d[c0 : c0 + per_chunk]
-            nt = c_lo.numel()
             if tile == 1:
-                rows, reduce = qd[:, int(c_lo[0]) : int(c_lo[0]) + nt], 1
-            elif cfg.select_query == "mean":
-                rows, reduce = _tile_means(qd, c_lo, c_hi, tile), 1  # fp32, as the reference scores them
-            else:  # every query of a tile, padded to `tile` rows by repeating the tile's first query
-                slot = torch.arange(tile, device=q.device)
-                idx = torch.where(slot[None] < (c_hi_d - c_lo_d)[:, None], c_lo_d[:, None] + slot[None], c_lo_d[:, None])
-                rows, reduce = qd[:, idx.flatten()], tile
-            rows = rows.contiguous()
-            p_first, p_last = c_lo_d + first, c_hi_d - 1 + first
-            topk_of = lambda kind, count, exclude=None: block_topk_triton(  # noqa: E731
-                rows, kmax if kind == "minmax" else kmean, kmin if kind == "minmax" else None, g, reduce,
-                p_first, p_last, count, cfg, sliding_window, exclude)
-            if cfg.score == "hybrid":
-                top_mm = topk_of("minmax", (cfg.topk + 1) // 2)
-                top = torch.cat([top_mm, topk_of("mean", cfg.topk - top_mm.shape[-1], top_mm.contiguous())], -1)
-            elif cfg.rerank:  # shortlist by the kernel, the exact second stage on the shortlisted keys
-                top = _rerank(rows, k, b, k_col0, topk_of(cfg.score, cfg.rerank * cfg.topk), g, reduce, cfg)
+                rows = qd[:, int(c_lo[0]) : int(c_lo[0]) + c_lo.numel()]
             else:
-                top = topk_of(cfg.score, cfg.topk)
+                rows = _tile_means(qd, c_lo, c_hi, tile)  # fp32, as the reference scores them
+            top = block_topk_triton(rows.contiguous(), ka, kb, g, c_lo_d + first, c_hi_d - 1 + first, cfg,
+                                    sliding_window, keys)
             # each tile's choice, for each of its rows
             r0 = q_row0 + int(c_lo[0])
             if tile == 1:
                 row_sel = top
             else:
                 row_sel = top.repeat_interleave(c_hi_d - c_lo_d, dim=1, output_size=int(c_hi[-1] - c_lo[0]))
-            sel[b, :, r0 : r0 + row_sel.shape[1], : row_sel.shape[2]] = row_sel.to(torch.int32)
+            sel[b, :, r0 : r0 + row_sel.shape[1]] = row_sel
         if cfg.anchor:  # the last tile: every eligible block ranked by exact scores (common.anchor_blocks)
-            a, top = document_anchor(qd.unflatten(0, (hkv, g)), first, k[b, :, k_col0 : k_col0 + n], cfg, sliding_window)
+            a, top = document_anchor(qd.unflatten(0, (hkv, g)), first, keys, cfg, sliding_window, anchor_scores_triton)
             sel[b, :, q_row0 + a : q_row0 + m] = -1
             sel[b, :, q_row0 + a : q_row0 + m, : top.shape[-1]] = top[:, None].to(torch.int32)
     return sel
-
-
-@triton.jit
-def _exact_scores_kernel(Q, K, ROWQ, ROWK, SHORT, OUT, s_qh, s_kh, s_kt, R,
-                         S: tl.constexpr, PER: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                         BS: tl.constexpr, IEEE: tl.constexpr, HILO: tl.constexpr):
-    """The exact second stage: for score row ``r`` and KV head ``h``, the largest logit (max over the group's
-    ``G`` heads) of the keys of each of its ``S`` shortlisted blocks, ``PER`` slots per program (grid axis 2).
-    Row ``r``'s queries start at element ``ROWQ[r]`` of ``Q`` (head ``h*G+g`` at ``+ (h*G+g) * s_qh``), its
-    blocks' keys at ``ROWK[r]`` of ``K`` (key ``j`` at ``+ h * s_kh + j * s_kt``); ``SHORT [Hkv, R, S]`` (-1 =
-    none) -> ``OUT [Hkv, R, S]`` fp32."""
-    i_r, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    s0 = tl.program_id(2) * PER
-    o_g = tl.arange(0, GP)
-    o_d = tl.arange(0, D)
-    o_j = tl.arange(0, BS)
-    q_base = tl.load(ROWQ + i_r)
-    b_q = tl.load(Q + q_base + (i_h * G + o_g)[:, None] * s_qh + o_d[None, :], mask=(o_g < G)[:, None], other=0.0)
-    k_base = K + tl.load(ROWK + i_r) + i_h * s_kh
-    p_s = (i_h * R + i_r) * S
-    for i in range(PER):
-        s = s0 + i
-        blk = tl.load(SHORT + p_s + s, mask=s < S, other=-1)
-        cols = (tl.maximum(blk, 0) * BS + o_j).to(tl.int64)
-        listed = ((o_j >= 0) & (blk >= 0)).to(tl.int32) != 0  # (a fresh boolean: the interpreter keeps some as ints)
-        b_k = tl.load(k_base + cols[:, None] * s_kt + o_d[None, :], mask=listed[:, None], other=0.0)
-        sc = dot_split(b_q, tl.trans(b_k), HILO, IEEE)
-        sc = tl.where((o_g < G)[:, None], sc, float("-inf"))
-        best = tl.max(tl.max(sc, 1), 0)
-        tl.store(OUT + p_s + s, tl.where(blk >= 0, best, float("-inf")), mask=s < S)
-
-
-def exact_scores_triton(q, q_rows, k, k_rows, short, group: int, block_size: int) -> torch.Tensor:
-    """``[Hkv, R, S]`` fp32 exact scores of the shortlisted blocks ``short [Hkv, R, S]`` (-1 = none -> -inf).
-
-    ``q``: a tensor whose query of head ``hq`` for row ``r`` starts at element ``q_rows[r] + hq * q.stride(-3)``
-    (unit stride along the head dim); ``k``: ``[..., Hkv, T, D]`` keys, row ``r``'s block ``b`` at columns
-    ``k_rows[r] / k.stride(-2) + b * block_size + j`` (``k_rows`` are element offsets)."""
-    hkv, r, s = short.shape
-    d = q.shape[-1]
-    out = empty(hkv, r, s, dtype=torch.float32, device=q.device)
-    if r == 0 or s == 0:
-        return out
-    # few rows (a decode step): the slots spread over programs too, so that every SM has work; many rows
-    # (prefill): one program walks a row's whole shortlist, as before
-    per = s if r * hkv >= 512 else max(1, -(-s * r * hkv // 512))
-    _exact_scores_kernel[(r, hkv, triton.cdiv(s, per))](
-        q, k, q_rows, k_rows, short.to(torch.int32).contiguous(), out, q.stride(-3), k.stride(-3), k.stride(-2), r,
-        S=s, PER=per, G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size,
-        IEEE=k.dtype == torch.float32, HILO=q.dtype == torch.float32 and k.dtype != torch.float32, num_warps=4,
-    )
-    return out

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from ...config import SparseXConfig
+from ...config import SparseXConfig, config_from_json
 from .common import resolve_mix_weights
 from .layout import kernel_layout
 from .prefill import attend, attend_backward, block_m, tile_union
-from .select import SelectParams, select_blocks_triton
+from .select import select_blocks_triton
 
 
 def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
@@ -20,19 +20,17 @@ def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
 @torch.library.custom_op("sparsex::select", mutates_args=())
 def select_op(
     q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor | None, cu_q: torch.Tensor | None,
-    cu_k: torch.Tensor | None, block_size: int, sink: int, window: int, stride: int, topk: int, score: str,
-    select_tile: int, select_query: str, sliding_window: int, rerank: int = 0, anchor: str = "",
+    cu_k: torch.Tensor | None, config: str, sliding_window: int,
 ) -> torch.Tensor:
-    """Top-k block indices ``[B, Hkv, Tq, topk]`` int32 (-1 = none); ``anchor``: ``""`` (off), ``"last"``, ``"split"``."""
-    cfg = SelectParams(block_size, sink, window, topk, score, select_tile, select_query, rerank, anchor or False)
+    """Top-k block indices ``[B, Hkv, Tq, topk]`` int32 (-1 = none); ``config``: the config as ``SparseXConfig.json``
+    (a constant when traced), ``sliding_window``: 0 for none."""
     layout = _layout(q, k, attention_mask, cu_q, cu_k)
-    return select_blocks_triton(q, k, layout, cfg, sliding_window or None)
+    return select_blocks_triton(q, k, layout, config_from_json(config), sliding_window or None)
 
 
 @select_op.register_fake
-def _(q, k, attention_mask, cu_q, cu_k, block_size, sink, window, stride, topk, score, select_tile, select_query, sliding_window,
-      rerank=0, anchor=""):
-    return q.new_empty((q.shape[0], k.shape[1], q.shape[2], topk), dtype=torch.int32)
+def _(q, k, attention_mask, cu_q, cu_k, config, sliding_window):
+    return q.new_empty((q.shape[0], k.shape[1], q.shape[2], config_from_json(config).topk), dtype=torch.int32)
 
 
 def _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, backward=False):
@@ -120,9 +118,7 @@ def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_ma
         cfg = cfg.replace(window=tk + 1, topk=0, stride=0, sink_tokens=0, combine="union")
     sw = int(sliding_window or 0)
     if cfg.topk > 0:
-        sel = select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens_k, cfg.block_size,
-                        cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk, cfg.score, cfg.select_tile,
-                        cfg.select_query, sw, cfg.rerank, cfg.anchor or "")
+        sel = select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens_k, cfg.json, sw)
     else:
         sel = q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32)
     common = (attention_mask, cu_seqlens_q, cu_seqlens_k, float(scale), cfg.block_size, cfg.sink_tokens,
