@@ -40,9 +40,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 import sparsex_hf
 from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXConfig, SparseXLayer
 from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_prompt_anchor
-from sparsex_hf.ops.attention.common import shortlist_config
-from sparsex_hf.ops.attention.decode import decode_positions, decode_select
-from sparsex_hf.ops.attention.decode_kernel import decode_select_triton
+from sparsex_hf.ops.attention.decode_kernel import decode_shortlist_triton
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -143,8 +141,9 @@ def main():
                     help="contexts of the attention step alone (default 131072 1048576 when none of the three is given)")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tag", default="e2e")
-    ap.add_argument("--config", default="", help="SparseXConfig overrides of the attention step (--attn; the model rows run "
-                    "the default config), e.g. rerank=4")
+    ap.add_argument("--configs", nargs="+", default=["default", "one-stage"],
+                    help="presets timed by --attn, in the same run (the model rows run the default config)")
+    ap.add_argument("--config", default="", help="SparseXConfig overrides of the --attn presets, e.g. rerank=4")
     ap.add_argument("--profile", type=int, default=0, help="profile one decode step at this context (0: off)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -163,10 +162,10 @@ def main():
         print(f"{impl:>8} {what:>8} T={tokens:>8} B={batch} {ms:10.3f} ms {row['tok_per_s']} tok/s "
               f"peak {peak_gb} GB {note}", flush=True)
 
-    # attention alone: one decode step of one layer
+    # attention alone: one decode step of one layer, for each config (presets, with --config on top)
     fields = dict(kv.split("=") for kv in filter(None, args.config.split(",")))
-    cfg = SparseXConfig(**{k: (v if v in ("last", "split") else bool(int(v))) if k == "anchor" else int(v)
-                           for k, v in fields.items()})
+    fields = {k: (v if v in ("last", "split") else bool(int(v))) if k == "anchor" else int(v) for k, v in fields.items()}
+    configs = {name: SparseXConfig.preset(name, **fields) for name in args.configs}
     for t in args.attn:
         layer = SparseXLayer()
         gen = torch.Generator(device="cuda").manual_seed(1)
@@ -176,27 +175,22 @@ def main():
         layer.update(k, v)
         layer.summaries(64)
         q = torch.randn(1, 32, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q_tile = torch.randn(1, 32, 64, 64, device="cuda", dtype=torch.bfloat16, generator=gen)  # a prompt's last tile
         summ, off = layer.summaries(64), layer.offsets_tensor("cuda", torch.int32)
-        step_args = (q, layer.keys, layer.values, summ, off, t, cfg)
-        anchor = None
-        if cfg.anchor:  # the blocks of a prompt's last tile (random queries), added to every step's shortlist
-            q_tile = torch.randn(1, 32, 64, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-            anchor = sparsex_prompt_anchor(q_tile, layer.keys, off, t, cfg)
-            ms_anchor = float(np.median(events(lambda: sparsex_prompt_anchor(q_tile, layer.keys, off, t, cfg), 20, 2)))
-            record("sparsex", "prompt_anchor", t, 1, ms_anchor, note="once per prefill and layer")
-        sparse = lambda: sparsex_decode_attention(*step_args, max_doc_len=t, backend="triton", anchor=anchor)  # noqa: E731
-        ms = float(np.median(events(sparse, 200, 10)))
-        record("sparsex", "attn", t, 1, ms, note="selection + split-K kernel")
-        pos = decode_positions(off, t, 1)
-        sel_torch = lambda: decode_select(q, pos, summ, cfg, None, layer.keys, off, anchor)  # noqa: E731
-        record("sparsex", "attn_select_torch", t, 1, float(np.median(events(sel_torch, 100, 10))),
-               note="selection alone, torch ops (score matrix + topk)")
-        first = shortlist_config(cfg) if cfg.rerank else cfg  # with rerank: the shortlist's kernels
-        sel_only = lambda: decode_select_triton(q, summ, off, t, first, None)  # noqa: E731
-        record("sparsex", "attn_select", t, 1, float(np.median(events(sel_only, 200, 10))),
-               note="selection alone, split kernel + merge kernel" + (" (first stage: the shortlist)" if cfg.rerank else ""))
-        ms_graph = graphed(sparse)
-        record("sparsex", "attn_graph", t, 1, ms_graph, note="same step replayed from a CUDA graph")
+        for name, cfg in configs.items():
+            impl = "sparsex" if name == "default" else f"sparsex_{name}"
+            anchor = None
+            if cfg.anchor:  # the blocks of a prompt's last tile (random queries), added to every step's shortlist
+                anchor = sparsex_prompt_anchor(q_tile, layer.keys, off, t, cfg)
+                ms_anchor = float(np.median(events(lambda: sparsex_prompt_anchor(q_tile, layer.keys, off, t, cfg), 20, 2)))
+                record(impl, "prompt_anchor", t, 1, ms_anchor, note="once per prefill and layer")
+            step_args = (q, layer.keys, layer.values, summ, off, t, cfg)
+            sparse = lambda: sparsex_decode_attention(*step_args, max_doc_len=t, backend="triton", anchor=anchor)  # noqa: E731
+            ms = float(np.median(events(sparse, 200, 10)))
+            record(impl, "attn", t, 1, ms, note="eager: shortlist kernel + attention kernel (exact stage inside)")
+            short = lambda: decode_shortlist_triton(q, summ, off, t, cfg, None, anchor)  # noqa: E731
+            record(impl, "attn_select", t, 1, float(np.median(events(short, 200, 10))), note="the shortlist kernel alone")
+            record(impl, "attn_graph", t, 1, graphed(sparse), note="same step replayed from a CUDA graph")
         best = None
         for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):

@@ -81,6 +81,7 @@ def main():
     ap.add_argument("--dense-bwd-max", type=int, default=131072)
     ap.add_argument("--bwd-max", type=int, default=1048576)
     ap.add_argument("--flex", type=int, nargs="*", default=[], help="lengths for FlexAttention")
+    ap.add_argument("--preset", default="default", help="the SparseXConfig preset (with the headline budget)")
     ap.add_argument("--config", default="", help="SparseXConfig overrides, e.g. select_tile=1,topk=16")
     ap.add_argument("--tag", default="headline")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -98,7 +99,7 @@ def main():
         write(rows, args.out_dir)
         return
 
-    cfg = SparseXConfig(**HEADLINE)
+    cfg = SparseXConfig.preset(args.preset, **HEADLINE)
     for kv in filter(None, args.config.split(",")):
         key, val = kv.split("=")
         old = getattr(cfg, key)
@@ -146,8 +147,7 @@ def main():
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base + (q.numel() + 2 * k.numel()) * 2
         record("sparsex", "fwd", t, hq, hkv, d, ms, flops, peak, qkvo, f"{keys / t:.0f} keys/query")
-        sel = lambda: select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride,  # noqa: E731
-                                cfg.topk, cfg.score, cfg.select_tile, cfg.select_query, 0, cfg.rerank, cfg.anchor or "")
+        sel = lambda: select_op(q, k, None, None, None, cfg.json, 0)  # noqa: E731
         record("sparsex", "select", t, hq, hkv, d, bench(sel, rep, runs), 0, 0, qkvo)
         if t <= args.bwd_max:
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -202,8 +202,7 @@ def main():
 def flex_row(q, k, v, cfg, t, hq, hkv, d, rep, record, qkvo, keys):
     """FlexAttention with the same key sets: sink | window | stride (token level) | the selected blocks of
     each 64-query tile (a [Hkv, T/64, T/64] lookup table built from Sparse-X's own selection)."""
-    sel = select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride, cfg.topk,
-                    cfg.score, cfg.select_tile, cfg.select_query, 0, cfg.rerank, cfg.anchor or "")
+    sel = select_op(q, k, None, None, None, cfg.json, 0)
     nt = t // 64
     table = torch.zeros(hkv, nt, nt + 1, dtype=torch.bool, device=q.device)
     rows_sel = sel[0, :, ::64].long()  # one selection per 64-query tile

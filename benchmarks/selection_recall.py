@@ -25,15 +25,14 @@ import sparsex_hf
 from sparsex_hf.apps.loading import load_tokenizer, resolve
 from sparsex_hf.hf.attention import override_attention_op
 
+ONE = dict(rerank=0, anchor=False)  # one-stage selection (the recall of the summary scores alone)
 VARIANTS = {
-    "per-query minmax": dict(select_tile=1, score="minmax"),
-    "per-query mean": dict(select_tile=1, score="mean"),
-    "per-query hybrid": dict(select_tile=1, score="hybrid"),
-    "tile16 each minmax": dict(select_tile=16, select_query="each"),
-    "tile64 each minmax": dict(select_tile=64, select_query="each"),
-    "tile16 mean-query minmax": dict(select_tile=16, select_query="mean"),
-    "tile64 mean-query minmax": dict(select_tile=64, select_query="mean"),
-    "no top-k": dict(topk=0),
+    "per-query minmax": dict(select_tile=1, score="minmax", **ONE),
+    "per-query mean": dict(select_tile=1, score="mean", **ONE),
+    "tile16 mean-query minmax": dict(select_tile=16, **ONE),
+    "tile64 mean-query minmax": dict(select_tile=64, **ONE),
+    "tile64 two-stage": dict(select_tile=64, anchor=False),
+    "no top-k": dict(topk=0, **ONE),
 }
 
 

@@ -86,8 +86,7 @@ def main():
     runs = {
         "fwd": lambda: sparsex_attention(q, k, v, cfg, backend="triton"),
         "bwd": lambda: torch.autograd.grad(sparsex_attention(qg, kg, vg, cfg, backend="triton"), (qg, kg, vg), do)[0],
-        "select": lambda: select_op(q, k, None, None, None, cfg.block_size, cfg.sink_tokens, cfg.window, cfg.stride,
-                                    cfg.topk, cfg.score, cfg.select_tile, cfg.select_query, 0, 0, ""),
+        "select": lambda: select_op(q, k, None, None, None, cfg.json, 0),
     }
     rows, best = [], {}
     try:  # an interrupt (run_gpu.sh's TIME_LIMIT) keeps the rows measured so far

@@ -56,28 +56,50 @@ def test_keys_per_query_matches_spec_budget():
     assert cfg.keys_per_query(1000) == 1000
 
 
-def test_rerank_is_validated_and_the_retrieval_preset_turns_it_on():
-    assert SparseXConfig().rerank == 0
-    assert SparseXConfig.preset("retrieval").rerank == 2
-    assert SparseXConfig.preset("retrieval", window=128).window == 128
-    assert SparseXConfig.preset("default") == SparseXConfig()
-    for bad in (-1, 17, 1.5, True):
-        with pytest.raises(ValueError, match="rerank"):
-            SparseXConfig(rerank=bad)
-    with pytest.raises(ValueError, match="hybrid"):
-        SparseXConfig(rerank=2, score="hybrid")
+def test_the_default_is_the_faithful_rule_and_the_presets_name_configs():
+    cfg = SparseXConfig()
+    assert (cfg.rerank, cfg.anchor) == (2, "split")
+    assert SparseXConfig.preset("retrieval") == SparseXConfig.preset("default") == cfg  # the earlier name
+    one = SparseXConfig.preset("one-stage", window=128)
+    assert (one.rerank, one.anchor, one.window) == (0, False, 128)
     with pytest.raises(ValueError, match="presets are"):
         SparseXConfig.preset("fast")
 
 
-def test_anchor_needs_the_exact_stage_and_is_in_the_retrieval_preset():
-    assert not SparseXConfig().anchor
-    assert SparseXConfig.preset("retrieval").anchor == "split"
+def test_rerank_is_validated():
+    for bad in (-1, 17, 1.5, True):
+        with pytest.raises(ValueError, match="rerank"):
+            SparseXConfig(rerank=bad)
+
+
+def test_anchor_needs_the_exact_stage():
     assert SparseXConfig(rerank=1, anchor=True).anchor == "last"
     assert SparseXConfig.from_dict(SparseXConfig(rerank=1, anchor="split").to_dict()).anchor == "split"
     with pytest.raises(ValueError, match="anchor='first' is invalid"):
         SparseXConfig(rerank=1, anchor="first")
-    with pytest.raises(ValueError, match="anchor='last' is invalid: allowed is False when rerank=0"):
-        SparseXConfig(anchor=True)
+    # the default anchor with one stage: the error names the way out
+    with pytest.raises(ValueError, match="anchor='split' is invalid: allowed is False when rerank=0.*one-stage"):
+        SparseXConfig(rerank=0)
     with pytest.raises(ValueError, match="anchor"):
         SparseXConfig(rerank=1, anchor=1)
+
+
+def test_removed_options_are_refused_with_what_replaced_them():
+    with pytest.raises(ValueError, match="'hybrid' was removed"):
+        SparseXConfig(score="hybrid")
+    with pytest.raises(ValueError, match="select_query was removed"):
+        SparseXConfig.from_dict({"select_query": "each"})
+    # a checkpoint saved with the value every config now computes still loads
+    assert SparseXConfig.from_dict({"select_query": "mean", "window": 64}) == SparseXConfig(window=64)
+
+
+def test_the_stored_config_leaves_runtime_fields_out_of_copies():
+    """``model.config.sparsex`` keeps ``backend`` to run with; Transformers saves a deep copy, which has none."""
+    import copy
+    import json
+
+    stored = SparseXConfig(backend="torch", window=64).stored()
+    assert stored["backend"] == "torch" and SparseXConfig.from_any(stored).backend == "torch"
+    saved = copy.deepcopy(stored)
+    assert "backend" not in saved and json.loads(json.dumps(saved))["window"] == 64
+    assert SparseXConfig.from_dict(saved) == SparseXConfig(window=64)

@@ -114,11 +114,11 @@ SPARSEX_FLAGS = (
     ("stride", int, "every stride-th key attended (0: off)"),
     ("topk", int, "blocks selected per query (0: off)"),
     ("select-tile", int, "query positions sharing one selection"),
-    ("select-query", str, "'mean' or 'each' (how a tile scores)"),
-    ("score", str, "'minmax', 'mean' or 'hybrid'"),
-    ("rerank", int, "two-stage selection: exact scores rank the rerank*topk best blocks (0: off)"),
-    ("anchor", _anchor, "true/last: the prompt's last tile ranks every block exactly; decode adds its blocks (needs "
-                        "rerank); split (the retrieval preset): half by the last query, half by the tile's queries"),
+    ("score", str, "first-stage block score: 'minmax' or 'mean'"),
+    ("rerank", int, "two-stage selection: exact scores rank the rerank*topk best blocks (default 2; 0: one stage, "
+                    "with --anchor false)"),
+    ("anchor", _anchor, "split (default): the prompt's last tile ranks every block exactly, half by its last query, "
+                        "half by any of its queries, and decode adds its blocks; last: all by the last query; false"),
     ("backend", str, "'auto', 'torch' or 'triton'"),
 )
 

@@ -342,7 +342,7 @@ def test_torch_compile_model_on_gpu():
 @pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_cached_decode_steps_equal_the_full_forward_with_per_query_selection(model_type):
     _, sparse = model_pair(model_type)
-    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1, anchor=False)  # (docs/spec.md, "Decoding")
     ids = torch.randint(3, 256, (1, 700))
     n = 690
     with torch.no_grad():

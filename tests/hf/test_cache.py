@@ -48,7 +48,7 @@ def test_full_budget_generate_equals_sdpa_through_the_decode_path(model_type, co
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_sparse_decode_steps_equal_the_reference_on_the_whole_sequence(model_type, count_decode):
     _, sparse = model_pair(model_type)
-    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1, anchor=False)  # (docs/spec.md, "Decoding")
     ids, mask = padded_prompts()
     out = sparse.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
                           output_logits=True, return_dict_in_generate=True)
@@ -65,7 +65,8 @@ def test_sparse_decode_steps_equal_the_reference_on_the_whole_sequence(model_typ
 @pytest.mark.parametrize("model_type", sparsex_hf.SUPPORTED_MODEL_TYPES)
 def test_chunked_prefill_equals_one_pass(model_type):
     _, sparse = model_pair(model_type)
-    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL)  # select_tile 64: chunks are multiples of 64
+    # select_tile 64: chunks are multiples of 64; without the anchor (each call's end is anchored: docs/spec.md)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, anchor=False)
     ids = torch.randint(3, 256, (1, 700))
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     one = sparse.generate(ids, **kw)
@@ -74,9 +75,76 @@ def test_chunked_prefill_equals_one_pass(model_type):
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one.logits), atol=1e-4, rtol=1e-4)
 
 
+def test_chunked_prefill_keeps_the_prompt_ends_anchor():
+    """With the anchor (the default), each chunk's end is anchored, and the cache keeps the last chunk's: the
+    prompt's end, as a one-pass prefill keeps (same inputs to the layer: the first layer)."""
+    _, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL)
+    ids = torch.randint(3, 256, (1, 700))
+    anchors = []
+    for chunk in (None, 128):
+        cache = SparseXCache(sparse.config)
+        sparse.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0, prefill_chunk_size=chunk,
+                        **{CACHE_KWARG: cache})
+        anchors.append(cache.layers[0].anchor)
+    assert anchors[0] is not None and (anchors[0] >= 0).any()
+    assert torch.equal(anchors[0], anchors[1])
+
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_from_a_prompt_shorter_than_a_block(backend, count_decode):
+    """The default selection (two stages, the prompt anchor) from a prompt of fewer tokens than a block, with a
+    batch mixing it with a longer row: no block is complete at first, the anchor lists nothing, blocks complete as
+    tokens come; within the budget the tokens are dense attention's."""
+    dense, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend=backend)
+    for ids, mask in ((torch.randint(3, 256, (1, 5)), None), padded_prompts(length=30, pads=(25, 0))):
+        kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        assert torch.equal(dense.generate(ids, **kw), sparse.generate(ids, **kw))  # at most 70 < sink + window tokens
+    assert count_decode
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_batch_of_short_and_long_rows_equals_each_row_alone(backend):
+    """The default selection in a left-padded batch of a long row and a row shorter than a block: each row's tokens
+    and step logits are what it gets alone (positions, blocks and the prompt anchor count from its first token)."""
+    _, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend=backend)
+    ids, mask = padded_prompts(length=300, pads=(0, 290), seed=3)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    both = sparse.generate(ids, attention_mask=mask, **kw)
+    for row, pad in ((0, 0), (1, 290)):
+        alone = sparse.generate(ids[row : row + 1, pad:], **kw)
+        assert torch.equal(both.sequences[row, 300:], alone.sequences[0, 300 - pad :])
+        torch.testing.assert_close(torch.stack(both.logits)[:, row], torch.stack(alone.logits)[:, 0], atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_token_decode_steps_equal_single_token_steps(backend, count_decode):
+    """Decode steps of several tokens (speculative decoding's verification) select per query, with the prompt anchor:
+    the same logits as one token per step, on both backends."""
+    _, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend=backend)
+    ids = torch.randint(3, 256, (1, 312))
+    logits = []
+    for step in (1, 4):
+        cache = SparseXCache(sparse.config)
+        with torch.no_grad():
+            sparse(ids[:, :300], **{CACHE_KWARG: cache}, use_cache=True)
+            logits.append(torch.cat([sparse(ids[:, t : t + step], **{CACHE_KWARG: cache}, use_cache=True).logits
+                                     for t in range(300, 312, step)], 1))
+        assert cache.layers[0].anchor is not None and (cache.layers[0].anchor >= 0).any()
+    assert set(count_decode) == {1, 4}
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
 def test_crop_then_continue_equals_the_whole_sequence():
     _, sparse = model_pair("llama")
-    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1)
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, select_tile=1, anchor=False)
     ids = torch.randint(3, 256, (1, 400))
     cache = SparseXCache(sparse.config)
     with torch.no_grad():

@@ -110,7 +110,7 @@ def test_decode_kernels_reuse_their_scratch_and_reset_their_counters(monkeypatch
             torch.testing.assert_close(got, ref[:, :, -3:][:, :, -tq:], atol=2e-5, rtol=2e-5)
     monkeypatch.setattr(decode_kernel, "REUSE_SCRATCH", False)
     assert torch.equal(cache(q[:, :, -1:], cfg, backend="triton"), got)
-    assert all(int(c.abs().sum()) == 0 for c in decode_kernel._COUNTERS.values())
+    assert all(int(c.abs().sum()) == 0 for bufs in decode_kernel._COUNTERS.values() for c in bufs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -312,3 +312,51 @@ def test_decode_custom_op_schema_fake_and_compile():
     compiled = torch.compile(static_step, fullgraph=True, backend=recording)
     torch.testing.assert_close(compiled(q1, cache.k, cache.v, *cache.summaries, cache.offsets, anchor, length), eager)
     assert len(graphs) == 2 and "sparsex.decode" in graphs[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_stage_decode_with_a_row_shorter_than_a_block(backend):
+    """A left-padded batch whose short row has no complete block yet, in buffers exactly as long as the cache (as
+    the dynamic cache keeps them): the exact stage reads no column past the buffer (the torch backend indexed out of
+    bounds), and the step equals the reference."""
+    cfg = SparseXConfig(**SPARSE_SMALL)
+    for tq in (1, 3):
+        q, k, v, mask = _case(t=40, pad=(0, 30), seed=12)
+        cache = Cache(k, v, mask, cfg.block_size, spare=0)
+        ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1, anchor=False), attention_mask=mask, backend="torch")
+        out = cache(q[:, :, -tq:], cfg, backend=backend)
+        torch.testing.assert_close(out, ref[:, :, -tq:], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anchored_decode_before_any_block_is_complete(backend):
+    """Prompts shorter than a block (``generate()`` with a short prompt): the prompt anchor lists nothing, no block
+    is eligible, and the step is the reference's (the Triton decode indexed an empty tensor)."""
+    cfg = SparseXConfig(**SPARSE_SMALL)
+    q, k, v, mask = _case(t=12, pad=(0, 5), seed=13)
+    cache = Cache(k, v, mask, cfg.block_size, spare=0)
+    anchor = sparsex_prompt_anchor(q[:, :, :-1], k, cache.offsets.cpu(), 12, cfg, backend=backend)
+    assert anchor.shape == (2, 2, cfg.topk) and (anchor == -1).all()
+    ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1, anchor=False), attention_mask=mask, backend="torch")
+    for tq in (1, 2):
+        out = cache(q[:, :, -tq:], cfg, backend=backend, anchor=anchor)
+        torch.testing.assert_close(out, ref[:, :, -tq:], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tq", [2, 5, 16])
+def test_two_stage_decode_of_one_sequence_with_several_queries(backend, tq):
+    """Batch 1 with 2-16 queries per step (speculative decoding, multi-token steps): every query's shortlist reads
+    its own keys (the Triton exact stage read per-row offsets through a stride-0 view, out of bounds), with and
+    without the anchor blocks."""
+    cfg = SparseXConfig(**SPARSE_SMALL)
+    q, k, v, _ = _case(b=1, t=300, pad=(0,), seed=14)
+    cache = Cache(k, v, None, cfg.block_size, spare=0)
+    ref = sparsex_attention(q, k, v, cfg.replace(select_tile=1, anchor=False), backend="torch")
+    out = cache(q[:, :, -tq:], cfg, backend=backend)
+    torch.testing.assert_close(out, ref[:, :, -tq:], atol=2e-5, rtol=2e-5)
+    anchor = sparsex_prompt_anchor(q[:, :, :-tq], k[:, :, :-tq], cache.offsets.cpu(), 300 - tq, cfg, backend=backend)
+    ref_anchor = sparsex_prompt_anchor(q[:, :, :-tq], k[:, :, :-tq], cache.offsets.cpu(), 300 - tq, cfg, backend="torch")
+    assert (anchor >= 0).any() and torch.equal(anchor.sort(-1).values, ref_anchor.sort(-1).values.to(anchor.device))
+    got = cache(q[:, :, -tq:], cfg, backend=backend, anchor=anchor)
+    torch.testing.assert_close(got, cache(q[:, :, -tq:], cfg, backend="torch", anchor=ref_anchor), atol=2e-5, rtol=2e-5)

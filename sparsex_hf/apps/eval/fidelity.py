@@ -24,18 +24,18 @@ from ...hf.attention import override_attention_op
 from ...hf.model import set_sparsex_config
 from ...ops.attention import sparsex_attention
 
-# selection-score choices compared by `variants`: per-token vs per-tile, min/max bound vs mean key
+# selection choices compared by `variants`: one stage (the min/max bound or the mean key, per token or per tile),
+# the two-stage selection, its anchors
+ONE = dict(rerank=0, anchor=False)
 VARIANTS = {
     "config": {},
-    "per-token minmax": dict(select_tile=1, score="minmax"),
-    "per-token mean": dict(select_tile=1, score="mean"),
-    "per-token hybrid": dict(select_tile=1, score="hybrid"),
-    "tile64 mean-query minmax": dict(select_tile=64, select_query="mean", score="minmax"),
-    "tile64 each minmax": dict(select_tile=64, select_query="each", score="minmax"),
-    "tile64 mean-query mean": dict(select_tile=64, select_query="mean", score="mean"),
-    "no top-k": dict(topk=0),
-    "two-stage x2": dict(rerank=2),
-    "two-stage x4": dict(rerank=4),
+    "per-token minmax": dict(select_tile=1, score="minmax", **ONE),
+    "per-token mean": dict(select_tile=1, score="mean", **ONE),
+    "tile64 mean-query minmax": dict(select_tile=64, score="minmax", **ONE),
+    "tile64 mean-query mean": dict(select_tile=64, score="mean", **ONE),
+    "no top-k": dict(topk=0, **ONE),
+    "two-stage x2": dict(rerank=2, anchor=False),
+    "two-stage x4": dict(rerank=4, anchor=False),
     "two-stage x2 + anchor": dict(rerank=2, anchor=True),
     "two-stage x2 + split anchor": dict(rerank=2, anchor="split"),
 }

@@ -35,9 +35,9 @@ def method_config(method: str, cfg: SparseXConfig, max_length: int, variants: di
         return cfg.replace(**variants[name])
     budget = cfg.keys_per_query(max_length)
     if method == "window":
-        return cfg.replace(window=max(1, budget - cfg.sink_tokens), stride=0, topk=0)
+        return cfg.replace(window=max(1, budget - cfg.sink_tokens), stride=0, topk=0, rerank=0, anchor=False)
     if method == "stride_window":
-        return cfg.replace(window=cfg.window + cfg.topk * cfg.block_size, topk=0)
+        return cfg.replace(window=cfg.window + cfg.topk * cfg.block_size, topk=0, rerank=0, anchor=False)
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)} and sparsex:NAME for a variant")
 
 

@@ -375,7 +375,7 @@ def _merge(OP, MP, LP, EX, SHORT, SLM, SLL, SLO, O, L, s_ob, s_oh, s_ot, i_bh, i
 # layers and steps can share them); False: fresh buffers at every call (the tests poison them, see conftest.py).
 REUSE_SCRATCH = True
 _SCRATCH: collections.OrderedDict = collections.OrderedDict()
-_COUNTERS: dict = {}
+_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
 
 
 def _stream_key(device: torch.device):
@@ -385,13 +385,17 @@ def _stream_key(device: torch.device):
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The split counters (zero between launches: each kernel's last program resets its own), one buffer per device
-    and stream, never released (a CUDA graph may hold its address)."""
-    key = _stream_key(device)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return buf
+    """The split counters: zero between launches (each kernel's last program resets its own), one buffer per device,
+    never released (a CUDA graph may hold its address). The kernels of a decode step run on one stream, one after
+    the other. Inside a graph capture with no buffer yet, a buffer of the graph's own (zeroed at each replay)."""
+    key = (device.type, device.index)
+    bufs = _COUNTERS.setdefault(key, [])
+    if not bufs or bufs[-1].numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return buf
+        bufs.append(buf)  # (an outgrown buffer stays: a graph captured earlier may use it)
+    return bufs[-1]
 
 
 def _scratch(name: str, device: torch.device, specs: tuple) -> tuple[torch.Tensor, ...]:
