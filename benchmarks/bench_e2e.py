@@ -191,6 +191,7 @@ def main():
             short = lambda: decode_shortlist_triton(q, summ, off, t, cfg, None, anchor)  # noqa: E731
             record(impl, "attn_select", t, 1, float(np.median(events(short, 200, 10))), note="the shortlist kernel alone")
             record(impl, "attn_graph", t, 1, graphed(sparse), note="same step replayed from a CUDA graph")
+            record(impl, "attn_select_graph", t, 1, graphed(short), note="the shortlist kernel alone, CUDA graph")
         best = None
         for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):

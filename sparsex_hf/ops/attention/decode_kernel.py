@@ -79,14 +79,15 @@ def _shortlist_kernel(
     Q, KA, KB, OFF, LEN, ANC, VAL, IDX, CNT, SHORT,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kn, s_ab, s_ah,
     HKV, NB, block, sink, window, sliding,
-    NSPLIT: tl.constexpr, G: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, D: tl.constexpr, BNB: tl.constexpr,
-    S: tl.constexpr, SP2: tl.constexpr, A: tl.constexpr, NSL: tl.constexpr, NSLP2: tl.constexpr,
+    NSPLIT: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TQ: tl.constexpr, TQP: tl.constexpr, D: tl.constexpr,
+    BNB: tl.constexpr, S: tl.constexpr, SP2: tl.constexpr, A: tl.constexpr, NSL: tl.constexpr, NSLP2: tl.constexpr,
     MINMAX: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr, LEN_PTR: tl.constexpr,
 ):
     """The ``S`` eligible blocks with the best summary scores for each of the ``TQ`` queries of one (sequence, KV
-    head), over split ``i_s``'s share of the blocks; the last split merges and appends the anchor blocks. Blocks are
-    visited in increasing order and replace the current minimum only when strictly greater, so ties keep the lower
-    block index (the reference's stable order)."""
+    head), over split ``i_s``'s share of the blocks; the last split merges and appends the anchor blocks. The rows of
+    one matrix product are the (head, query) pairs of the group, ``g * TQP + t``; a query's score is the max over its
+    heads' rows. Blocks are visited in increasing order and replace the current minimum only when strictly greater,
+    so ties keep the lower block index (the reference's stable order)."""
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     i_b, i_kh = i_bh // HKV, i_bh % HKV
     n = _cache_len(LEN, LEN_PTR) - tl.load(OFF + i_b)
@@ -95,12 +96,16 @@ def _shortlist_kernel(
     pos = n - TQ + o_t
     o_d = tl.arange(0, D)
     o_k = tl.arange(0, SP2)
+    o_x = tl.arange(0, GP * TQP)
+    x_g, x_t = o_x // TQP, o_x % TQP
+    m_x = (x_g < G) & (x_t < TQ)
+    p_q = Q + i_b.to(tl.int64) * s_qb + (i_kh * G + x_g).to(tl.int64) * s_qh + x_t.to(tl.int64) * s_qt
+    b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_x[:, None], other=0.0)
     per = tl.cdiv(tl.cdiv(NB, NSPLIT), BNB) * BNB
     b_lo = i_s * per
     b_hi = tl.minimum(b_lo + per, NB)
     p_ka = KA + i_b.to(tl.int64) * s_kb + i_kh.to(tl.int64) * s_kh
     p_kb = KB + i_b.to(tl.int64) * s_kb + i_kh.to(tl.int64) * s_kh
-    p_q = Q + i_b.to(tl.int64) * s_qb + (i_kh * G).to(tl.int64) * s_qh + o_t[:, None] * s_qt + o_d[None, :]
     top_v = tl.where(o_k[None, :] < S, float("-inf"), float("inf")) + tl.zeros([TQP, SP2], tl.float32)
     top_i = tl.full([TQP, SP2], -1, tl.int32)
     hi = pos - window
@@ -111,25 +116,13 @@ def _shortlist_kernel(
         b_ka = tl.load(p_ka + p_k, mask=m_b[:, None], other=0.0)
         if MINMAX:
             b_kb = tl.load(p_kb + p_k, mask=m_b[:, None], other=0.0)
-        best = tl.full([TQP, BNB], float("-inf"), tl.float32)
-        for g in tl.static_range(G):
-            b_q = tl.load(p_q + g * s_qh, mask=m_t[:, None], other=0.0)
-            if MINMAX:
-                zero = tl.zeros_like(b_q)
-                q_pos = tl.maximum(b_q, zero).to(b_ka.dtype)
-                q_neg = tl.minimum(b_q, zero).to(b_ka.dtype)
-                if IEEE:
-                    sc = tl.dot(q_pos, tl.trans(b_ka), input_precision="ieee")
-                    sc += tl.dot(q_neg, tl.trans(b_kb), input_precision="ieee")
-                else:
-                    sc = tl.dot(q_pos, tl.trans(b_ka))
-                    sc += tl.dot(q_neg, tl.trans(b_kb))
-            else:
-                if IEEE:
-                    sc = tl.dot(b_q.to(b_ka.dtype), tl.trans(b_ka), input_precision="ieee")
-                else:
-                    sc = tl.dot(b_q.to(b_ka.dtype), tl.trans(b_ka))
-            best = tl.maximum(best, sc)
+            zero = tl.zeros_like(b_q)
+            sc = _dot(tl.maximum(b_q, zero).to(b_ka.dtype), tl.trans(b_ka), IEEE)
+            sc += _dot(tl.minimum(b_q, zero).to(b_kb.dtype), tl.trans(b_kb), IEEE)
+        else:
+            sc = _dot(b_q.to(b_ka.dtype), tl.trans(b_ka), IEEE)
+        sc = tl.where(m_x[:, None], sc, float("-inf"))
+        best = tl.max(tl.reshape(sc, [GP, TQP, BNB]), axis=0)  # max over the group's heads
         b_end = o_b * block + block - 1
         ok = (b_end[None, :] <= pos[:, None]) & ((o_b * block)[None, :] <= hi[:, None])
         ok &= (b_end >= sink)[None, :] & (sink <= hi)[:, None] & m_b[None, :] & m_t[:, None]
@@ -452,7 +445,8 @@ def decode_shortlist_triton(q, summaries, off, seq_len, cfg: SparseXConfig, slid
     # splits: enough programs to fill the GPU twice, at least 4 chunks of blocks each, at most 512 candidates to merge
     nsplit = max(1, min(triton.next_power_of_2(max(1, (2 * sms) // (bsz * hkv))),
                         triton.next_power_of_2(triton.cdiv(nb, 4 * bnb)), max(1, 512 // sp2)))
-    tqp = max(16, triton.next_power_of_2(tq))
+    tqp = max(2, triton.next_power_of_2(tq))
+    gp = max(triton.next_power_of_2(hq // hkv), 16 // tqp)  # (head, query) rows: at least 16 for the matrix unit
     val, idx = _scratch("candidates", dev, (((bsz * hkv, tqp, nsplit * sp2), torch.float32),
                               ((bsz * hkv, tqp, nsplit * sp2), torch.int32)))
     anc = anchor if use_anchor else short
@@ -463,7 +457,7 @@ def decode_shortlist_triton(q, summaries, off, seq_len, cfg: SparseXConfig, slid
         qc, ka, kb, off, seq_len, anc, val, idx, _counters(dev, bsz * hkv), short,
         qc.stride(0), qc.stride(1), qc.stride(2), ka.stride(0), ka.stride(1), ka.stride(2), anc.stride(0), anc.stride(1),
         hkv, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
-        NSPLIT=nsplit, G=hq // hkv, TQ=tq, TQP=tqp, D=d, BNB=bnb, S=s, SP2=sp2, A=a, NSL=nsl,
+        NSPLIT=nsplit, G=hq // hkv, GP=gp, TQ=tq, TQP=tqp, D=d, BNB=bnb, S=s, SP2=sp2, A=a, NSL=nsl,
         NSLP2=max(2, triton.next_power_of_2(nsl)), MINMAX=minmax, HAS_SW=sliding_window is not None,
         IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4,
     )

@@ -24,9 +24,12 @@ from .tuning import rows_per_program, sm_count, tile_shape
 @triton.jit
 def merge_topk(top_v, top_i, best, b0, o_k, K: tl.constexpr, BNB: tl.constexpr):
     """Merge a chunk of block scores ``best [rows, BNB]`` (blocks ``b0 + j``) into each row's running top-K
-    ``(top_v, top_i) [rows, KP2]``: K rounds of "take the chunk's best, replace the current minimum if strictly
-    greater". Chunks visited in increasing block order thus keep the lower block index on ties."""
-    for _ in tl.static_range(K):
+    ``(top_v, top_i) [rows, KP2]``: rounds of "take the chunk's best, replace the current minimum if strictly
+    greater". Chunks visited in increasing block order thus keep the lower block index on ties. Only as many rounds
+    as the most chunk scores of a row above its current minimum (at most K): later rounds could not replace
+    anything."""
+    rounds = tl.minimum(tl.max(tl.sum((best > tl.min(top_v, 1)[:, None]).to(tl.int32), 1)), K)
+    for _ in range(0, rounds):
         c_v = tl.max(best, 1)
         c_i = tl.argmax(best, 1)
         cur_min = tl.min(top_v, 1)
@@ -156,7 +159,7 @@ def _exact_rank(Q, KEYS, short, i_r, i_kh, s_qh, s_qr, s_xh, s_xt, R, o_d, o_k, 
         b_q = tl.load(Q + (i_kh * G + o_g)[:, None] * s_qh + row * s_qr + o_d[None, :], mask=m_g[:, None], other=0.0)
         blks = tl.sum(tl.where(o_b[:, None] == r, short, 0), 0)
         ex_r = tl.full(blks.shape, float("-inf"), tl.float32)
-        for s in tl.static_range(S):
+        for s in range(0, S):  # (not unrolled: one key tile in shared memory, not S of them)
             blk = tl.sum(tl.where(o_k == s, blks, 0))
             listed = ((o_j >= 0) & (blk >= 0)).to(tl.int32) != 0  # (a fresh boolean: the interpreter keeps some ints)
             cols = (tl.maximum(blk, 0) * BS + o_j).to(tl.int64)
