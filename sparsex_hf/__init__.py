@@ -24,7 +24,7 @@ from .hf.training import MixGates
 from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
 from .patches import SUPPORTED_MODEL_TYPES
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 register()
 install_load_hooks()
