@@ -497,7 +497,8 @@ def _attend(q, k, v, short, off, seq_len, n_max, cfg, scale, sliding_window, bra
         hkv, nsplit, scale, cfg.sink_tokens, cfg.window, cfg.stride, sliding_window or 0,
         G=g, TQ=tq, TQP=max(2, triton.next_power_of_2(tq)), NSL=nsl, NSLP2=max(2, triton.next_power_of_2(nsl)),
         TOPK=cfg.topk, D=d, BM=bm, BN=cfg.block_size, BRANCH=branch, HAS_SW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4,
+        num_stages=1 if q.element_size() == 4 and bm * cfg.block_size > 8192 else 2,  # (fp32 tiles: shared memory)
     )
     return out, lsum
 
