@@ -168,16 +168,21 @@ def test_mistral_sliding_window_is_respected():
 
 
 def test_save_load_keeps_config_and_switching_implementations(tmp_path):
+    import json
+
     dense, sparse = model_pair("llama")
-    sparsex_hf.set_sparsex_config(sparse, window=48, topk=2, block_size=16, sink_tokens=8, stride=0)
+    sparsex_hf.set_sparsex_config(sparse, window=48, topk=2, block_size=16, sink_tokens=8, stride=0, backend="torch")
     sparse.save_pretrained(tmp_path)
     from transformers import AutoModelForCausalLM
 
+    saved = json.loads((tmp_path / "config.json").read_text())["sparsex"]
+    assert saved["window"] == 48 and "backend" not in saved  # how it ran here is not part of the checkpoint
+    assert sparsex_hf.get_sparsex_config(sparse).backend == "torch"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex")
-    assert sparsex_hf.get_sparsex_config(loaded) == sparsex_hf.get_sparsex_config(sparse)
+    assert sparsex_hf.get_sparsex_config(loaded) == sparsex_hf.get_sparsex_config(sparse).replace(backend="auto")
     assert loaded.config._attn_implementation == "sparsex"
     override = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex", sparsex={"window": 32})
-    assert sparsex_hf.get_sparsex_config(override) == sparsex_hf.get_sparsex_config(sparse).replace(window=32)
+    assert sparsex_hf.get_sparsex_config(override) == sparsex_hf.get_sparsex_config(loaded).replace(window=32)
     ids = torch.randint(3, 256, (1, 200))
     with torch.no_grad():
         s1 = loaded(ids).logits
