@@ -409,6 +409,11 @@ def _scratch(name: str, device: torch.device, specs: tuple) -> tuple[torch.Tenso
     return bufs
 
 
+def _p2(x: int) -> int:
+    """The next power of two (``triton.next_power_of_2`` costs microseconds per call: the decode host path is hot)."""
+    return 1 << max(0, x - 1).bit_length()
+
+
 def _rows(q: torch.Tensor) -> torch.Tensor:
     """``q`` as the kernels read it: any batch / head / token strides, unit stride along the head dim (the
     attention module's transposed query already is, so a decode step copies nothing)."""
@@ -440,13 +445,13 @@ def decode_shortlist_triton(q, summaries, off, seq_len, cfg: SparseXConfig, slid
     minmax = cfg.score == "minmax"
     ka, kb = (kmax, kmin) if minmax else (kmean, kmean)
     bnb = 64
-    sp2 = max(2, triton.next_power_of_2(s))
+    sp2 = max(2, _p2(s))
     sms = sm_count(dev) if dev.type == "cuda" else 4
     # splits: enough programs to fill the GPU twice, at least 4 chunks of blocks each, at most 512 candidates to merge
-    nsplit = max(1, min(triton.next_power_of_2(max(1, (2 * sms) // (bsz * hkv))),
-                        triton.next_power_of_2(triton.cdiv(nb, 4 * bnb)), max(1, 512 // sp2)))
-    tqp = max(2, triton.next_power_of_2(tq))
-    gp = max(triton.next_power_of_2(hq // hkv), 16 // tqp)  # (head, query) rows: at least 16 for the matrix unit
+    nsplit = max(1, min(_p2(max(1, (2 * sms) // (bsz * hkv))),
+                        _p2(-(-nb // (4 * bnb))), max(1, 512 // sp2)))
+    tqp = max(2, _p2(tq))
+    gp = max(_p2(hq // hkv), 16 // tqp)  # (head, query) rows: at least 16 for the matrix unit
     val, idx = _scratch("candidates", dev, (((bsz * hkv, tqp, nsplit * sp2), torch.float32),
                               ((bsz * hkv, tqp, nsplit * sp2), torch.int32)))
     anc = anchor if use_anchor else short
@@ -458,7 +463,7 @@ def decode_shortlist_triton(q, summaries, off, seq_len, cfg: SparseXConfig, slid
         qc.stride(0), qc.stride(1), qc.stride(2), ka.stride(0), ka.stride(1), ka.stride(2), anc.stride(0), anc.stride(1),
         hkv, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
         NSPLIT=nsplit, G=hq // hkv, GP=gp, TQ=tq, TQP=tqp, D=d, BNB=bnb, S=s, SP2=sp2, A=a, NSL=nsl,
-        NSLP2=max(2, triton.next_power_of_2(nsl)), MINMAX=minmax, HAS_SW=sliding_window is not None,
+        NSLP2=max(2, _p2(nsl)), MINMAX=minmax, HAS_SW=sliding_window is not None,
         IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4,
     )
     return short
@@ -479,7 +484,7 @@ def _attend(q, k, v, short, off, seq_len, n_max, cfg, scale, sliding_window, bra
     hkv = k.shape[1]
     g = hq // hkv
     nsl = short.shape[-1]
-    bm = max(16, triton.next_power_of_2(g * tq))
+    bm = max(16, _p2(g * tq))
     nsplit = _splits(n_max, cfg, tq, nsl, bsz * hkv, q.device)
     dev = q.device
     qc = _rows(q)
@@ -495,7 +500,7 @@ def _attend(q, k, v, short, off, seq_len, n_max, cfg, scale, sliding_window, bra
         qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hkv, nsplit, scale, cfg.sink_tokens, cfg.window, cfg.stride, sliding_window or 0,
-        G=g, TQ=tq, TQP=max(2, triton.next_power_of_2(tq)), NSL=nsl, NSLP2=max(2, triton.next_power_of_2(nsl)),
+        G=g, TQ=tq, TQP=max(2, _p2(tq)), NSL=nsl, NSLP2=max(2, _p2(nsl)),
         TOPK=cfg.topk, D=d, BM=bm, BN=cfg.block_size, BRANCH=branch, HAS_SW=sliding_window is not None,
         IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4,
         num_stages=1 if q.element_size() == 4 and bm * cfg.block_size > 8192 else 2,  # (fp32 tiles: shared memory)
