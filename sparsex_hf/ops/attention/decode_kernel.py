@@ -46,8 +46,6 @@ from .prefill import _dot
 from .select import merge_topk
 from .tuning import sm_count
 
-BIG = 2147483647
-
 
 @triton.jit
 def _cache_len(LEN, LEN_PTR: tl.constexpr):
