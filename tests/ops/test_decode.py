@@ -111,6 +111,14 @@ def test_decode_kernels_reuse_their_scratch_and_reset_their_counters(monkeypatch
     monkeypatch.setattr(decode_kernel, "REUSE_SCRATCH", False)
     assert torch.equal(cache(q[:, :, -1:], cfg, backend="triton"), got)
     assert all(int(c.abs().sum()) == 0 for bufs in decode_kernel._COUNTERS.values() for c in bufs)
+    # the custom op (what compiled graphs call) keeps no buffer past its call
+    from sparsex_hf.ops.attention.decode_op import decode_op
+
+    monkeypatch.setattr(decode_kernel, "REUSE_SCRATCH", True)
+    decode_kernel._SCRATCH.clear()
+    out = decode_op(q[:, :, -1:], cache.k, cache.v, *cache.summaries, cache.offsets, None, None, None, cache.seq_len,
+                    cache.seq_len, cfg.json, 32**-0.5, 0, "triton")
+    assert torch.equal(out, got) and not decode_kernel._SCRATCH
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -34,6 +34,7 @@ eagerly and inside a CUDA graph.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import torch
 import triton
@@ -365,6 +366,7 @@ def _merge(OP, MP, LP, EX, SHORT, SLM, SLL, SLO, O, L, s_ob, s_oh, s_ot, i_bh, i
 # Scratch buffers of a step shape, kept from step to step (the kernels of one stream run in order, so consecutive
 # layers and steps can share them); False: fresh buffers at every call (the tests poison them, see conftest.py).
 REUSE_SCRATCH = True
+_FRESH = False
 _SCRATCH: collections.OrderedDict = collections.OrderedDict()
 _COUNTERS: dict[tuple, list[torch.Tensor]] = {}
 
@@ -389,11 +391,23 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return bufs[-1]
 
 
+@contextlib.contextmanager
+def fresh_scratch():
+    """Inside the block the kernels take fresh scratch buffers: the custom op (``decode_op.py``) runs inside compiled
+    graphs, whose CUDA graph trees warm up and record in their own memory pool, where no buffer may outlive a call."""
+    global _FRESH
+    saved, _FRESH = _FRESH, True
+    try:
+        yield
+    finally:
+        _FRESH = saved
+
+
 def _scratch(name: str, device: torch.device, specs: tuple) -> tuple[torch.Tensor, ...]:
     """Buffers of the given ``(shape, dtype)`` specs for the use ``name``: kept per (device, stream, name, specs) in
-    eager calls (8 at most), fresh inside a CUDA graph capture (the graph owns them)."""
+    eager calls (8 at most), fresh inside a CUDA graph capture (the graph owns them) and inside the custom op."""
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not REUSE_SCRATCH or capturing:
+    if not REUSE_SCRATCH or _FRESH or capturing:
         return tuple(empty(shape, dtype=dtype, device=device) for shape, dtype in specs)
     key = (_stream_key(device), name, specs)
     bufs = _SCRATCH.get(key)

@@ -9,15 +9,17 @@ the op.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ...config import SparseXConfig, config_from_json
 from .decode import sparsex_decode_torch
 
 try:
-    from .decode_kernel import sparsex_decode_triton
+    from .decode_kernel import fresh_scratch, sparsex_decode_triton
 except ImportError:  # pragma: no cover - Linux CI always has triton
-    sparsex_decode_triton = None
+    fresh_scratch = sparsex_decode_triton = None
 
 __all__ = ["decode_op", "run_decode"]
 
@@ -39,14 +41,14 @@ def decode_op(
     lengths: torch.Tensor | None, seq_len: int, max_doc_len: int, config: str, scale: float, sliding_window: int,
     backend: str,
 ) -> torch.Tensor:
-    """``[B, Hq, Tq, Dv]``: :func:`run_decode` with the config given as ``SparseXConfig.json`` and
-    ``sliding_window = 0`` for none. With ``lengths`` (a one-element device tensor, a static cache) the cache
-    length is read from it, and ``seq_len`` is only the buffers' capacity: the op's arguments stay the same from
-    step to step, so a CUDA graph replays it."""
-    return run_decode(backend, q, k_cache, v_cache, (kmin, kmax, kmean), offsets,
-                      lengths if lengths is not None else seq_len, max_doc_len,
-                      config_from_json(config), scale=scale, sliding_window=sliding_window or None, mix_weights=mix_weights,
-                      anchor=anchor)
+    """``[B, Hq, Tq, Dv]``: :func:`run_decode` with the config given as ``SparseXConfig.json`` and ``sliding_window =
+    0`` for none, and fresh scratch buffers (``decode_kernel.fresh_scratch``: the op runs inside compiled graphs).
+    With ``lengths`` (a one-element device tensor, a static cache) the cache length is read from it, and ``seq_len``
+    is only the buffers' capacity: the op's arguments stay the same from step to step, so a CUDA graph replays it."""
+    with fresh_scratch() if backend == "triton" else contextlib.nullcontext():
+        return run_decode(backend, q, k_cache, v_cache, (kmin, kmax, kmean), offsets,
+                          lengths if lengths is not None else seq_len, max_doc_len, config_from_json(config),
+                          scale=scale, sliding_window=sliding_window or None, mix_weights=mix_weights, anchor=anchor)
 
 
 @decode_op.register_fake
