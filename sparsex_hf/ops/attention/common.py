@@ -24,6 +24,7 @@ __all__ = [
     "anchor_scores",
     "document_anchor",
     "shortlist_config",
+    "shortlist_size",
     "block_summaries",
     "eligible_blocks",
     "resolve_mix_weights",
@@ -171,11 +172,16 @@ def exact_block_scores(q: torch.Tensor, p, keys: torch.Tensor, short: torch.Tens
     return max_block_logits(means, kb, short[:, first])[:, inv]
 
 
+def shortlist_size(cfg: SparseXConfig) -> int:
+    """Blocks the first stage lists per query (or tile): ``rerank * topk`` with two stages, else ``topk``."""
+    return cfg.rerank * cfg.topk if cfg.rerank else cfg.topk
+
+
 @functools.lru_cache(maxsize=64)
 def shortlist_config(cfg: SparseXConfig) -> SparseXConfig:
     """The one-stage config whose top-k is the two-stage selection's shortlist (``rerank * topk`` blocks); cached,
     so that a decode step does not build and validate a config per layer."""
-    return cfg.replace(topk=cfg.rerank * cfg.topk, rerank=0, anchor=False)
+    return cfg.replace(topk=shortlist_size(cfg), rerank=0, anchor=False)
 
 
 def anchor_scores(q: torch.Tensor, keys: torch.Tensor, cfg: SparseXConfig,

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
 from ...config import SparseXConfig
-from .common import resolve_mix_weights
+from .common import resolve_mix_weights, shortlist_size
 from .prefill import _dot
 from .select import merge_topk
 from .tuning import sm_count
@@ -432,11 +432,6 @@ def _rows(q: torch.Tensor) -> torch.Tensor:
     return q if q.stride(-1) == 1 else q.contiguous()
 
 
-def shortlist_size(cfg: SparseXConfig) -> int:
-    """Blocks the first stage lists per query: ``rerank * topk`` with two stages, else ``topk``."""
-    return cfg.rerank * cfg.topk if cfg.rerank else cfg.topk
-
-
 def decode_shortlist_triton(q, summaries, off, seq_len, cfg: SparseXConfig, sliding_window=None,
                             anchor=None) -> torch.Tensor:
     """The first stage of a decode step: ``[B, Hkv, Tq, S + A]`` int32 block indices (-1 = none) of the queries
@@ -448,7 +443,7 @@ def decode_shortlist_triton(q, summaries, off, seq_len, cfg: SparseXConfig, slid
     _, hkv, nb, _ = kmin.shape
     dev = q.device
     s = shortlist_size(cfg)
-    use_anchor = anchor is not None and bool(cfg.anchor) and cfg.rerank > 0
+    use_anchor = anchor is not None and bool(cfg.anchor)  # (an anchor implies rerank > 0: the config checks)
     a = anchor.shape[-1] if use_anchor else 0
     nsl = s + a
     short = _scratch("shortlist", dev, (((bsz, hkv, tq, nsl), torch.int32),))[0]

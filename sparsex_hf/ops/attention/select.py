@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
 from ...config import SparseXConfig
-from .common import document_anchor
+from .common import document_anchor, shortlist_size
 from .layout import KernelLayout
 from .tuning import rows_per_program, sm_count, tile_shape
 
@@ -185,8 +185,7 @@ def block_topk_triton(qr, ka, kb, group: int, p_first, p_last, cfg: SparseXConfi
     (then in that order; with one stage the order is the kernel's)."""
     hq, r, d = qr.shape
     hkv, nb, _ = ka.shape
-    k = cfg.topk
-    s = cfg.rerank * k if cfg.rerank else k
+    k, s = cfg.topk, shortlist_size(cfg)
     idx = empty(hkv, r, k, device=qr.device, dtype=torch.int32)
     if r == 0 or k == 0:
         return idx
