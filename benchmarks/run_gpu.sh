@@ -5,7 +5,7 @@
 #
 #   NAME = a script of benchmarks/ without .py   python benchmarks/NAME.py --out-dir OUT ARGS...
 #          tests                                 python -m pytest ARGS...  (the GPU test selection: see docs/benchmarks.md)
-#          tests-part K/N                        the K-th of N contiguous shares of the whole test suite (14 workers)
+#          tests-part K/N                        the K-th of N contiguous shares of the whole test suite (8-14 workers)
 #          tests-fast                            the fast GPU subset: every realistic-size GPU case and kernel variant
 #                                                (84 tests, 137 s on the H200 with 14 workers, 2026-12-02) + ARGS
 #          eval                                  sparsex-eval --output OUT/eval ARGS...
@@ -40,8 +40,10 @@ name="${1:?usage: run_gpu.sh NAME [ARGS...]}"
 shift
 limit=()
 [ -n "${TIME_LIMIT:-}" ] && limit=(timeout -s INT "$TIME_LIMIT")
+# test processes: one per ~9 GB of GPU memory, at most 14 (an 80 GB H100: 8; a 141 GB H200: 14)
+workers=$(python3 -c "import torch; print(max(1, min(14, torch.cuda.get_device_properties(0).total_memory // (9 << 30))))" 2>/dev/null || echo 1)
 case "$name" in
-    tests-fast) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs -n 14 -q tests/ops/test_decode.py \
+    tests-fast) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs -n "$workers" -q tests/ops/test_decode.py \
         tests/ops/test_prefill.py tests/ops/test_tuning.py tests/apps/test_oracle.py tests/hf/test_attention.py tests/hf/test_static_cache.py \
         -k "gpu or rerank or two_stage or decode_union or select_kernel or padding or anchor or not_rounded or \
 low_precision_selection or exact_scores or oracle or loaders or from_pretrained_helper or unsupported or save_load or \
@@ -49,7 +51,7 @@ cached_decode or group_loop or static or custom_op or device_tensor or covers or
         | tee "$out/pytest.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
     tests-part) part="${1:?usage: run_gpu.sh tests-part K/N [ARGS...]}"; shift
-        "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs -n 14 -q tests --part "$part" "$@" 2>&1 \
+        "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs -n "$workers" -q tests --part "$part" "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
     eval) "${limit[@]}" python3 -m sparsex_hf.apps.eval --output "$out/eval" "$@" 2>&1 | tr '\r' '\n' | tee "$out/eval.log" ;;
     *) "${limit[@]}" python3 "benchmarks/$name.py" --out-dir "$out" "$@" 2>&1 | tee "$out/$name.log" ;;

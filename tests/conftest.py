@@ -78,3 +78,13 @@ def _kernels_even_where_dense(monkeypatch):
     """Small inputs that Sparse-X's window covers entirely would go to SDPA (ops.attention.DENSE_HANDOFF); the
     tests keep them on the kernels. test_prefill.py's handoff test turns it back on."""
     monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", False)
+
+
+@pytest.fixture(autouse=True)
+def _give_back_gpu_memory():
+    """On a GPU, each test returns its cached memory when it ends: the GPU tests run in parallel processes
+    (benchmarks/run_gpu.sh), and one process's cache kept from a realistic-size test left the others out of memory
+    on an 80 GB card."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -3,9 +3,10 @@
 Scores follow ``common.shared_scores``: the min/max bound ``q+ . kmax + q- . kmin`` (two matrix products) or
 ``q . kmean``, max over the GQA group's heads, for each query or (``select_tile > 1``) each selection tile's mean
 query. One kernel scores the blocks, masks the ineligible ones and keeps a running top-``S`` per row, so no score
-tensor reaches memory; with ``rerank`` the same program then reads the keys of its rows' ``S = rerank * topk``
-shortlisted blocks, ranks them by their exact largest logit and keeps the ``topk`` best. A second kernel scores every
-block exactly for the prompt's anchor tile (``anchor``). Chunks of tiles bound the query copies.
+tensor reaches memory; with ``rerank`` it keeps ``S = rerank * topk`` and a second kernel, one program per row and
+KV head, reads the keys of those shortlisted blocks, ranks them by their exact largest logit and keeps the ``topk``
+best (fused into the scan's programs, the same reads ran one block at a time and waited on each: 2.8 ms at 128K on
+the H100). A third kernel scores every block exactly for the prompt's anchor tile (``anchor``). Chunks of tiles bound the query copies.
 """
 
 from __future__ import annotations
@@ -80,21 +81,19 @@ def _head_scores(Q, q_off, o_q, o_d, R, s_qr, b_ka, b_kb, MINMAX: tl.constexpr, 
 
 @triton.jit
 def _block_topk_kernel(
-    Q, KA, KB, PF, PL, KEYS, IDX,
-    s_qh, s_qr, s_kh, s_kb, s_xh, s_xt, s_ih, s_ir,
+    Q, KA, KB, PF, PL, IDX,
+    s_qh, s_qr, s_kh, s_kb, s_ih, s_ir,
     R, NB, block, sink, window, sliding,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, S: tl.constexpr,
-    SP2: tl.constexpr, TOPK: tl.constexpr, TKP2: tl.constexpr, BS: tl.constexpr, RERANK: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BNB: tl.constexpr, S: tl.constexpr, SP2: tl.constexpr,
     MINMAX: tl.constexpr, HAS_SW: tl.constexpr, IEEE: tl.constexpr, HILO: tl.constexpr, UNROLL_G: tl.constexpr,
 ):
-    """Top-``TOPK`` eligible blocks per score row (a query, or a selection tile's mean query), max over the group's
-    ``G`` heads, streaming over the blocks: no score tensor in memory.
+    """The ``S`` best eligible blocks per score row (a query, or a selection tile's mean query) by the block
+    scores, max over the group's ``G`` heads, streaming over the blocks: no score tensor in memory. ``S`` is the
+    top-k with one stage and the shortlist (``rerank * topk``) with two, which ``_exact_topk_kernel`` ranks again.
 
     Block ``b`` is eligible for a row whose queries span positions ``[PF, PL]`` if it is eligible for both ends
     (common.eligible_blocks). Blocks are visited in increasing order and a block replaces the current minimum only
-    when strictly greater, so ties keep the lower block index, as the reference does. With ``RERANK`` the scan keeps
-    ``S`` blocks, and the program ranks them again by their exact score (the largest logit of the block's keys
-    ``KEYS``, max over the group's heads; ties: lower block) and keeps ``TOPK``.
+    when strictly greater, so ties keep the lower block index, as the reference does.
     """
     i_r, i_kh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_q = i_r * BQ + tl.arange(0, BQ)  # score rows
@@ -133,47 +132,50 @@ def _block_topk_kernel(
         best = tl.where(ok, best, float("-inf"))
         top_v, top_i = merge_topk(top_v, top_i, best, b0, o_k, S, BNB)
     top_i = tl.where(top_v > float("-inf"), top_i, -1)
-    o_o = tl.arange(0, TKP2)
-    if RERANK:
-        top_i = _exact_rank(Q, KEYS, top_i, i_r, i_kh, s_qh, s_qr, s_xh, s_xt, R, o_d, o_k, o_o,
-                            G, GP, D, BQ, S, TOPK, BS, IEEE, HILO)
-    m_st = m_q[:, None] & (o_o[None, :] < TOPK)
-    tl.store(IDX + i_kh * s_ih + o_q[:, None] * s_ir + o_o[None, :], top_i, mask=m_st)
+    m_st = m_q[:, None] & (o_k[None, :] < S)  # S = TOPK with one stage, the shortlist with two
+    tl.store(IDX + i_kh * s_ih + o_q[:, None] * s_ir + o_k[None, :], top_i, mask=m_st)
 
 
 @triton.jit
-def _exact_rank(Q, KEYS, short, i_r, i_kh, s_qh, s_qr, s_xh, s_xt, R, o_d, o_k, o_o,
-                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, S: tl.constexpr,
-                TOPK: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr, HILO: tl.constexpr):
-    """The exact second stage of a program's rows: ``short [BQ, SP2]`` shortlisted blocks (-1 = none) -> ``[BQ,
-    TKP2]``, the ``TOPK`` with the largest logit of any of their keys for the row's group of queries (ties: lower
-    block; -1 where fewer are listed)."""
-    o_b = tl.arange(0, BQ)
+def _exact_topk_kernel(Q, KEYS, SHORT, IDX, s_qh, s_qr, s_xh, s_xt, s_sh, s_sr, s_ih, s_ir,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, S: tl.constexpr, SP2: tl.constexpr,
+                       TOPK: tl.constexpr, TKP2: tl.constexpr, BS: tl.constexpr, NBI: tl.constexpr,
+                       IEEE: tl.constexpr, HILO: tl.constexpr):
+    """The exact second stage of one score row and KV head (one program each: many in flight hide the reads of
+    the shortlisted keys): ``SHORT [S]`` shortlisted blocks (-1 = none) -> ``IDX [TOPK]``, the ``TOPK`` with the
+    largest logit of any of their keys for the row's group of queries, max over the heads (ties: lower block; -1
+    where fewer are listed). ``NBI`` blocks' keys are read per step."""
+    i_r, i_kh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     o_g = tl.arange(0, GP)
+    o_d = tl.arange(0, D)
+    o_k = tl.arange(0, SP2)
+    o_n = tl.arange(0, NBI)
     o_j = tl.arange(0, BS)
+    b_q = tl.load(Q + (i_kh * G + o_g)[:, None] * s_qh + i_r * s_qr + o_d[None, :], mask=(o_g < G)[:, None],
+                  other=0.0)
+    p_s = SHORT + i_kh * s_sh + i_r * s_sr
+    short = tl.load(p_s + o_k, mask=o_k < S, other=-1)
     p_x = KEYS + i_kh * s_xh
-    exact = tl.full(short.shape, float("-inf"), tl.float32)
-    for r in range(0, BQ):
-        row = i_r * BQ + r
-        m_g = ((o_g < G) & (row < R)).to(tl.int32) != 0  # (a fresh boolean)
-        b_q = tl.load(Q + (i_kh * G + o_g)[:, None] * s_qh + row * s_qr + o_d[None, :], mask=m_g[:, None], other=0.0)
-        blks = tl.sum(tl.where(o_b[:, None] == r, short, 0), 0)
-        ex_r = tl.full(blks.shape, float("-inf"), tl.float32)
-        for s in range(0, S):  # (not unrolled: one key tile in shared memory, not S of them)
-            blk = tl.sum(tl.where(o_k == s, blks, 0))
-            listed = ((o_j >= 0) & (blk >= 0)).to(tl.int32) != 0  # (a fresh boolean: the interpreter keeps some ints)
-            cols = (tl.maximum(blk, 0) * BS + o_j).to(tl.int64)
-            b_k = tl.load(p_x + cols[:, None] * s_xt + o_d[None, :], mask=listed[:, None], other=0.0)
-            sc = tl.where((o_g < G)[:, None], dot_split(b_q, tl.trans(b_k), HILO, IEEE), float("-inf"))
-            ex_r = tl.where(o_k == s, tl.where(blk >= 0, tl.max(tl.max(sc, 1), 0), float("-inf")), ex_r)
-        exact = tl.where(o_b[:, None] == r, ex_r[None, :], exact)
-    out = tl.full([BQ, o_o.shape[0]], -1, tl.int32)
+    exact = tl.full([SP2], float("-inf"), tl.float32)
+    for s0 in range(0, S, NBI):
+        blk = tl.load(p_s + s0 + o_n, mask=s0 + o_n < S, other=-1)  # [NBI]
+        cols = (tl.maximum(blk, 0)[:, None] * BS + o_j[None, :]).to(tl.int64)  # [NBI, BS]
+        listed = (blk >= 0)[:, None] & (o_j >= 0)[None, :]
+        b_k = tl.load(p_x + tl.reshape(cols, [NBI * BS])[:, None] * s_xt + o_d[None, :],
+                      mask=tl.reshape(listed, [NBI * BS])[:, None], other=0.0)
+        sc = tl.where((o_g < G)[:, None], dot_split(b_q, tl.trans(b_k), HILO, IEEE), float("-inf"))
+        ex = tl.max(tl.reshape(tl.max(sc, 0), [NBI, BS]), 1)  # [NBI]
+        ex = tl.where(blk >= 0, ex, float("-inf"))
+        hit = o_k[None, :] == (s0 + o_n)[:, None]  # [NBI, SP2]
+        exact = tl.where((o_k >= s0) & (o_k < s0 + NBI), tl.max(tl.where(hit, ex[:, None], float("-inf")), 0), exact)
+    o_o = tl.arange(0, TKP2)
+    out = tl.full([TKP2], -1, tl.int32)
     for t in tl.static_range(TOPK):
-        c_v = tl.max(exact, 1)
-        c_i = tl.min(tl.where(exact == c_v[:, None], short, 2147483647), 1)
-        out = tl.where(o_o[None, :] == t, tl.where(c_v > float("-inf"), c_i, -1)[:, None], out)
-        exact = tl.where((short == c_i[:, None]) & (exact == c_v[:, None]), float("-inf"), exact)
-    return out
+        c_v = tl.max(exact, 0)
+        c_i = tl.min(tl.where(exact == c_v, short, 2147483647), 0)
+        out = tl.where(o_o == t, tl.where(c_v > float("-inf"), c_i, -1), out)
+        exact = tl.where((short == c_i) & (exact == c_v), float("-inf"), exact)
+    tl.store(IDX + i_kh * s_ih + i_r * s_ir + o_o, out, mask=o_o < TOPK)
 
 
 def block_topk_triton(qr, ka, kb, group: int, p_first, p_last, cfg: SparseXConfig, sliding_window=None,
@@ -189,22 +191,31 @@ def block_topk_triton(qr, ka, kb, group: int, p_first, p_last, cfg: SparseXConfi
     idx = empty(hkv, r, k, device=qr.device, dtype=torch.int32)
     if r == 0 or k == 0:
         return idx
-    xk = keys if cfg.rerank else ka
+    short = empty(hkv, r, s, device=qr.device, dtype=torch.int32) if cfg.rerank else idx
     shape = tile_shape(qr.device, "select")
     sms = sm_count(qr.device) if qr.is_cuda else None
     bq = rows_per_program(shape["rows"], r, hkv, sms)
-    grid = (triton.cdiv(r, bq), hkv)
-    _block_topk_kernel[grid](
-        qr, ka, ka if kb is None else kb, p_first.to(torch.int32), p_last.to(torch.int32), xk, idx,
-        qr.stride(0), qr.stride(1), ka.stride(0), ka.stride(1), xk.stride(0), xk.stride(1), idx.stride(0),
-        idx.stride(1), r, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
-        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BQ=bq, BNB=64, S=s,
-        SP2=max(2, triton.next_power_of_2(s)), TOPK=k, TKP2=max(2, triton.next_power_of_2(k)), BS=cfg.block_size,
-        RERANK=cfg.rerank > 0, MINMAX=kb is not None, HAS_SW=sliding_window is not None,
-        IEEE=ka.dtype == torch.float32, HILO=qr.dtype == torch.float32 and ka.dtype != torch.float32,
+    ieee, hilo = ka.dtype == torch.float32, qr.dtype == torch.float32 and ka.dtype != torch.float32
+    _block_topk_kernel[(triton.cdiv(r, bq), hkv)](
+        qr, ka, ka if kb is None else kb, p_first.to(torch.int32), p_last.to(torch.int32), short,
+        qr.stride(0), qr.stride(1), ka.stride(0), ka.stride(1), short.stride(0), short.stride(1),
+        r, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
+        G=group, D=d, BQ=bq, BNB=64, S=s, SP2=max(2, triton.next_power_of_2(s)),
+        MINMAX=kb is not None, HAS_SW=sliding_window is not None, IEEE=ieee, HILO=hilo,
         UNROLL_G=group * bq * d * qr.element_size() <= UNROLLED_QUERY_BYTES,
         num_warps=shape["num_warps"] if bq <= 64 else max(8, shape["num_warps"]),
     )
+    if cfg.rerank:
+        # blocks of keys read per step: up to 32 KB of keys (half precision, d 128, blocks of 64: 2 blocks)
+        nbi = max(1, min(triton.next_power_of_2(s), (32 << 10) // (cfg.block_size * d * keys.element_size())))
+        nbi = 1 << (nbi.bit_length() - 1)
+        _exact_topk_kernel[(r, hkv)](
+            qr, keys, short, idx, qr.stride(0), qr.stride(1), keys.stride(0), keys.stride(1), short.stride(0),
+            short.stride(1), idx.stride(0), idx.stride(1),
+            G=group, GP=max(16, triton.next_power_of_2(group)), D=d, S=s, SP2=max(2, triton.next_power_of_2(s)),
+            TOPK=k, TKP2=max(2, triton.next_power_of_2(k)), BS=cfg.block_size, NBI=nbi, IEEE=ieee, HILO=hilo,
+            num_warps=4,
+        )
     return idx
 
 
