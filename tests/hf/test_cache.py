@@ -92,6 +92,14 @@ def test_chunked_prefill_keeps_the_prompt_ends_anchor():
 
 
 BACKENDS = ["torch", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton backend: a GPU, or the CPU's interpreter
+
+
+def _pair_on(backend):
+    """The sdpa and sparsex llama pair with the default selection on ``backend``, on the device it runs on."""
+    dense, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend=backend)
+    return dense.to(DEVICE), sparse.to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,9 +107,9 @@ def test_generate_from_a_prompt_shorter_than_a_block(backend, count_decode):
     """The default selection (two stages, the prompt anchor) from a prompt of fewer tokens than a block, with a
     batch mixing it with a longer row: no block is complete at first, the anchor lists nothing, blocks complete as
     tokens come; within the budget the tokens are dense attention's."""
-    dense, sparse = model_pair("llama")
-    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend=backend)
+    dense, sparse = _pair_on(backend)
     for ids, mask in ((torch.randint(3, 256, (1, 5)), None), padded_prompts(length=30, pads=(25, 0))):
+        ids, mask = ids.to(DEVICE), None if mask is None else mask.to(DEVICE)
         kw = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
         assert torch.equal(dense.generate(ids, **kw), sparse.generate(ids, **kw))  # at most 70 < sink + window tokens
     assert count_decode
@@ -111,9 +119,8 @@ def test_generate_from_a_prompt_shorter_than_a_block(backend, count_decode):
 def test_left_padded_batch_of_short_and_long_rows_equals_each_row_alone(backend):
     """The default selection in a left-padded batch of a long row and a row shorter than a block: each row's tokens
     and step logits are what it gets alone (positions, blocks and the prompt anchor count from its first token)."""
-    _, sparse = model_pair("llama")
-    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend=backend)
-    ids, mask = padded_prompts(length=300, pads=(0, 290), seed=3)
+    _, sparse = _pair_on(backend)
+    ids, mask = (x.to(DEVICE) for x in padded_prompts(length=300, pads=(0, 290), seed=3))
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     both = sparse.generate(ids, attention_mask=mask, **kw)
     for row, pad in ((0, 0), (1, 290)):
@@ -127,9 +134,8 @@ def test_left_padded_batch_of_short_and_long_rows_equals_each_row_alone(backend)
 def test_multi_token_decode_steps_equal_single_token_steps(backend, count_decode):
     """Decode steps of several tokens (speculative decoding's verification) select per query, with the prompt anchor:
     the same logits as one token per step, on both backends."""
-    _, sparse = model_pair("llama")
-    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend=backend)
-    ids = torch.randint(3, 256, (1, 312))
+    _, sparse = _pair_on(backend)
+    ids = torch.randint(3, 256, (1, 312)).to(DEVICE)
     logits = []
     for step in (1, 4):
         cache = SparseXCache(sparse.config)
