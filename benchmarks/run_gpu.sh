@@ -6,6 +6,8 @@
 #   NAME = a script of benchmarks/ without .py   python benchmarks/NAME.py --out-dir OUT ARGS...
 #          tests                                 python -m pytest ARGS...  (the GPU test selection: see docs/benchmarks.md)
 #          tests-part K/N                        the K-th of N contiguous shares of the whole test suite (8-14 workers)
+#          matrix                                the GPU matrix (tests/ops/test_matrix.py): every head dim x block size x
+#                                                dtype, forward + backward + decode against the reference + ARGS
 #          tests-fast                            the fast GPU subset: every realistic-size GPU case and kernel variant
 #                                                (84 tests, 137 s on the H200 with 14 workers, 2026-12-02) + ARGS
 #          eval                                  sparsex-eval --output OUT/eval ARGS...
@@ -48,6 +50,8 @@ case "$name" in
         -k "gpu or rerank or two_stage or decode_union or select_kernel or padding or anchor or not_rounded or \
 low_precision_selection or exact_scores or oracle or loaders or from_pretrained_helper or unsupported or save_load or \
 cached_decode or group_loop or static or custom_op or device_tensor or covers or tile_shapes or tuning" "$@" 2>&1 \
+        | tee "$out/pytest.log" ;;
+    matrix) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rf -n "$workers" -q tests/ops/test_matrix.py "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
     tests-part) part="${1:?usage: run_gpu.sh tests-part K/N [ARGS...]}"; shift

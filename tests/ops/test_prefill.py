@@ -412,3 +412,54 @@ def test_tile_shapes_match_reference(name, tile, select):
     assert _rel(out, ref) < 1e-5
     for a, b in zip(got, want):
         assert not a.isnan().any() and _rel(a, b) < 1e-4
+
+
+def test_a_launch_shape_the_card_cannot_hold_is_made_smaller(monkeypatch, caplog):
+    """A launch the card refuses for shared memory (Triton's OutOfResources, here raised by a stand-in card that
+    holds at most 32-row tiles of one pipeline stage) is retried with smaller shapes, recorded and said once in the
+    log: the forward and the backward then give the reference's output and gradients, and later calls start from
+    the recorded shape; a shape that cannot shrink further gets an error that names the card and the shape."""
+    from triton.runtime.errors import OutOfResources
+
+    from sparsex_hf.ops.attention import prefill
+
+    kernel, launches = prefill._sparsex_kernel, []
+
+    class SmallCard:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((kw["BACKWARD"], kw["BM"], kw["num_stages"]))
+                if kw["BM"] > 32 or kw["num_stages"] > 1:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(prefill, "_sparsex_kernel", SmallCard())
+    monkeypatch.setattr(prefill, "_fitted", {})
+    cfg = SparseXConfig(**CONFIGS["union"])
+    q, k, v = _inputs(("T200", 1, 4, 2, 200, 200, 64), torch.float32, seed=3, grad=True)
+    do = torch.randn_like(q)
+    with caplog.at_level("WARNING"):
+        out = sparsex_attention(q, k, v, cfg, backend="triton")
+        got = torch.autograd.grad((out * do).sum(), (q, k, v))
+    ref = sparsex_attention(q, k, v, cfg, backend="torch")
+    want = torch.autograd.grad((ref * do).sum(), (q, k, v))
+    assert _rel(out, ref) < 1e-5 and all(_rel(a, b) < 1e-4 for a, b in zip(got, want))
+    assert {key[1] for key in prefill._fitted} == {"fwd", "bwd"}
+    assert all(t["block_m"] <= 32 and t["num_stages"] == 1 for t in prefill._fitted.values())
+    said = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
+    assert said and all("head dim 64" in m for m in said)
+    launches.clear()
+    sparsex_attention(q, k, v, cfg, backend="triton")
+    assert launches and all(bm <= 32 and stages == 1 for _, bm, stages in launches)  # no refused launch again
+
+    class NoCard:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise OutOfResources(262144, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(prefill, "_sparsex_kernel", NoCard())
+    monkeypatch.setattr(prefill, "_fitted", {})
+    with pytest.raises(ValueError, match="smallest launch shape .* does not fit"):
+        sparsex_attention(q, k, v, cfg, backend="triton")

@@ -18,7 +18,7 @@ def test_table_entries_are_valid_and_default_applies_off_the_table():
             assert entry["measured"]  # where the shapes were measured
     assert tuning.tile_shape(torch.device("cpu")) == table["default"]["fwd"]
     assert tuning.tile_shape(torch.device("cpu"), "select") == table["default"]["select"]
-    assert prefill.block_m(torch.device("cpu"), backward=True) == table["default"]["bwd"]["block_m"]
+    assert prefill.block_m(torch.zeros(1, 1, 1, 64), 64, backward=True) == table["default"]["bwd"]["block_m"]
 
 
 def test_override_is_scoped():
@@ -59,13 +59,36 @@ def test_save_entry_round_trips(tmp_path, monkeypatch):
         select = dict(rows=64, num_warps=8)
         tuning.save_entry("Some GPU", dict(fwd=fwd, bwd=bwd, select=select), "a sweep", path=str(path))
         assert tuning._table()["Some GPU"] == dict(fwd=fwd, bwd=bwd, select=select, measured="a sweep")
-        monkeypatch.setattr(tuning, "_device_name", lambda device: "Some GPU")
+        monkeypatch.setattr(tuning, "device_name", lambda device: "Some GPU")
         assert tuning.tile_shape(torch.device("cuda")) == fwd
         assert tuning.tile_shape(torch.device("cuda"), "bwd") == bwd
         assert tuning.tile_shape(torch.device("cuda"), "select") == select
     finally:
         monkeypatch.undo()
         tuning._table.cache_clear()
+        tuning._entry.cache_clear()
+
+
+def test_a_gpu_off_the_table_gets_the_default_and_a_line_in_the_log(monkeypatch, caplog):
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Some Unlisted GPU")
+    tuning._entry.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            shapes = [tuning.tile_shape(torch.device("cuda"), kind) for kind in ("fwd", "bwd", "select", "fwd")]
+        assert shapes[:3] == [tuning._table()["default"][k] for k in ("fwd", "bwd", "select")]
+        said = [r.getMessage() for r in caplog.records if "Some Unlisted GPU" in r.getMessage()]
+        assert len(said) == 1 and "default" in said[0] and "sweep_prefill.py --save" in said[0]
+    finally:
+        tuning._entry.cache_clear()
+
+
+def test_smaller_tiles_take_a_stage_then_a_window_chunk_then_rows():
+    tile = dict(block_m=64, window_n=128, num_warps=8, num_stages=2)
+    seen = []
+    while tile is not None:
+        seen.append((tile["block_m"], tile["window_n"], tile["num_stages"]))
+        tile = prefill.smaller_tile(tile, block_size=32)
+    assert seen == [(64, 128, 2), (64, 128, 1), (64, 64, 1), (64, 32, 1), (32, 32, 1), (16, 32, 1)]
 
 
 @pytest.mark.parametrize("rows, heads, want", [(16384, 2, 64), (2048, 8, 32), (128, 8, 32), (16384, 8, 64)])

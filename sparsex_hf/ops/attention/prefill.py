@@ -17,18 +17,58 @@ and produces dQ, and adds dK, dV into fp32 buffers with atomics.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 from torch import empty, empty_like  # module-level names: tests poison them (NaN) to catch unwritten elements
+from triton.runtime.errors import OutOfResources
 
 from .layout import KernelLayout
-from .tuning import tile_shape
+from .tuning import device_name, overridden, tile_shape
+
+logger = logging.getLogger(__name__)
+
+# (GPU, pass, head dim, dtype, block size) -> the launch shape used where the table's needs more shared memory than
+# the card has: found at the first launch that did not fit, then used from the start
+_fitted: dict[tuple, dict] = {}
 
 
-def block_m(device, backward: bool = False) -> int:
-    """Query rows per program on ``device`` (tuning.py's table)."""
-    return tile_shape(device, "bwd" if backward else "fwd")["block_m"]
+class TileDoesNotFit(Exception):
+    """The launch shape asked for more shared memory than the card has; a smaller one is recorded: build the
+    layout again (``launch_tile``) and launch again."""
+
+
+def _fit_key(q: torch.Tensor, block_size: int, kind: str) -> tuple:
+    return device_name(q.device), kind, q.shape[-1], q.dtype, block_size
+
+
+def launch_tile(q: torch.Tensor, block_size: int, backward: bool = False) -> dict:
+    """The attention kernel's launch shape for ``q`` (its GPU, head dim and dtype) and ``block_size``: the table's
+    (tuning.py), or where that one did not fit the card's shared memory, the smaller one recorded then."""
+    kind = "bwd" if backward else "fwd"
+    if overridden(kind):
+        return tile_shape(q.device, kind)
+    return _fitted.get(_fit_key(q, block_size, kind)) or tile_shape(q.device, kind)
+
+
+def block_m(q: torch.Tensor, block_size: int, backward: bool = False) -> int:
+    """Query rows per program for ``q`` and ``block_size`` (``launch_tile``)."""
+    return launch_tile(q, block_size, backward)["block_m"]
+
+
+def smaller_tile(tile: dict, block_size: int) -> dict | None:
+    """The next launch shape to try when ``tile`` needs too much shared memory: one pipeline stage fewer, else half
+    the unmasked window chunk (while it is wider than a block), else half the query rows (not below 16); None when
+    ``tile`` is the smallest."""
+    if tile["num_stages"] > 1:
+        return dict(tile, num_stages=tile["num_stages"] - 1)
+    if tile["window_n"] > max(16, block_size):
+        return dict(tile, window_n=tile["window_n"] // 2)
+    if tile["block_m"] > 16:
+        return dict(tile, block_m=tile["block_m"] // 2)
+    return None
 
 
 @triton.jit
@@ -335,10 +375,28 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
     topk = sel.shape[-1]
     dummy = lse
     grid = (n_tiles * hq,)
-    tile = tile_shape(q.device, "bwd" if backward else "fwd")
+    tile = launch_tile(q, block_size, backward)
     if tile["block_m"] != layout.block_m:
         raise ValueError(f"layout built for block_m={layout.block_m}, the {'backward' if backward else 'forward'} tile "
-                         f"on {q.device} has block_m={tile['block_m']}: build the layout with prefill.block_m(device)")
+                         f"on {q.device} has block_m={tile['block_m']}: build the layout with prefill.block_m(q, ...)")
+    try:
+        _launch_kernel(grid, tile, q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink,
+                       window, stride, sliding_window, block_size, flags, backward, topk, hq, hkv, tk, d, dummy)
+    except OutOfResources as e:
+        kind = "bwd" if backward else "fwd"
+        smaller = None if overridden(kind) else smaller_tile(tile, block_size)
+        if smaller is None:
+            raise ValueError(f"the {'backward' if backward else 'forward'} kernel's smallest launch shape {tile} does "
+                             f"not fit {device_name(q.device)} (head dim {d}, {q.dtype}, block_size {block_size}): "
+                             f"{e}") from e
+        _fitted[_fit_key(q, block_size, kind)] = smaller
+        logger.warning("sparsex: the %s tile %s needs more shared memory than %s has (head dim %d, %s, block_size "
+                       "%d); trying %s", kind, tile, device_name(q.device), d, q.dtype, block_size, smaller)
+        raise TileDoesNotFit from e
+
+
+def _launch_kernel(grid, tile, q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink, window,
+                   stride, sliding_window, block_size, flags, backward, topk, hq, hkv, tk, d, dummy):
     _sparsex_kernel[grid](
         q, k, v, o, lse, do if backward else q, delta if backward else dummy, dq if backward else q,
         dk if backward else dummy, dv if backward else dummy, sel, union, count, layout.tiles,

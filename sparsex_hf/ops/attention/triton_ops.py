@@ -9,12 +9,24 @@ import torch
 from ...config import SparseXConfig, config_from_json
 from .common import resolve_mix_weights
 from .layout import kernel_layout
-from .prefill import attend, attend_backward, block_m, tile_union
+from .prefill import TileDoesNotFit, attend, attend_backward, block_m, tile_union
 from .select import select_blocks_triton
 
 
-def _layout(q, k, attention_mask, cu_q, cu_k, backward=False):
-    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, block_m(q.device, backward), attention_mask, cu_q, cu_k)
+def _layout(q, k, attention_mask, cu_q, cu_k, block_size, backward=False):
+    return kernel_layout(q.shape[0], q.shape[2], k.shape[2], q.device, block_m(q, block_size, backward), attention_mask,
+                         cu_q, cu_k)
+
+
+def _fitting(run):
+    """``run()``, again with the smaller launch shape recorded each time the kernel did not fit the card's shared
+    memory (prefill.TileDoesNotFit; at most a few times: each try takes a stage, a chunk or rows off)."""
+    for _ in range(12):
+        try:
+            return run()
+        except TileDoesNotFit:
+            continue
+    raise RuntimeError("sparsex: no launch shape of the attention kernel fitted after 12 tries")
 
 
 @torch.library.custom_op("sparsex::select", mutates_args=())
@@ -24,7 +36,7 @@ def select_op(
 ) -> torch.Tensor:
     """Top-k block indices ``[B, Hkv, Tq, topk]`` int32 (-1 = none); ``config``: the config as ``SparseXConfig.json``
     (a constant when traced), ``sliding_window``: 0 for none."""
-    layout = _layout(q, k, attention_mask, cu_q, cu_k)
+    layout = _layout(q, k, attention_mask, cu_q, cu_k, config_from_json(config).block_size)
     return select_blocks_triton(q, k, layout, config_from_json(config), sliding_window or None)
 
 
@@ -34,7 +46,7 @@ def _(q, k, attention_mask, cu_q, cu_k, config, sliding_window):
 
 
 def _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, backward=False):
-    layout = _layout(q, k, attention_mask, cu_q, cu_k, backward)
+    layout = _layout(q, k, attention_mask, cu_q, cu_k, block_size, backward)
     union, count = tile_union(sel, layout, window, block_size, select_tile)
     return layout, union, count
 
@@ -46,9 +58,14 @@ def attend_op(
     window: int, stride: int, sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention over the given selection: ``(o [B, Hq, Tq, D], lse [B, Hq, Tq] fp32)``."""
-    layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile)
-    return attend(q, k, v, sel, layout, union, count, scale=scale, sink=sink, window=window, stride=stride,
-                  sliding_window=sliding_window or None, block_size=block_size, flags=(use_local, use_stride, use_topk))
+
+    def run():
+        layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile)
+        return attend(q, k, v, sel, layout, union, count, scale=scale, sink=sink, window=window, stride=stride,
+                      sliding_window=sliding_window or None, block_size=block_size,
+                      flags=(use_local, use_stride, use_topk))
+
+    return _fitting(run)
 
 
 @attend_op.register_fake
@@ -64,10 +81,14 @@ def attend_backward_op(
     cu_k: torch.Tensor | None, scale: float, block_size: int, sink: int, window: int, stride: int,
     sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, True)
-    return attend_backward(q, k, v, o, lse, do, sel, layout, union, count, scale=scale, sink=sink,
-                           window=window, stride=stride, sliding_window=sliding_window or None,
-                           block_size=block_size, flags=(use_local, use_stride, use_topk))
+
+    def run():
+        layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, True)
+        return attend_backward(q, k, v, o, lse, do, sel, layout, union, count, scale=scale, sink=sink,
+                               window=window, stride=stride, sliding_window=sliding_window or None,
+                               block_size=block_size, flags=(use_local, use_stride, use_topk))
+
+    return _fitting(run)
 
 
 @attend_backward_op.register_fake

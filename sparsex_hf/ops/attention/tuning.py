@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tiles.json")
 _ATTENTION = ("block_m", "window_n", "num_warps", "num_stages")
@@ -51,20 +54,43 @@ def check_tile(tile: dict, kind: str = "fwd", where: str = "tile") -> dict:
     return tile
 
 
+def device_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` of a CUDA ``device``; ``"default"`` for other devices and the interpreter."""
+    device = torch.device(device)
+    return _device_name(device.type, device.index if device.index is not None else torch.cuda.current_device()
+                        if device.type == "cuda" else None)
+
+
 @functools.cache
-def _device_name(device: torch.device) -> str:
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+def _device_name(kind: str, index: int | None) -> str:
+    if kind != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return "default"
-    return torch.cuda.get_device_name(device)
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _entry(name: str) -> dict:
+    table = _table()
+    if name not in table:
+        logger.warning("sparsex: tiles.json has no launch shapes for %r: using its \"default\" entry (shapes that "
+                       "do not fit this card's shared memory are made smaller at their first launch); "
+                       "benchmarks/sweep_prefill.py --save measures this card's", name)
+        return table["default"]
+    return table[name]
 
 
 def tile_shape(device: torch.device, kind: str = "fwd") -> dict:
     """The launch shape of kernel ``kind`` (``"fwd"``, ``"bwd"``, ``"select"``) on ``device``: the table's entry
-    for its GPU, else the default."""
+    for its GPU, else the default (said once in the log)."""
     if kind in _override:
         return _override[kind]
-    table = _table()
-    return table.get(_device_name(torch.device(device)), table["default"])[kind]
+    name = device_name(device)
+    return _entry(name)[kind] if name != "default" else _table()["default"][kind]
+
+
+def overridden(kind: str) -> bool:
+    """Whether ``override`` sets kernel ``kind``'s shape now (then it is used as given, never made smaller)."""
+    return kind in _override
 
 
 def sm_count(device: torch.device) -> int:
@@ -111,3 +137,4 @@ def save_entry(gpu: str, tiles: dict, measured: str, path: str = TABLE_PATH) -> 
         json.dump(table, f, indent=2)
         f.write("\n")
     _table.cache_clear()
+    _entry.cache_clear()
