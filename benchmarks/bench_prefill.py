@@ -33,6 +33,7 @@ from _common import append_csv
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig, sparsex_attention
+from sparsex_hf.ops.attention import cost
 from sparsex_hf.ops.attention.triton_ops import select_op
 
 HEADLINE = dict(window=4096, stride=256, topk=8, block_size=64, sink_tokens=64)
@@ -107,6 +108,9 @@ def main():
             old = ""
         cfg = cfg.replace(**{key: val in ("1", "true", "True") if isinstance(old, bool) else val if isinstance(old, str)
                              else type(old)(val)})
+    # the "sparsex" rows time the kernels (cost-model handoff off); "sparsex_auto" rows time what the default does
+    # where the cost model hands the prefill to SDPA instead
+    auto_cfg, cfg = cfg, cfg.replace(dense_when_faster=False)
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
     meta = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, triton=triton.__version__,
@@ -147,6 +151,10 @@ def main():
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base + (q.numel() + 2 * k.numel()) * 2
         record("sparsex", "fwd", t, hq, hkv, d, ms, flops, peak, qkvo, f"{keys / t:.0f} keys/query")
+        if auto_cfg.dense_when_faster and cost.dense_is_faster(auto_cfg, t, hq, d, 1, gpu):
+            with torch.no_grad():
+                auto = bench(lambda: sparsex_attention(q, k, v, auto_cfg, backend="triton"), rep, runs)
+            record("sparsex_auto", "fwd", t, hq, hkv, d, auto, 0, 0, qkvo, "the default: SDPA by the cost model")
         sel = lambda: select_op(q, k, None, None, None, cfg.json, 0)  # noqa: E731
         record("sparsex", "select", t, hq, hkv, d, bench(sel, rep, runs), 0, 0, qkvo)
         if t <= args.bwd_max:

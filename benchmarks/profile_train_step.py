@@ -47,7 +47,7 @@ SX = ["--block-size", "64", "--sink-tokens", "64", "--window", "1024", "--stride
 
 
 def attention_alone(t: int, out: dict) -> None:
-    cfg = SparseXConfig(block_size=64, sink_tokens=64, window=1024, stride=64, topk=12)
+    cfg = SparseXConfig(block_size=64, sink_tokens=64, window=1024, stride=64, topk=12, dense_when_faster=False)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 9, t, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     k = torch.randn(1, 3, t, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()

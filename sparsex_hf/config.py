@@ -75,6 +75,11 @@ class SparseXConfig:
         dense_layers: layer indices that keep dense causal attention (e.g. ``(0,)``).
         dense_below: inputs with at most this many keys use dense causal attention (0 = never).
             Logged once at INFO when it triggers.
+        dense_when_faster: a prefill call that needs no gradient (inference), on the Triton backend, is computed
+            by SDPA's dense causal attention where the cost model (``ops/attention/cost.py``: measured per GPU)
+            predicts dense attention faster than Sparse-X for its length, heads and head dim; its answer is then
+            dense attention's own. Calls that need gradients (training) keep the sparse kernels; ``False`` keeps
+            them always (to measure the selection rule itself). Logged once at INFO when it triggers.
         respect_sliding_window: when the model passes a ``sliding_window`` (Mistral), keys further
             than the window are excluded from every set, as the model was trained. ``False`` lets
             Sparse-X reach beyond it.
@@ -100,6 +105,7 @@ class SparseXConfig:
     anchor: bool | str = "split"
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     dense_below: int = 0
+    dense_when_faster: bool = True
     respect_sliding_window: bool = True
     backend: str = "auto"
     prefill_chunk: int = 32768
@@ -149,6 +155,8 @@ class SparseXConfig:
             raise bad("gamma", "a number >= 0")
         if not isinstance(self.respect_sliding_window, bool):
             raise bad("respect_sliding_window", "True or False")
+        if not isinstance(self.dense_when_faster, bool):
+            raise bad("dense_when_faster", "True or False")
         layers = self.dense_layers
         if isinstance(layers, int) and not isinstance(layers, bool):
             layers = (layers,)

@@ -23,9 +23,11 @@ DEFAULT_METHODS = ("sdpa", "sparsex", "window", "stride_window")
 
 
 def method_config(method: str, cfg: SparseXConfig, max_length: int, variants: dict | None = None) -> SparseXConfig | None:
-    """The Sparse-X config that realises ``method`` (None for dense ``sdpa``)."""
+    """The Sparse-X config that realises ``method`` (None for dense ``sdpa``). The evaluation measures the selection
+    rules themselves: prefills the cost model would hand to dense attention stay on the sparse kernels."""
     if method == "sdpa":
         return None
+    cfg = cfg.replace(dense_when_faster=False)
     if method in ("sparsex", "oracle"):
         return cfg
     if method.startswith("sparsex:"):

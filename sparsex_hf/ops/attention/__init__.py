@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from ...config import SparseXConfig
+from . import cost
 from .common import anchor_scores, block_summaries
 from .decode import MAX_DECODE_QUERIES, prompt_anchor
 from .decode_op import decode_op, run_decode
 from .documents import Document, cu_seqlens_from_position_ids, split_documents, validate_cu_seqlens
 from .layout import kernel_documents
 from .naive import SparseXStats, sparsex_attention_naive
+from .tuning import device_name
 
 try:  # Triton is a Linux dependency; elsewhere only the reference runs
     from .select import anchor_scores_triton
@@ -178,6 +180,9 @@ def sparsex_attention(
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
         out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window, dense)
+        if out is None and not dense and _dense_is_faster(q, k, v, cfg):
+            out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window,
+                                 True)
         if out is not None:
             return out
         return sparsex_attention_triton(
@@ -189,6 +194,23 @@ def sparsex_attention(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,
         sliding_window=sliding_window, dense=dense, mix_weights=mix_weights, return_stats=return_stats,
     )
+
+
+def _dense_is_faster(q, k, v, cfg: SparseXConfig) -> bool:
+    """``config.dense_when_faster``: a prefill call (``Tq == Tk``) that needs no gradient, for which the cost model
+    predicts SDPA's dense attention faster than Sparse-X on this GPU (``cost.py``)."""
+    if not (DENSE_HANDOFF and cfg.dense_when_faster) or q.shape[2] != k.shape[2]:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False  # training sees Sparse-X at every length
+    gpu = device_name(q.device)
+    bsz, hq, n, d = q.shape
+    if not cost.dense_is_faster(cfg, k.shape[2], hq, d, bsz, gpu):
+        return False
+    log_once(f"sparsex: on {gpu}, dense attention (SDPA) is predicted faster than Sparse-X below about "
+             f"{cost.crossover(cfg, hq, d, bsz, gpu)} tokens for {hq} heads of dim {d}, batch {bsz}: such prefills "
+             "use it (dense_when_faster=False keeps the sparse kernels; calls that need gradients keep them).")
+    return True
 
 
 def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu_q, cu_k, sliding_window, dense):
