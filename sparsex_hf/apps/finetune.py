@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config import SparseXConfig
 from ..hf.training import ROPE_TYPES, attach_mix_gates, drop_gguf_marker, extend_rope, labels_for, pack
+from ..ops.attention import sparse_kernels_only
 from ..patches import attention_class, check_model_type
 from .loading import add_sparsex_arguments, load_config, load_model, load_tokenizer, require, sparsex_config_from_args
 from .mixture import mix_sequences
@@ -276,7 +277,15 @@ def _latest_checkpoint(out: str) -> tuple[str, int] | None:
 
 @torch.no_grad()
 def eval_loss(model, seqs, device) -> float:
+    """Held-out loss of the model as it trains: with the Sparse-X kernels at every length (sparse_kernels_only)."""
     model.eval()
+    with sparse_kernels_only():
+        total, n = _held_out(model, seqs, device)
+    model.train()
+    return total / max(n, 1)
+
+
+def _held_out(model, seqs, device) -> tuple[float, int]:
     total, n = 0.0, 0
     for ids, pos, labels in seqs:
         ids, pos, labels = ids[None].to(device), pos[None].to(device), labels[None].to(device)
@@ -284,8 +293,7 @@ def eval_loss(model, seqs, device) -> float:
         k = int((labels[:, 1:] != -100).sum())
         total += out.loss.float().item() * k
         n += k
-    model.train()
-    return total / max(n, 1)
+    return total, n
 
 
 def _schedule(args):

@@ -96,6 +96,11 @@ def test_inference_prefills_go_to_sdpa_where_dense_is_faster(monkeypatch, caplog
     assert used and (out[:, :, :40] == 0).all()
     torch.testing.assert_close(out[:, :, 40:], sdpa(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], is_causal=True,
                                                     enable_gqa=True), atol=1e-6, rtol=1e-6)
+    from sparsex_hf.ops.attention import sparse_kernels_only
+
+    with sparse_kernels_only():  # a training run's held-out loss: the kernels
+        assert not run()[1]
+    assert run()[1]
     for kw in (dict(grad=True), dict(tq=77), dict(conf=cfg.replace(dense_when_faster=False))):
         out, used = run(**kw)
         assert not used, kw

@@ -7,6 +7,7 @@ reference (the executable form of ``docs/spec.md``, and the CPU backend); the Tr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -50,6 +51,18 @@ def log_once(message: str) -> None:
 # Where every query's Sparse-X key set is all of its causal keys, the Triton backend hands the input to SDPA
 # (_dense_handoff); the kernel tests turn this off so that small inputs still test the kernels.
 DENSE_HANDOFF = True
+
+
+@contextlib.contextmanager
+def sparse_kernels_only():
+    """Inside, the Triton backend computes every call with the sparse kernels: no handoff to SDPA, neither where the
+    budget covers every key nor where the cost model predicts dense faster (a training run's held-out loss)."""
+    global DENSE_HANDOFF
+    saved, DENSE_HANDOFF = DENSE_HANDOFF, False
+    try:
+        yield
+    finally:
+        DENSE_HANDOFF = saved
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 MAX_HEADS = 1024  # more heads than any model has: a [B, T, H, D] tensor passed by mistake

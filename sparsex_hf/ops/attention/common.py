@@ -227,7 +227,8 @@ def document_anchor(q: torch.Tensor, first: int, keys: torch.Tensor, cfg: Sparse
     eligible for all of them. ``scores``: :func:`anchor_scores` or the Triton kernel's (``select.py``)."""
     last = first + q.shape[2] - 1
     a = max(last // cfg.select_tile * cfg.select_tile, first) - first
-    ends = torch.tensor([first + a, last], device=q.device)
+    # [first + a, last] made on the device: a tensor copied from host memory would make the host wait for the GPU
+    ends = torch.arange(2, device=q.device) * (last - first - a) + (first + a)
     eligible = eligible_blocks(ends, keys.shape[1] // cfg.block_size, cfg, sliding_window).all(0)
     tile = q[:, :, a:] if cfg.anchor == "split" else q[:, :, -1:]
     return a, anchor_blocks(*scores(tile, keys, cfg), eligible, cfg)
