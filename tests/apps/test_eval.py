@@ -143,7 +143,8 @@ def test_baselines_have_the_sparsex_budget():
     sw = method_config("stride_window", cfg, n)
     assert w.stride == 0 and w.topk == 0 and w.keys_per_query(n) == budget
     assert sw.topk == 0 and sw.stride == cfg.stride and sw.keys_per_query(n) == budget
-    assert method_config("sdpa", cfg, n) is None and method_config("sparsex", cfg, n) is cfg
+    assert method_config("sdpa", cfg, n) is None and method_config("sparsex", cfg, n) == cfg.replace(dense_when_faster=False)
+    assert not any(c.dense_when_faster for c in (w, sw))  # the rules themselves, never handed to SDPA
     assert budget <= 0.25 * n
 
 
