@@ -463,3 +463,53 @@ def test_a_launch_shape_the_card_cannot_hold_is_made_smaller(monkeypatch, caplog
     monkeypatch.setattr(prefill, "_fitted", {})
     with pytest.raises(ValueError, match="smallest launch shape .* does not fit"):
         sparsex_attention(q, k, v, cfg, backend="triton")
+
+
+@pytest.mark.parametrize("preset", ["default", "one-stage"])
+def test_an_unpadded_prefill_never_waits_for_the_device(preset, monkeypatch):
+    """On PyTorch's meta device (no data: a host read of a device value, a sync on a GPU, raises) with the Triton
+    kernels replaced by no-ops, an unpadded prefill call runs through the selection, the anchor and the attention
+    host code; its second call (a model's next layer) copies nothing from host memory to the device either (such a
+    copy waits for the GPU's queued work). benchmarks/prefill_host_ops.py counts what it launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from sparsex_hf.ops.attention import prefill, select, triton_ops
+
+    launched, copies = [], []
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(1)
+
+    class HostToDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "cpu" and t.dim() for t in ins) and any(t.device.type == "meta" for t in outs):
+                copies.append(str(func))
+            return out
+
+    for mod, name in ((select, "_block_topk_kernel"), (select, "_exact_topk_kernel"),
+                      (select, "_anchor_scores_kernel"), (prefill, "_sparsex_kernel")):
+        monkeypatch.setattr(mod, name, NoLaunch())
+    monkeypatch.setattr(triton_ops, "select_op", triton_ops.select_op._init_fn)
+    monkeypatch.setattr(triton_ops, "attend_op", triton_ops.attend_op._init_fn)
+    cfg = SparseXConfig.preset(preset, **SPARSE_SMALL)
+    q = torch.empty(1, 8, 1000, 64, device="meta")
+    k = torch.empty(1, 2, 1000, 64, device="meta")
+    triton_ops.sparsex_attention_triton(q, k, k, cfg, scale=0.125)
+    launched.clear()
+    make = torch.tensor  # torch.tensor(data, device=...) copies below the dispatcher: watched here
+
+    def tensor(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type != "cpu":
+            copies.append(f"torch.tensor(..., device={device})")
+        return make(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    with HostToDevice():
+        out = triton_ops.sparsex_attention_triton(q, k, k, cfg, scale=0.125)
+    assert out.shape == q.shape and len(launched) == (4 if preset == "default" else 2)
+    assert not copies, copies

@@ -227,9 +227,12 @@ def document_anchor(q: torch.Tensor, first: int, keys: torch.Tensor, cfg: Sparse
     eligible for all of them. ``scores``: :func:`anchor_scores` or the Triton kernel's (``select.py``)."""
     last = first + q.shape[2] - 1
     a = max(last // cfg.select_tile * cfg.select_tile, first) - first
-    # [first + a, last] made on the device: a tensor copied from host memory would make the host wait for the GPU
-    ends = torch.arange(2, device=q.device) * (last - first - a) + (first + a)
-    eligible = eligible_blocks(ends, keys.shape[1] // cfg.block_size, cfg, sliding_window).all(0)
+    nb = keys.shape[1] // cfg.block_size
+    # the blocks eligible for both ends of the tile form one range: found on the host (no copy to the device, which
+    # would make the host wait for the GPU), then made a mask on the device
+    ok = eligible_blocks(torch.tensor([first + a, last]), nb, cfg, sliding_window).all(0).nonzero().flatten().tolist()
+    b = torch.arange(nb, device=keys.device)
+    eligible = (b >= ok[0]) & (b <= ok[-1]) if ok else torch.zeros(nb, dtype=torch.bool, device=keys.device)
     tile = q[:, :, a:] if cfg.anchor == "split" else q[:, :, -1:]
     return a, anchor_blocks(*scores(tile, keys, cfg), eligible, cfg)
 

@@ -11,6 +11,8 @@ the H100). A third kernel scores every block exactly for the prompt's anchor til
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -269,9 +271,10 @@ def anchor_scores_triton(q: torch.Tensor, keys: torch.Tensor, cfg: SparseXConfig
     return last.amax(0), any_.amax(0)
 
 
+@functools.lru_cache(maxsize=64)
 def _tile_bounds(first: int, n: int, tile: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row ranges ``[lo, hi)`` of a document's selection tiles (aligned to its start) among its query rows,
-    which are its positions ``first .. n - 1``."""
+    which are its positions ``first .. n - 1``. Cached (a model's layers ask for the same ones; never written)."""
     t = torch.arange(first // tile, (n - 1) // tile + 1, device=device)
     return torch.clamp(t * tile, min=first) - first, torch.clamp((t + 1) * tile, max=n) - first
 
