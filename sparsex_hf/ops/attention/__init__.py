@@ -8,6 +8,7 @@ reference (the executable form of ``docs/spec.md``, and the CPU backend); the Tr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -192,11 +193,13 @@ def sparsex_attention(
     backend = resolve_backend(backend or cfg.backend, q.device)
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
-        out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window, dense)
-        if out is None and not dense and _dense_is_faster(q, k, v, cfg):
-            out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window,
-                                 True)
+        faster = not dense and _dense_is_faster(q, k, v, cfg)
+        out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window,
+                             dense or faster)
         if out is not None:
+            log_once(_faster_message(device_name(q.device), cfg, *q.shape[:2], q.shape[3]) if faster else
+                     "sparsex: every query's key set is all of its causal keys here (a dense layer, or documents of at "
+                     "most sink_tokens + window tokens): computed by SDPA's causal attention.")
             return out
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
@@ -211,19 +214,21 @@ def sparsex_attention(
 
 def _dense_is_faster(q, k, v, cfg: SparseXConfig) -> bool:
     """``config.dense_when_faster``: a prefill call (``Tq == Tk``) that needs no gradient, for which the cost model
-    predicts SDPA's dense attention faster than Sparse-X on this GPU (``cost.py``)."""
+    predicts SDPA's dense attention faster than Sparse-X on this GPU (``cost.py``); ``_dense_handoff`` then takes
+    it wherever it can (not: a model sliding window shorter than the input, chunks)."""
     if not (DENSE_HANDOFF and cfg.dense_when_faster) or q.shape[2] != k.shape[2]:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False  # training sees Sparse-X at every length
-    gpu = device_name(q.device)
     bsz, hq, n, d = q.shape
-    if not cost.dense_is_faster(cfg, k.shape[2], hq, d, bsz, gpu):
-        return False
-    log_once(f"sparsex: on {gpu}, dense attention (SDPA) is predicted faster than Sparse-X below about "
-             f"{cost.crossover(cfg, hq, d, bsz, gpu)} tokens for {hq} heads of dim {d}, batch {bsz}: such prefills "
-             "use it (dense_when_faster=False keeps the sparse kernels; calls that need gradients keep them).")
-    return True
+    return cost.dense_is_faster(cfg, n, hq, d, bsz, device_name(q.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _faster_message(gpu: str, cfg: SparseXConfig, bsz: int, hq: int, d: int) -> str:
+    return (f"sparsex: on {gpu}, dense attention (SDPA) is predicted faster than Sparse-X below about "
+            f"{cost.crossover(cfg, hq, d, bsz, gpu)} tokens for {hq} heads of dim {d}, batch {bsz}: such prefills use "
+            "it (dense_when_faster=False keeps the sparse kernels; calls that need gradients keep them).")
 
 
 def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu_q, cu_k, sliding_window, dense):
@@ -250,8 +255,6 @@ def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu
         docs = [(None, a, e - a) for a, e in zip(bounds, bounds[1:]) if e > a]
     if not dense and max((n for *_, n in docs), default=0) > cover:
         return None
-    log_once("sparsex: every query's key set is all of its causal keys here (a dense layer, or documents of at most "
-             "sink_tokens + window tokens): computed by SDPA's causal attention.")
 
     def sdpa(rows, a, n):
         return F.scaled_dot_product_attention(q[rows, :, a:a + n], k[rows, :, a:a + n], v[rows, :, a:a + n],

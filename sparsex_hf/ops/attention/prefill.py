@@ -380,8 +380,19 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
         raise ValueError(f"layout built for block_m={layout.block_m}, the {'backward' if backward else 'forward'} tile "
                          f"on {q.device} has block_m={tile['block_m']}: build the layout with prefill.block_m(q, ...)")
     try:
-        _launch_kernel(grid, tile, q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink,
-                       window, stride, sliding_window, block_size, flags, backward, topk, hq, hkv, tk, d, dummy)
+        _sparsex_kernel[grid](
+            q, k, v, o, lse, do if backward else q, delta if backward else dummy, dq if backward else q,
+            dk if backward else dummy, dv if backward else dummy, sel, union, count, layout.tiles,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1),
+            sel.stride(0), sel.stride(1), sel.stride(2), union.stride(0), union.stride(1),
+            hq, hkv, tk, scale, sink, window, stride, sliding_window or 0,
+            G=hq // hkv, D=d, BM=layout.block_m, BN=block_size, BW=max(tile["window_n"], block_size), TOPK=topk,
+            TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
+            USE_LOCAL=flags[0], USE_STRIDE=flags[1], USE_TOPK=flags[2] and topk > 0, HAS_SW=sliding_window is not None,
+            BACKWARD=backward, IEEE=q.dtype == torch.float32,
+            num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+        )
     except OutOfResources as e:
         kind = "bwd" if backward else "fwd"
         smaller = None if overridden(kind) else smaller_tile(tile, block_size)
@@ -393,20 +404,3 @@ def _launch(q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, s
         logger.warning("sparsex: the %s tile %s needs more shared memory than %s has (head dim %d, %s, block_size "
                        "%d); trying %s", kind, tile, device_name(q.device), d, q.dtype, block_size, smaller)
         raise TileDoesNotFit from e
-
-
-def _launch_kernel(grid, tile, q, k, v, o, lse, do, delta, dq, dk, dv, sel, union, count, layout, scale, sink, window,
-                   stride, sliding_window, block_size, flags, backward, topk, hq, hkv, tk, d, dummy):
-    _sparsex_kernel[grid](
-        q, k, v, o, lse, do if backward else q, delta if backward else dummy, dq if backward else q,
-        dk if backward else dummy, dv if backward else dummy, sel, union, count, layout.tiles,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), lse.stride(0), lse.stride(1),
-        sel.stride(0), sel.stride(1), sel.stride(2), union.stride(0), union.stride(1),
-        hq, hkv, tk, scale, sink, window, stride, sliding_window or 0,
-        G=hq // hkv, D=d, BM=layout.block_m, BN=block_size, BW=max(tile["window_n"], block_size), TOPK=topk,
-        TOPK_P2=max(triton.next_power_of_2(max(topk, 1)), 2),
-        USE_LOCAL=flags[0], USE_STRIDE=flags[1], USE_TOPK=flags[2] and topk > 0, HAS_SW=sliding_window is not None,
-        BACKWARD=backward, IEEE=q.dtype == torch.float32,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
-    )
