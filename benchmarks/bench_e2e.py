@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import sparsex_hf
 from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXConfig, SparseXLayer
-from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_prompt_anchor
+from sparsex_hf.ops.attention import cost, sparsex_decode_attention, sparsex_prompt_anchor
 from sparsex_hf.ops.attention.decode_kernel import decode_shortlist_triton
 
 matplotlib.use("Agg")
@@ -165,7 +165,9 @@ def main():
     # attention alone: one decode step of one layer, for each config (presets, with --config on top)
     fields = dict(kv.split("=") for kv in filter(None, args.config.split(",")))
     fields = {k: (v if v in ("last", "split") else bool(int(v))) if k == "anchor" else int(v) for k, v in fields.items()}
-    configs = {name: SparseXConfig.preset(name, **fields) for name in args.configs}
+    # the "sparsex" rows time the kernels (cost-model handoff off); "sparsex_auto" rows time what the default does
+    # (SDPA where the cost model predicts dense faster)
+    configs = {name: SparseXConfig.preset(name, **fields, dense_when_faster=False) for name in args.configs}
     for t in args.attn:
         layer = SparseXLayer()
         gen = torch.Generator(device="cuda").manual_seed(1)
@@ -192,6 +194,15 @@ def main():
             record(impl, "attn_select", t, 1, float(np.median(events(short, 200, 10))), note="the shortlist kernel alone")
             record(impl, "attn_graph", t, 1, graphed(sparse), note="same step replayed from a CUDA graph")
             record(impl, "attn_select_graph", t, 1, graphed(short), note="the shortlist kernel alone, CUDA graph")
+            if name == "default":
+                auto_cfg = cfg.replace(dense_when_faster=True)
+                auto = lambda: sparsex_decode_attention(*step_args[:-1], auto_cfg, max_doc_len=t, backend="triton",  # noqa: E731
+                                                        anchor=anchor)
+                for what, graph in (("attn", False), ("attn_graph", True)):
+                    ms_auto = graphed(auto) if graph else float(np.median(events(auto, 200, 10)))
+                    chose = cost.decode_dense_is_faster(auto_cfg, t, 8, 64, 1, meta["gpu"], graph)
+                    record("sparsex_auto", what, t, 1, ms_auto,
+                           note="the default: " + ("SDPA by the cost model" if chose else "the kernels"))
         best = None
         for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):

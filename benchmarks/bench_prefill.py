@@ -169,6 +169,13 @@ def main():
 
             ms_b = bench(fwd_bwd, rep, runs)
             record("sparsex", "fwd+bwd", t, hq, hkv, d, ms_b, 3.5 * flops, torch.cuda.max_memory_allocated() - base, qkvo)
+            if auto_cfg.dense_when_faster and cost.dense_is_faster(auto_cfg, t, hq, d, 1, gpu, train=True):
+                def auto_bwd():
+                    out = sparsex_attention(qg, kg, vg, auto_cfg, backend="triton")
+                    torch.autograd.grad(out, (qg, kg, vg), do)
+
+                record("sparsex_auto", "fwd+bwd", t, hq, hkv, d, bench(auto_bwd, rep, runs), 0, 0, qkvo,
+                       "the default: SDPA by the cost model")
             del qg, kg, vg, do
         if sparse_only or t > args.dense_max:
             continue

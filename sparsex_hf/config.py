@@ -75,11 +75,11 @@ class SparseXConfig:
         dense_layers: layer indices that keep dense causal attention (e.g. ``(0,)``).
         dense_below: inputs with at most this many keys use dense causal attention (0 = never).
             Logged once at INFO when it triggers.
-        dense_when_faster: a prefill call that needs no gradient (inference), on the Triton backend, is computed
-            by SDPA's dense causal attention where the cost model (``ops/attention/cost.py``: measured per GPU)
-            predicts dense attention faster than Sparse-X for its length, heads and head dim; its answer is then
-            dense attention's own. Calls that need gradients (training) keep the sparse kernels; ``False`` keeps
-            them always (to measure the selection rule itself). Logged once at INFO when it triggers.
+        dense_when_faster: on the Triton backend, a call is computed by SDPA's dense causal attention where the cost
+            model (``ops/attention/cost.py``: measured per GPU) predicts dense attention faster than Sparse-X for
+            its length, heads and head dim: prefills (a call that needs gradients judged on forward + backward) and
+            unpadded decode steps of one query per row; its answer is then dense attention's own. ``False`` keeps
+            the sparse kernels always (to train or measure the selection rule itself). Logged once at INFO.
         respect_sliding_window: when the model passes a ``sliding_window`` (Mistral), keys further
             than the window are excluded from every set, as the model was trained. ``False`` lets
             Sparse-X reach beyond it.

@@ -23,6 +23,8 @@ from ..config import SparseXConfig
 from ..ops.attention import (
     MAX_DECODE_QUERIES,
     cu_seqlens_from_position_ids,
+    decode_goes_dense,
+    dense_decode,
     sparsex_attention,
     sparsex_decode_attention,
     sparsex_prompt_anchor,
@@ -127,12 +129,17 @@ def sparsex_attention_forward(
     layer = getattr(module, "_sparsex_layer", None)  # lent by the attention-class wrapper when cached
     if layer is not None:
         if _decodes(layer, query.shape[2], cfg, layer_idx, kwargs):
-            out = sparsex_decode_attention(
-                query, layer.keys, layer.values, layer.summaries(cfg.block_size),
-                layer.offsets_tensor(query.device, torch.int32), layer.get_seq_length(), cfg,
-                max_doc_len=layer.max_doc_len(), scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
-                anchor=layer.anchor,
-            )
+            n = layer.max_doc_len()
+            offsets = layer.offsets_tensor(query.device, torch.int32)
+            # rows without padding, where the cost model says so: SDPA (the summaries catch up at the next sparse step)
+            if max(layer.offsets) == min(layer.offsets) and decode_goes_dense(query, layer.keys, n, cfg, sliding_window):
+                out = dense_decode(query, layer.keys, layer.values, layer.get_seq_length(), n, scale=scaling)
+            else:
+                out = sparsex_decode_attention(
+                    query, layer.keys, layer.values, layer.summaries(cfg.block_size), offsets, layer.get_seq_length(),
+                    cfg, max_doc_len=n, scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
+                    anchor=layer.anchor,
+                )
             return out.transpose(1, 2).contiguous(), None
         if layer.offload_kv:  # a prefill chunk over an offloaded cache reads every past key
             key = layer.keys.to(query.device, non_blocking=True)

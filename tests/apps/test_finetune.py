@@ -230,3 +230,24 @@ def test_command_errors_are_one_line_and_leave_no_output_folder(tmp_path, capsys
     rc = finetune.main(["--model", str(tmp_path / "nope"), "--data", str(empty), "--target-length", "256",
                         "--output-dir", str(out), "--max-steps", "1"])
     assert rc == 2 and "no such directory" in capsys.readouterr().err
+
+
+@needs_datasets
+def test_training_steps_keep_the_sparse_kernels(tmp_path, monkeypatch):
+    """The recipe trains the sparse function at every length: no training forward is handed to dense attention
+    (``dense_when_faster`` would judge short sequences faster dense), however short the sequences."""
+    from sparsex_hf.ops import attention as ops_attention
+
+    monkeypatch.setattr(ops_attention, "DENSE_HANDOFF", True)
+    seen = []
+
+    def spy(*a, **kw):
+        if torch.is_grad_enabled():
+            seen.append(ops_attention.DENSE_HANDOFF)
+        return sparsex_attention(*a, **kw)
+
+    with attention_mod.override_attention_op(spy):
+        finetune.train(_args(_model_dir(tmp_path, "llama"), _data(tmp_path), tmp_path / "run", "--max-steps", "2",
+                             "--eval-sequences", "0"))
+    assert seen and not any(seen)
+    assert ops_attention.DENSE_HANDOFF  # restored after training

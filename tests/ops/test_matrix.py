@@ -61,7 +61,8 @@ def check_cell(d, bs, dtype, preset, group, device):
                                  return_stats=True)
     real = mask[:, None, :, None].expand_as(sel)
     agree = (sel.long() == stats.selected_blocks)[real].float().mean().item()
-    assert agree >= (1.0 if dtype == torch.float32 else 0.9), f"selections agree on {agree:.1%} of the slots"
+    # fp32 sums in another order can flip a near-tie too (one slot in thousands on the H100)
+    assert agree >= (0.999 if dtype == torch.float32 else 0.9), f"selections agree on {agree:.3%} of the slots"
     do = torch.randn_like(out)
     got = torch.autograd.grad((out * do).sum(), (q, k, v))
     want = torch.autograd.grad((ref * do.double()).sum(), (q64, k64, v64))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...config import SparseXConfig
 from . import cost
@@ -213,22 +214,23 @@ def sparsex_attention(
 
 
 def _dense_is_faster(q, k, v, cfg: SparseXConfig) -> bool:
-    """``config.dense_when_faster``: a prefill call (``Tq == Tk``) that needs no gradient, for which the cost model
-    predicts SDPA's dense attention faster than Sparse-X on this GPU (``cost.py``); ``_dense_handoff`` then takes
-    it wherever it can (not: a model sliding window shorter than the input, chunks)."""
+    """``config.dense_when_faster``: a prefill call (``Tq == Tk``) for which the cost model predicts SDPA's dense
+    attention faster than Sparse-X on this GPU (``cost.py``; a call that needs gradients is judged on the forward and
+    the backward); ``_dense_handoff`` then takes it wherever it can (not: a model sliding window shorter than the
+    input, chunks)."""
     if not (DENSE_HANDOFF and cfg.dense_when_faster) or q.shape[2] != k.shape[2]:
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False  # training sees Sparse-X at every length
+    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     bsz, hq, n, d = q.shape
-    return cost.dense_is_faster(cfg, n, hq, d, bsz, device_name(q.device))
+    return cost.dense_is_faster(cfg, n, hq, d, bsz, device_name(q.device), train)
 
 
 @functools.lru_cache(maxsize=64)
 def _faster_message(gpu: str, cfg: SparseXConfig, bsz: int, hq: int, d: int) -> str:
     return (f"sparsex: on {gpu}, dense attention (SDPA) is predicted faster than Sparse-X below about "
-            f"{cost.crossover(cfg, hq, d, bsz, gpu)} tokens for {hq} heads of dim {d}, batch {bsz}: such prefills use "
-            "it (dense_when_faster=False keeps the sparse kernels; calls that need gradients keep them).")
+            f"{cost.crossover(cfg, hq, d, bsz, gpu)} tokens ({cost.crossover(cfg, hq, d, bsz, gpu, train=True)} "
+            f"with the backward) for {hq} heads of dim {d}, batch {bsz}: such prefills use it "
+            "(dense_when_faster=False keeps the sparse kernels).")
 
 
 def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu_q, cu_k, sliding_window, dense):
@@ -353,6 +355,9 @@ def sparsex_decode_attention(
     backend = resolve_backend(backend or cfg.backend, q.device)
     if backend == "triton" and k_cache.device == q.device:
         _check_triton(q, cfg, False)
+        if not isinstance(seq_len, torch.Tensor) and bsz == 1 and decode_goes_dense(q, k_cache, max_doc_len, cfg,
+                                                                                    sliding_window):
+            return dense_decode(q, k_cache, v_cache, seq_len, max_doc_len, scale=scale)
     else:  # the reference, or an offloaded cache (gathered where it lives)
         backend = "torch"
     if torch.compiler.is_compiling():  # traced through the custom op (decode_op.py)
@@ -362,6 +367,55 @@ def sparsex_decode_attention(
                          cfg.json, float(scale), int(sliding_window or 0), backend)
     return run_decode(backend, q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg, scale=scale,
                       sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
+
+
+def decode_goes_dense(q: torch.Tensor, k_cache: torch.Tensor, max_doc_len: int, cfg: SparseXConfig,
+                      sliding_window: int | None = None) -> bool:
+    """``config.dense_when_faster`` for a Triton decode step of one query per row (keys on ``q``'s device,
+    ``combine="union"``, no model sliding window shorter than the cache): the cost model predicts SDPA reading all
+    ``max_doc_len`` cached keys faster than Sparse-X's selection and key sets, for this batch, heads and head dim,
+    as issued by the host or (inside a CUDA graph capture or ``torch.compile``) replayed from a graph. The caller
+    makes sure the rows are not padded (:func:`dense_decode` reads every column from ``seq_len - max_doc_len``)."""
+    if not (DENSE_HANDOFF and cfg.dense_when_faster and cfg.combine == "union") or k_cache.device != q.device:
+        return False
+    if q.shape[2] != 1 or (sliding_window is not None and cfg.respect_sliding_window and sliding_window < max_doc_len):
+        return False
+    graphed = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    bsz, hkv, _, d = k_cache.shape
+    gpu = device_name(q.device)
+    if not cost.decode_dense_is_faster(cfg, max_doc_len, hkv, d, bsz, gpu, graphed):
+        return False
+    log_once(_decode_message(gpu, cfg, bsz, hkv, d))
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_message(gpu: str, cfg: SparseXConfig, bsz: int, hkv: int, d: int) -> str:
+    def longest(graphed):
+        n = 256
+        while n < 1 << 24 and cost.decode_dense_is_faster(cfg, 2 * n, hkv, d, bsz, gpu, graphed):
+            n *= 2
+        return n
+    return (f"sparsex: on {gpu}, a decode step reads a short cache faster with dense attention (SDPA) than with "
+            f"Sparse-X's selection: unpadded steps over fewer than about {longest(False)} cached tokens "
+            f"({longest(True)} in a CUDA graph) for {hkv} key/value heads of dim {d}, batch {bsz}, use it "
+            "(dense_when_faster=False keeps the sparse kernels).")
+
+
+# SDPA's backends in the order of their measured decode speed on Hopper (e2e.csv: cuDNN, then flash)
+_DECODE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
+
+
+def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: int, max_doc_len: int, *,
+                 scale: float | None = None) -> torch.Tensor:
+    """Dense attention of a decode step by SDPA (cuDNN first, then flash): the query ``q [B, Hq, 1, D]`` of cache
+    position ``seq_len - 1`` attends to the cached keys ``seq_len - max_doc_len ... seq_len - 1`` of its row, the
+    whole row (not padded: no mask, so SDPA's fastest kernels take it, GQA without repeating the keys)."""
+    start = seq_len - max_doc_len
+    with sdpa_kernel(_DECODE_BACKENDS, set_priority=True):
+        return F.scaled_dot_product_attention(q, k_cache[:, :, start:seq_len], v_cache[:, :, start:seq_len],
+                                              scale=scale, enable_gqa=True)
 
 
 def sparsex_prompt_anchor(
@@ -404,6 +458,8 @@ __all__ = [
     "HAS_TRITON",
     "MAX_DECODE_QUERIES",
     "sparsex_decode_attention",
+    "decode_goes_dense",
+    "dense_decode",
     "sparsex_prompt_anchor",
     "SparseXStats",
     "block_summaries",
