@@ -1,6 +1,6 @@
 """Where one Sparse-X prefill forward's time goes on the GPU: each kernel's device time and the host's time per call.
 
-For each length: the host time of one call (issue only, median of 20, no sync), its device time (CUDA events,
+For each length: the host time to issue one call (median of 20, no sync), its device time (CUDA events,
 median of 20), and a profiler table of the operators and kernels by device time and by host time, written to
 ``profile_prefill_T.txt``. Headline config (window 4096, stride 256, top-8 of 64, sink 64), bf16, 32/8 heads, d 128,
 the kernels (``dense_when_faster=False``).
@@ -60,7 +60,7 @@ def main():
             fwd()
             torch.cuda.synchronize()
         avg = prof.key_averages()
-        text = (f"T={t} heads={hq}/{hkv} preset={args.preset}: host {np.median(host):.3f} ms per call (issue), "
+        text = (f"T={t} heads={hq}/{hkv} preset={args.preset}: host {np.median(host):.3f} ms to issue a call, "
                 f"events {np.median(device):.3f} ms\n--- by device time\n"
                 + avg.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70)
                 + "\n--- by host time\n"

@@ -1,6 +1,6 @@
 """The Sparse-X KV cache: a Transformers v5 cache layer that also keeps per-block key summaries.
 
-``SparseXLayer`` is a ``DynamicLayer`` whose keys and values live in buffers that grow by doubling
+``SparseXLayer`` is a ``DynamicLayer`` whose keys and values live in buffers that grow by a quarter
 (``DynamicLayer`` concatenates, copying the whole cache at every decode step), and which keeps, per
 sequence and KV head, the min / max / mean key of every complete block of ``block_size`` tokens,
 counted from the sequence's first real token (left padding is skipped, as the reference does). The

@@ -86,3 +86,106 @@ def test_anchor_inputs_are_checked():
         sparsex_prompt_anchor(torch.randn(1, 4, 8, 16), k, off, 101, cfg)
     got = sparsex_prompt_anchor(torch.randn(1, 4, 8, 16), k, off, 100, cfg)
     assert got.shape == (1, 2, cfg.topk) and got.dtype == torch.long
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_width_heads_are_refused(backend):
+    from sparsex_hf.ops.attention import sparsex_decode_attention
+
+    q = torch.randn(1, 2, 8, 0, device=DEV)
+    with pytest.raises(ValueError, match=r"head_dim .* must be >= 1, got 0"):
+        sparsex_attention(q, q, q, CFG, backend=backend)
+    summ = tuple(torch.zeros(1, 2, 0, 0, device=DEV) for _ in range(3))
+    with pytest.raises(ValueError, match=r"head_dim .* must be >= 1, got 0"):
+        sparsex_decode_attention(q[:, :, :1], q, q, summ, torch.zeros(1, dtype=torch.int32, device=DEV), 8, CFG,
+                                 backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", [[0.0, 0.0, 0.0], [0.0, 1.0, 1.0], [1.0, -1.0, 1.0], [1.0, math.nan, 1.0]])
+def test_bad_mix_weights_are_refused(backend, weights):
+    """Weights that make the weighted mean undefined (zero local weight: 0/0 where the other branches are empty) or
+    negative or NaN are refused by both ops, as the config's alpha, beta, gamma are."""
+    from sparsex_hf.ops.attention import sparsex_decode_attention
+    from sparsex_hf.ops.attention.common import block_summaries
+
+    cfg = CFG.replace(combine="mix")
+    q, k = torch.randn(1, 4, 40, 32), torch.randn(1, 2, 40, 32)
+    w = torch.tensor(weights)
+    with pytest.raises(ValueError, match="mix_weights must be finite and >= 0"):
+        sparsex_attention(q, k, k, cfg, backend=backend, mix_weights=w)
+    summ = tuple(t[None] for t in block_summaries(k[0], 16))
+    with pytest.raises(ValueError, match="mix_weights must be finite and >= 0"):
+        sparsex_decode_attention(q[:, :, -1:], k, k, summ, torch.zeros(1, dtype=torch.int32), 40, cfg,
+                                 backend=backend, mix_weights=w)
+    ok = sparsex_attention(q, k, k, cfg, backend=backend, mix_weights=torch.tensor([1.0, 0.0, 2.0]))
+    assert not ok.isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_impossible_decode_inputs_are_refused(backend):
+    """Offsets beyond the cache's length or negative, a max_doc_len outside [Tq, seq_len], summaries with too few
+    blocks or another head dim, mixed dtypes, a bad scale or sliding window: one clear error on both backends (the
+    Triton kernels used to raise raw errors on some, the torch backend to answer others)."""
+    from sparsex_hf.ops.attention import sparsex_decode_attention
+    from sparsex_hf.ops.attention.common import block_summaries
+
+    q, k = torch.randn(1, 4, 1, 32, device=DEV), torch.randn(1, 2, 100, 32, device=DEV)
+    summ = tuple(t[None] for t in block_summaries(k[0], 16))
+    off = torch.zeros(1, dtype=torch.int32, device=DEV)
+
+    def step(q=q, k=k, summ=summ, off=off, **kw):
+        return sparsex_decode_attention(q, k, k, summ, off, 100, CFG, backend=backend, **kw)
+
+    offsets = r"offsets must be in \[0, seq_len - Tq\] = \[0, 99\]"
+    cases = [
+        (dict(off=torch.tensor([150], dtype=torch.int32, device=DEV)), ValueError, offsets),
+        (dict(off=torch.tensor([-5], dtype=torch.int32, device=DEV)), ValueError, offsets),
+        (dict(max_doc_len=500), ValueError, r"max_doc_len=500 must be in \[Tq=1, seq_len\]"),
+        (dict(max_doc_len=0), ValueError, r"max_doc_len=0 must be in"),
+        (dict(summ=tuple(s[:, :, :2] for s in summ)), ValueError, "summaries hold 2 blocks; rows of up to 100"),
+        (dict(summ=tuple(s[..., :16] for s in summ)), ValueError, r"summaries must be \(kmin, kmax, kmean\)"),
+        (dict(k=k.half()), TypeError, "must share one of"),
+        (dict(scale=math.nan), ValueError, "scale must be a finite number > 0"),
+        (dict(sliding_window=0), ValueError, "sliding_window must be >= 1 or None"),
+    ]
+    for kw, err, match in cases:
+        with pytest.raises(err, match=match):
+            step(**kw)
+    assert not step().isnan().any()
+
+
+def test_the_torch_decode_ignores_what_padding_columns_hold():
+    """A left-padded row whose padding columns hold NaN (never written, or poisoned): the torch decode's answer is
+    the one with clean padding, as the Triton decode's and the whole-sequence op's are."""
+    from sparsex_hf.ops.attention import sparsex_decode_attention
+    from sparsex_hf.ops.attention.common import block_summaries
+
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(2, 4, 1, 32, generator=gen), torch.randn(2, 2, 200, 32, generator=gen)
+    v = torch.randn(2, 2, 200, 32, generator=gen)
+    off = torch.tensor([0, 37], dtype=torch.int32)
+    summ = [torch.zeros(2, 2, 12, 32) for _ in range(3)]
+    for b, p in enumerate(off.tolist()):
+        for s, r in zip(summ, block_summaries(k[b, :, p:], 16)):
+            s[b, :, : r.shape[1]] = r
+    clean = sparsex_decode_attention(q, k, v, tuple(summ), off, 200, CFG, backend="torch")
+    kp, vp = k.clone(), v.clone()
+    kp[1, :, :37] = math.nan
+    vp[1, :, :37] = math.nan
+    poisoned = sparsex_decode_attention(q, kp, vp, tuple(summ), off, 200, CFG, backend="torch")
+    assert not poisoned.isnan().any()
+    torch.testing.assert_close(poisoned, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_padding_rows_are_differentiable_zeros(backend):
+    """With every query row padding the output is zeros with a gradient (zero), as SDPA's answer is: backward()
+    runs and gives zero gradients."""
+    q, k, v = (torch.randn(1, 4 if i == 0 else 2, 40, 32, device=DEV, requires_grad=True) for i in range(3))
+    out = sparsex_attention(q, k, v, CFG, attention_mask=torch.zeros(1, 40, dtype=torch.bool, device=DEV),
+                            backend=backend)
+    assert (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and (t.grad == 0).all()

@@ -110,6 +110,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}.")
     bsz, hq, tq, d = q.shape
+    if d < 1:
+        raise ValueError(f"head_dim (the last dim of q, k, v) must be >= 1, got {d}.")
     if hq > MAX_HEADS:
         raise ValueError(f"q has {hq} heads (dim 1): did you pass [batch, seq, heads, head_dim]? Sparse-X takes "
                          "[batch, heads, seq, head_dim] (use .transpose(1, 2)).")
@@ -182,6 +184,7 @@ def sparsex_attention(
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}.")
+    _check_mix_weights(mix_weights, cfg, q.shape[1])
     if q.numel() == 0:  # no batch rows, no queries or zero-width heads: nothing to attend
         out = q.new_zeros(q.shape)
         return (out, _empty_stats(q, k, cfg)) if return_stats else out
@@ -211,6 +214,26 @@ def sparsex_attention(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,
         sliding_window=sliding_window, dense=dense, mix_weights=mix_weights, return_stats=return_stats,
     )
+
+
+def _check_mix_weights(mix_weights, cfg: SparseXConfig, hq: int) -> None:
+    """``mix_weights`` (``combine="mix"``): ``[3]`` or ``[Hq, 3]``, finite, ``>= 0``, the local weight ``> 0`` (the local
+    branch is never empty, so the weighted mean is defined), as the config's ``alpha, beta, gamma``. A CPU tensor is
+    checked here; a device tensor by the device itself (``torch._assert_async``: no host sync, the error is raised at
+    the next synchronisation)."""
+    if cfg.combine != "mix" or mix_weights is None:
+        return
+    w = torch.as_tensor(mix_weights)
+    if w.shape not in ((3,), (hq, 3)) or not w.dtype.is_floating_point:
+        raise ValueError(f"mix_weights must be a float tensor of shape [3] or [Hq, 3] = [{hq}, 3], got {w.dtype} "
+                         f"{tuple(w.shape)}.")
+    ok = (torch.isfinite(w) & (w >= 0)).all() & (w[..., 0] > 0).all()
+    message = "mix_weights must be finite and >= 0, with the local (first) weight > 0"
+    if w.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(f"{message}; got {w.tolist()}.")
+    else:
+        torch._assert_async(ok, message)
 
 
 def _dense_is_faster(q, k, v, cfg: SparseXConfig) -> bool:
@@ -307,13 +330,16 @@ def sparsex_decode_attention(
             They may live on another device than ``q`` (an offloaded cache: the attended keys are gathered
             there and copied over; this uses the torch backend).
         summaries: ``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]``, the key summaries of the complete blocks
-            of every row (block ``i`` = the row's positions ``i*block_size ... +block_size-1``), on ``q``'s device.
+            of every row (block ``i`` = the row's positions ``i*block_size ... +block_size-1``), on ``q``'s device;
+            with a host ``seq_len``, ``nb >= max_doc_len // block_size``.
         offsets: ``[B]`` integer tensor on ``q``'s device: the column where each row's sequence starts (its
             left padding). Positions count from there.
         seq_len: the cache length: a host int, or a one-element integer tensor on ``q``'s device (a static cache
             whose decode step replays as a CUDA graph: nothing is read on the host; the kernels read it).
-        max_doc_len: ``seq_len - min(offsets)``, or any upper bound of it (host int; default: computed from
-            ``offsets`` with a device sync for an int ``seq_len``, the cache's capacity ``L`` for a tensor).
+        max_doc_len: ``seq_len - min(offsets)``, or an upper bound of it up to ``seq_len`` (host int; default:
+            computed from ``offsets`` with one device sync for an int ``seq_len``, which also checks that every
+            offset is in ``[0, seq_len - Tq]``; the cache's capacity ``L`` for a tensor). Given, the offsets' range is
+            the caller's contract (nothing is read on the host).
         sliding_window, mix_weights, scale, backend: as for :func:`sparsex_attention`.
         anchor: with ``config.anchor``, the prompt's anchor blocks ``[B, Hkv, A]`` (integer, -1 = none; from
             :func:`sparsex_prompt_anchor`), added to every query's shortlist; None: no anchor blocks.
@@ -325,10 +351,20 @@ def sparsex_decode_attention(
         raise ValueError(f"q must be [B, Hq, Tq, D] and k_cache/v_cache [B, Hkv, L, D] of one shape; got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}.")
     bsz, hq, tq, d = q.shape
+    if q.dtype not in SUPPORTED_DTYPES or not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise TypeError(f"q, k_cache, v_cache must share one of {[str(t) for t in SUPPORTED_DTYPES]}, got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}.")
+    if d < 1:
+        raise ValueError(f"head_dim (the last dim of q) must be >= 1, got {d}.")
     if tq > MAX_DECODE_QUERIES:
         raise ValueError(f"a decode step takes at most {MAX_DECODE_QUERIES} queries per sequence, got {tq}.")
-    if k_cache.shape[0] != bsz or k_cache.shape[3] != d or hq % k_cache.shape[1]:
+    if k_cache.shape[0] != bsz or k_cache.shape[3] != d or k_cache.shape[1] == 0 or hq % k_cache.shape[1]:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} (batch, head_dim, GQA).")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}.")
+    _check_mix_weights(mix_weights, cfg, hq)
     if isinstance(seq_len, torch.Tensor):  # a device length (static cache): its range is the caller's contract
         if seq_len.numel() != 1 or seq_len.dtype.is_floating_point or seq_len.device != q.device:
             raise ValueError(f"a tensor seq_len must be one integer on {q.device}, got {seq_len.dtype} "
@@ -340,14 +376,26 @@ def sparsex_decode_attention(
         raise ValueError(f"seq_len={seq_len} must be in [Tq={tq}, cache length {k_cache.shape[2]}].")
     if tuple(offsets.shape) != (bsz,) or offsets.dtype.is_floating_point:
         raise ValueError(f"offsets must be an integer tensor [B] = [{bsz}], got {offsets.dtype} {tuple(offsets.shape)}.")
-    if len(summaries) != 3 or summaries[0].shape[:2] != k_cache.shape[:2]:
-        raise ValueError("summaries must be (kmin, kmax, kmean), each [B, Hkv, nb, D].")
+    if (len(summaries) != 3 or any(t.shape != summaries[0].shape or t.device != q.device for t in summaries)
+            or summaries[0].dim() != 4 or summaries[0].shape[:2] != k_cache.shape[:2] or summaries[0].shape[3] != d):
+        raise ValueError(f"summaries must be (kmin, kmax, kmean), each [B, Hkv, nb, D] = [{bsz}, {k_cache.shape[1]}, "
+                         f"nb, {d}] on {q.device}; got {[tuple(t.shape) for t in summaries]}.")
     if anchor is not None and (anchor.dim() != 3 or tuple(anchor.shape[:2]) != tuple(k_cache.shape[:2])
                                or anchor.dtype.is_floating_point):
         raise ValueError(f"anchor must be an integer tensor [B, Hkv, A] = [{bsz}, {k_cache.shape[1]}, A], got "
                          f"{anchor.dtype} {tuple(anchor.shape)}.")
-    if max_doc_len is None:
-        max_doc_len = seq_len - int(offsets.min())
+    if max_doc_len is None:  # one host read of the offsets, which are checked with it
+        lo, hi = (int(x) for x in torch.stack(offsets.aminmax()).tolist())
+        if lo < 0 or hi > seq_len - tq:
+            raise ValueError(f"offsets must be in [0, seq_len - Tq] = [0, {seq_len - tq}] (each row holds its Tq "
+                             f"queries' keys); got values in [{lo}, {hi}].")
+        max_doc_len = seq_len - lo
+    elif not tq <= max_doc_len <= (k_cache.shape[2] if isinstance(seq_len, torch.Tensor) else seq_len):
+        raise ValueError(f"max_doc_len={max_doc_len} must be in [Tq={tq}, seq_len] (the longest row's length, or a "
+                         "bound of it no larger than the cache).")
+    if not isinstance(seq_len, torch.Tensor) and summaries[0].shape[2] < max_doc_len // cfg.block_size:
+        raise ValueError(f"summaries hold {summaries[0].shape[2]} blocks; rows of up to {max_doc_len} tokens need "
+                         f"{max_doc_len // cfg.block_size} (block_size={cfg.block_size}).")
     if scale is None:
         scale = d**-0.5
     if not cfg.respect_sliding_window:

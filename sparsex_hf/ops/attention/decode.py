@@ -187,7 +187,9 @@ def decode_attention_torch(q, k_cache, v_cache, offsets, seq_len: int, max_doc_l
     kg = torch.gather(kbuf, 2, flat.expand(-1, -1, -1, d)).to(q.device, non_blocking=True)
     vg = torch.gather(vbuf, 2, flat.expand(-1, -1, -1, vbuf.shape[-1])).to(q.device, non_blocking=True)
     kg = kg.view(bsz, hkv, tq, nk, d).float()
-    vg = vg.view(bsz, hkv, tq, nk, -1).float()
+    # entries outside the key sets read some valid column: zero their values, so that whatever a padding column holds
+    # (NaN included) cannot reach the output through a zero probability
+    vg = torch.where(valid[..., None], vg.view(bsz, hkv, tq, nk, -1).float(), 0.0)
     qg = q.float().view(bsz, hkv, g, tq, d)
     logits = torch.einsum("bhgtd,bhtnd->bhgtn", qg, kg) * scale
     valid = valid[:, :, None]  # [B, Hkv, 1, Tq, NK]

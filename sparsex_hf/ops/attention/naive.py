@@ -189,6 +189,8 @@ def sparsex_attention_naive(
         valid = torch.zeros(bsz, tq, dtype=torch.bool, device=q.device)
 
     docs: list[Document] = split_documents(bsz, tq, tk, q.device, attention_mask, cu_seqlens_q, cu_seqlens_k)
+    if not docs:  # every row is padding: zeros, still differentiable (zero gradients), as SDPA's answer is
+        out = out + q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum()
     for doc in docs:
         doc_sel = None if selected is None else selected[doc.batch][:, doc.q_rows].long()
         od, doc_sel, stats = _attend_document(q, k, v, doc, config, scale, sliding_window, dense, weights, return_stats,
