@@ -29,7 +29,7 @@ from bench_e2e import SHAPE, filled_cache
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import sparsex_hf
-from sparsex_hf import CACHE_KWARG
+from sparsex_hf.hf import CACHE_KWARG
 
 TINY = dict(SHAPE, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, vocab_size=512)

@@ -38,7 +38,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import sparsex_hf
-from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXConfig, SparseXLayer
+from sparsex_hf import SparseXCache, SparseXConfig
+from sparsex_hf.hf import CACHE_KWARG, SparseXLayer
 from sparsex_hf.ops.attention import cost, sparsex_decode_attention, sparsex_prompt_anchor
 from sparsex_hf.ops.attention.decode_kernel import decode_shortlist_triton
 

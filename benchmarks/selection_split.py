@@ -18,9 +18,10 @@ import sys
 import torch
 from _common import append_csv
 
-from sparsex_hf import CACHE_KWARG, SparseXCache, set_sparsex_config
+from sparsex_hf import SparseXCache, set_sparsex_config
 from sparsex_hf.apps.eval.tasks import TASKS, make_sample, score
 from sparsex_hf.apps.loading import load_model, load_tokenizer
+from sparsex_hf.hf import CACHE_KWARG
 
 MODES = {"dense/sparse": ("sdpa", "sparsex"), "sparse/dense": ("sparsex", "sdpa"), "sparse/sparse": ("sparsex", "sparsex"),
          "dense/dense": ("sdpa", "sdpa")}

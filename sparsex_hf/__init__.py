@@ -9,45 +9,50 @@ Floors, each importing only downwards: ``sparsex_hf.ops`` (tensors in, tensors o
 """
 
 from .config import SparseXConfig
-from .hf.attention import get_sparsex_config, register, sparsex_attention_forward, sparsex_mask
-from .hf.cache import CACHE_KWARG, SparseXCache, SparseXLayer
+from .hf.attention import get_sparsex_config
+from .hf.attention import register as _register
+from .hf.cache import SparseXCache
 from .hf.model import (
     apply_sparsex,
     from_pretrained,
-    install_load_hooks,
     revert_sparsex,
     save_pretrained,
     set_sparsex_config,
 )
-from .hf.static_cache import SparseXStaticCache, SparseXStaticLayer
-from .hf.training import MixGates
+from .hf.model import install_load_hooks as _install_load_hooks
+from .hf.static_cache import SparseXStaticCache
 from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
 from .patches import SUPPORTED_MODEL_TYPES
 
 __version__ = "0.3.0"
 
-register()
-install_load_hooks()
+_register()
+_install_load_hooks()
 
+# what a user calls; the Transformers plumbing (the registered functions, cache layers, MixGates, ...) lives in
+# sparsex_hf.hf
 __all__ = [
-    "CACHE_KWARG",
-    "MixGates",
     "SUPPORTED_MODEL_TYPES",
     "SparseXCache",
     "SparseXConfig",
-    "SparseXLayer",
     "SparseXStaticCache",
-    "SparseXStaticLayer",
     "SparseXStats",
     "apply_sparsex",
     "from_pretrained",
     "get_sparsex_config",
-    "register",
     "revert_sparsex",
     "save_pretrained",
     "set_sparsex_config",
     "sparsex_attention",
-    "sparsex_attention_forward",
     "sparsex_decode_attention",
-    "sparsex_mask",
 ]
+
+_MOVED = {"CACHE_KWARG", "MixGates", "SparseXLayer", "SparseXStaticLayer", "register", "sparsex_attention_forward",
+          "sparsex_mask"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(f"sparsex_hf.{name} is plumbing, not public API: import it from sparsex_hf.hf "
+                             f"(from sparsex_hf.hf import {name}).")
+    raise AttributeError(f"module 'sparsex_hf' has no attribute {name!r}")

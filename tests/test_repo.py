@@ -191,3 +191,23 @@ def test_part_option_splits_a_test_run_into_disjoint_shares_that_cover_it():
     res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_config.py", "--part", "4/3"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and "1 <= K <= N" in res.stdout + res.stderr
+
+
+def test_the_public_surface_is_what_a_user_calls():
+    """``sparsex_hf`` exports the user API only; the Transformers plumbing is reachable under ``sparsex_hf.hf``, and
+    its old top-level names say where it went."""
+    import sparsex_hf
+    import sparsex_hf.hf
+
+    assert sorted(sparsex_hf.__all__) == sorted([
+        "SUPPORTED_MODEL_TYPES", "SparseXCache", "SparseXConfig", "SparseXStaticCache", "SparseXStats",
+        "apply_sparsex", "from_pretrained", "get_sparsex_config", "revert_sparsex", "save_pretrained",
+        "set_sparsex_config", "sparsex_attention", "sparsex_decode_attention"])
+    for name in sparsex_hf.__all__:
+        assert getattr(sparsex_hf, name) is not None
+    for name in sparsex_hf.hf.__all__:
+        assert getattr(sparsex_hf.hf, name) is not None
+        with pytest.raises(AttributeError, match=f"from sparsex_hf.hf import {name}"):
+            getattr(sparsex_hf, name)
+    public = {n for n in dir(sparsex_hf) if not n.startswith("_")}
+    assert public - set(sparsex_hf.__all__) <= {"config", "hf", "ops", "patches", "apps"}, public

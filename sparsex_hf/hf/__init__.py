@@ -5,3 +5,11 @@ library pieces of fine-tuning (``training``: RoPE extension, packing, ``MixGates
 
 Imports ``sparsex_hf.ops`` and the per-model table ``sparsex_hf.patches``; the applications import it.
 """
+
+from .attention import register, sparsex_attention_forward, sparsex_mask
+from .cache import CACHE_KWARG, SparseXLayer
+from .static_cache import SparseXStaticLayer
+from .training import MixGates
+
+__all__ = ["CACHE_KWARG", "MixGates", "SparseXLayer", "SparseXStaticLayer", "register", "sparsex_attention_forward",
+           "sparsex_mask"]

@@ -3,7 +3,7 @@
 Transformers' attention registry hands the attention function the keys and values but not the cache, which
 holds what a decode step needs (the block summaries, each row's left padding). So the ``forward`` of each
 supported attention class is wrapped: for a module whose attention is ``"sparsex"``, the wrapper turns the
-cache's layer into a :class:`~sparsex_hf.SparseXLayer`, records each row's left padding, and lends the layer to
+cache's layer into a :class:`~sparsex_hf.hf.SparseXLayer`, records each row's left padding, and lends the layer to
 the attention function for that call (``module._sparsex_layer``). For any other attention the wrapper calls the
 original at once. No model forward is copied and no private Transformers helper is touched; gradient
 checkpointing is unaffected (only the attention forward is wrapped).

@@ -10,6 +10,7 @@ from utils import SPARSE_SMALL, brute_force, left_padded, model_pair, tiny_confi
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig
+from sparsex_hf.hf import CACHE_KWARG
 from sparsex_hf.hf import attention as attention_mod
 
 MODEL_TYPES = ["llama", "mistral"]
@@ -356,7 +357,7 @@ def test_cached_decode_steps_equal_the_full_forward_with_per_query_selection(mod
         cache = out.past_key_values
         steps = []
         for t in range(n, ids.shape[1]):
-            out = sparse(ids[:, t : t + 1], **{sparsex_hf.CACHE_KWARG: cache}, use_cache=True)
+            out = sparse(ids[:, t : t + 1], **{CACHE_KWARG: cache}, use_cache=True)
             cache = out.past_key_values
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, n:], atol=1e-4, rtol=1e-4)

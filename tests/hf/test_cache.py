@@ -9,7 +9,8 @@ import torch
 from utils import SPARSE_SMALL, model_pair, padded_prompts, random_qkv, tiny_model
 
 import sparsex_hf
-from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXLayer, apply_sparsex, revert_sparsex
+from sparsex_hf import SparseXCache, apply_sparsex, revert_sparsex
+from sparsex_hf.hf import CACHE_KWARG, SparseXLayer
 from sparsex_hf.hf import attention as attention_mod
 from sparsex_hf.ops.attention.common import block_summaries
 from sparsex_hf.patches import attention_class

@@ -6,7 +6,8 @@ import pytest
 import torch
 from utils import SPARSE_SMALL, model_pair, padded_prompts
 
-from sparsex_hf import CACHE_KWARG, SparseXCache, SparseXStaticCache, SparseXStaticLayer
+from sparsex_hf import SparseXCache, SparseXStaticCache
+from sparsex_hf.hf import CACHE_KWARG, SparseXStaticLayer
 from sparsex_hf.ops.attention.common import block_summaries
 
 MODEL_TYPES = ["llama", "mistral", "qwen2"]
