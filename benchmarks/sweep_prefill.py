@@ -99,7 +99,7 @@ def main():
         print("interrupted: writing the rows measured so far", flush=True)
     append_csv(os.path.join(args.out_dir, "sweep.csv"), rows)
     if args.save and best:
-        tiles = {kind: best.get(kind, tuning.tile_shape(q.device, kind)) for kind in tuning.FIELDS}
+        tiles = {kind: best.get(kind, tuning.tile_shape(q.device, kind)) for kind in ("fwd", "bwd", "select")}
         tuning.save_entry(gpu, tiles, f"benchmarks/results/sweep.csv tag {args.tag}: {t} tokens, {hq}/{hkv} heads, "
                                       f"headline config, {meta['date']}")
         print(f"saved {gpu}: {tiles}", flush=True)

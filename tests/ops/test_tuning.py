@@ -54,7 +54,7 @@ def test_save_entry_round_trips(tmp_path, monkeypatch):
     fwd = dict(block_m=128, window_n=128, num_warps=8, num_stages=2)
     bwd = dict(block_m=64, window_n=64, num_warps=4, num_stages=3)
     monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
-    tuning._table.cache_clear()
+    tuning.clear_caches()
     try:
         select = dict(rows=64, num_warps=8)
         tuning.save_entry("Some GPU", dict(fwd=fwd, bwd=bwd, select=select), "a sweep", path=str(path))
@@ -65,13 +65,12 @@ def test_save_entry_round_trips(tmp_path, monkeypatch):
         assert tuning.tile_shape(torch.device("cuda"), "select") == select
     finally:
         monkeypatch.undo()
-        tuning._table.cache_clear()
-        tuning._entry.cache_clear()
+        tuning.clear_caches()
 
 
 def test_a_gpu_off_the_table_gets_the_default_and_a_line_in_the_log(monkeypatch, caplog):
     monkeypatch.setattr(tuning, "device_name", lambda device: "Some Unlisted GPU")
-    tuning._entry.cache_clear()
+    tuning.clear_caches()
     try:
         with caplog.at_level("WARNING"):
             shapes = [tuning.tile_shape(torch.device("cuda"), kind) for kind in ("fwd", "bwd", "select", "fwd")]
@@ -79,7 +78,7 @@ def test_a_gpu_off_the_table_gets_the_default_and_a_line_in_the_log(monkeypatch,
         said = [r.getMessage() for r in caplog.records if "Some Unlisted GPU" in r.getMessage()]
         assert len(said) == 1 and "default" in said[0] and "sweep_prefill.py --save" in said[0]
     finally:
-        tuning._entry.cache_clear()
+        tuning.clear_caches()
 
 
 def test_smaller_tiles_take_a_stage_then_a_window_chunk_then_rows():
@@ -97,3 +96,70 @@ def test_selection_rows_per_program_shrink_on_short_inputs(rows, heads, want):
     programs), halved to 32 where it would not (128K with 8 KV heads: 256 programs; 8K); never below 32."""
     assert tuning.rows_per_program(64, rows, heads, sms=132) == want
     assert tuning.rows_per_program(64, rows, heads, sms=None) == 64  # the interpreter: the table's value
+
+
+def _with_table(tmp_path, monkeypatch, entry):
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps(dict(tuning._table(), **{"Some GPU": entry})))
+    monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Some GPU")
+    tuning.clear_caches()
+
+
+def test_shapes_keyed_by_head_dim_dtype_group_and_block_size(tmp_path, monkeypatch):
+    """An entry's ``kind@qualifiers`` keys: a launch takes the most specific one that matches it (more qualifiers
+    first), else the kind's plain shape; an entry without the decode kinds takes the default entry's."""
+    plain = dict(block_m=64, window_n=64, num_warps=4, num_stages=2)
+    d128 = dict(plain, num_stages=3)
+    d128_fp32 = dict(plain, block_m=32, num_stages=1)
+    d128_b16 = dict(plain, window_n=16)
+    entry = {"fwd": plain, "bwd": plain, "select": dict(rows=64, num_warps=4), "fwd@d128": d128,
+             "fwd@d128,fp32": d128_fp32, "fwd@d128,b16": d128_b16, "select@g8": dict(rows=32, num_warps=8),
+             "measured": "a test"}
+    _with_table(tmp_path, monkeypatch, entry)
+    try:
+        dev = torch.device("cuda")
+        assert tuning.tile_shape(dev, "fwd") == plain
+        assert tuning.tile_shape(dev, "fwd", head_dim=64, dtype=torch.bfloat16) == plain
+        assert tuning.tile_shape(dev, "fwd", head_dim=128, dtype=torch.bfloat16, block_size=64) == d128
+        assert tuning.tile_shape(dev, "fwd", head_dim=128, dtype=torch.float32, block_size=64) == d128_fp32
+        assert tuning.tile_shape(dev, "fwd", head_dim=128, dtype=torch.bfloat16, block_size=16) == d128_b16
+        assert tuning.tile_shape(dev, "bwd", head_dim=128, dtype=torch.float32) == plain
+        assert tuning.tile_shape(dev, "select", head_dim=64, group=8) == dict(rows=32, num_warps=8)
+        assert tuning.tile_shape(dev, "decode_attend", head_dim=64) == tuning._table()["default"]["decode_attend"]
+        q = torch.zeros(1, 1, 1, 128, dtype=torch.float32)
+        monkeypatch.setattr(prefill, "device_name", lambda device: "Some GPU")
+        assert prefill.launch_tile(q, 64) == d128_fp32  # the prefill kernels ask with their head dim and dtype
+    finally:
+        monkeypatch.undo()
+        tuning.clear_caches()
+
+
+@pytest.mark.parametrize("key", ["fwd@d128,xl", "attn@d128", "fwd@"])
+def test_bad_table_keys_say_what_is_allowed(tmp_path, monkeypatch, key):
+    tile = dict(block_m=64, window_n=64, num_warps=4, num_stages=2)
+    _with_table(tmp_path, monkeypatch, {"fwd": tile, "bwd": tile, "select": dict(rows=64, num_warps=4), key: tile})
+    try:
+        with pytest.raises(ValueError, match="qualifiers among d<head dim>, fp16/bf16/fp32, g<group>, b<block size>"):
+            tuning._table()
+    finally:
+        monkeypatch.undo()
+        tuning.clear_caches()
+
+
+def test_the_decode_kernels_read_the_table(monkeypatch):
+    """A Triton decode step asks the table for both of its kernels' shapes, with its head dim, dtype and group."""
+    from sparsex_hf import SparseXConfig, sparsex_decode_attention
+    from sparsex_hf.ops.attention import decode_kernel
+    from sparsex_hf.ops.attention.common import block_summaries
+
+    asked = []
+    real = decode_kernel.tile_shape
+    monkeypatch.setattr(decode_kernel, "tile_shape", lambda dev, kind, **kw: asked.append((kind, kw)) or real(dev, kind, **kw))
+    cfg = SparseXConfig(block_size=16, sink_tokens=16, window=32, stride=16, topk=2)
+    q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 100, 32)
+    summ = tuple(t[None] for t in block_summaries(k[0], 16))
+    sparsex_decode_attention(q, k, k, summ, torch.zeros(1, dtype=torch.int32), 100, cfg, backend="triton")
+    kinds = {kind for kind, _ in asked}
+    assert kinds == {"decode_shortlist", "decode_attend"}
+    assert all(kw["head_dim"] == 32 and kw["dtype"] == torch.float32 and kw["group"] == 2 for _, kw in asked)

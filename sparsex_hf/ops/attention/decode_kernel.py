@@ -45,7 +45,7 @@ from ...config import SparseXConfig
 from .common import resolve_mix_weights, shortlist_size
 from .prefill import _dot
 from .select import merge_topk
-from .tuning import sm_count
+from .tuning import sm_count, tile_shape
 
 
 @triton.jit
@@ -471,7 +471,8 @@ def decode_shortlist_triton(q, summaries, off, seq_len, cfg: SparseXConfig, slid
         hkv, nb, cfg.block_size, cfg.sink_tokens, cfg.window, sliding_window or 0,
         NSPLIT=nsplit, G=hq // hkv, GP=gp, TQ=tq, TQP=tqp, D=d, BNB=bnb, S=s, SP2=sp2, A=a, NSL=nsl,
         NSLP2=max(2, _p2(nsl)), MINMAX=minmax, HAS_SW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4,
+        IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor),
+        num_warps=tile_shape(dev, "decode_shortlist", head_dim=d, dtype=q.dtype, group=hq // hkv)["num_warps"],
     )
     return short
 
@@ -502,6 +503,7 @@ def _attend(q, k, v, short, off, seq_len, n_max, cfg, scale, sliding_window, bra
         ((bsz * hkv, max(n_t, 1)), f32), ((bsz * hkv, max(n_t, 1), g), f32), ((bsz * hkv, max(n_t, 1), g), f32),
         ((bsz * hkv, max(n_t, 1), g, d), f32), ((bsz * hkv, bm), f32)))
     out = empty(bsz, hq, tq, d, dtype=out_dtype, device=dev)
+    shape = tile_shape(dev, "decode_attend", head_dim=d, dtype=q.dtype, group=g, block_size=cfg.block_size)
     _attend_kernel[(bsz * hkv, nsplit)](
         qc, k, v, short, off, seq_len, op, mp, lp, ex, slm, sll, slo, _counters(dev, bsz * hkv), out, lsum,
         qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -509,8 +511,9 @@ def _attend(q, k, v, short, off, seq_len, n_max, cfg, scale, sliding_window, bra
         hkv, nsplit, scale, cfg.sink_tokens, cfg.window, cfg.stride, sliding_window or 0,
         G=g, TQ=tq, TQP=max(2, _p2(tq)), NSL=nsl, NSLP2=max(2, _p2(nsl)),
         TOPK=cfg.topk, D=d, BM=bm, BN=cfg.block_size, BRANCH=branch, HAS_SW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=4,
-        num_stages=1 if q.element_size() == 4 and bm * cfg.block_size > 8192 else 2,  # (fp32 tiles: shared memory)
+        IEEE=q.dtype == torch.float32, LEN_PTR=isinstance(seq_len, torch.Tensor), num_warps=shape["num_warps"],
+        # (fp32 tiles of more than 8K elements: one stage, for shared memory)
+        num_stages=1 if q.element_size() == 4 and bm * cfg.block_size > 8192 else shape["num_stages"],
     )
     return out, lsum
 

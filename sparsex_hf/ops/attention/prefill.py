@@ -48,9 +48,10 @@ def launch_tile(q: torch.Tensor, block_size: int, backward: bool = False) -> dic
     """The attention kernel's launch shape for ``q`` (its GPU, head dim and dtype) and ``block_size``: the table's
     (tuning.py), or where that one did not fit the card's shared memory, the smaller one recorded then."""
     kind = "bwd" if backward else "fwd"
+    table = tile_shape(q.device, kind, head_dim=q.shape[-1], dtype=q.dtype, block_size=block_size)
     if overridden(kind):
-        return tile_shape(q.device, kind)
-    return _fitted.get(_fit_key(q, block_size, kind)) or tile_shape(q.device, kind)
+        return table
+    return _fitted.get(_fit_key(q, block_size, kind)) or table
 
 
 def block_m(q: torch.Tensor, block_size: int, backward: bool = False) -> int:

@@ -194,7 +194,7 @@ def block_topk_triton(qr, ka, kb, group: int, p_first, p_last, cfg: SparseXConfi
     if r == 0 or k == 0:
         return idx
     short = empty(hkv, r, s, device=qr.device, dtype=torch.int32) if cfg.rerank else idx
-    shape = tile_shape(qr.device, "select")
+    shape = tile_shape(qr.device, "select", head_dim=d, dtype=ka.dtype, group=group)
     sms = sm_count(qr.device) if qr.is_cuda else None
     bq = rows_per_program(shape["rows"], r, hkv, sms)
     ieee, hilo = ka.dtype == torch.float32, qr.dtype == torch.float32 and ka.dtype != torch.float32

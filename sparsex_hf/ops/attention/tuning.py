@@ -1,20 +1,28 @@
-"""Launch shapes of the prefill kernels per GPU, from a table measured once (not tuned at every launch).
+"""Launch shapes of the Sparse-X kernels per GPU, from a table measured once (not tuned at every launch).
 
 ``tiles.json`` maps a GPU's name (``torch.cuda.get_device_name``) to the shapes ``benchmarks/sweep_prefill.py``
 measured fastest on it, one per kernel: ``fwd`` and ``bwd`` (the attention passes: ``block_m`` query rows per
 program, ``window_n`` keys per chunk of the unmasked window range, a power of two of which at least the block size
-is used, ``num_warps``, ``num_stages``) and ``select`` (the block-score kernel: ``rows`` score rows per program,
-``num_warps``). GPUs not in the table, and the Triton interpreter, use ``"default"``. ``sweep_prefill.py --save``
-writes a GPU's entry.
+is used, ``num_warps``, ``num_stages``), ``select`` (the block-score kernel: ``rows`` score rows per program,
+``num_warps``), and the decode step's ``decode_shortlist`` (``num_warps``) and ``decode_attend`` (``num_warps``,
+``num_stages``; an entry without them takes the ``"default"`` entry's). GPUs not in the table, and the Triton
+interpreter, use ``"default"`` (said once in the log). ``sweep_prefill.py --save`` writes a GPU's entry.
+
+What changes the answer besides the card can key a shape too: ``"<kind>@<qualifiers>"`` with qualifiers among
+``d<head dim>``, ``fp16`` / ``bf16`` / ``fp32``, ``g<GQA group>`` and ``b<block size>``, comma-separated in that
+order (``"bwd@d128,fp32"``). A launch takes the most specific key of its entry that matches it (most qualifiers
+first, then in that order), else the kind's plain shape.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
+import re
 
 import torch
 
@@ -22,7 +30,11 @@ logger = logging.getLogger(__name__)
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tiles.json")
 _ATTENTION = ("block_m", "window_n", "num_warps", "num_stages")
-FIELDS = {"fwd": _ATTENTION, "bwd": _ATTENTION, "select": ("rows", "num_warps")}
+FIELDS = {"fwd": _ATTENTION, "bwd": _ATTENTION, "select": ("rows", "num_warps"), "decode_shortlist": ("num_warps",),
+          "decode_attend": ("num_warps", "num_stages")}
+OPTIONAL = ("decode_shortlist", "decode_attend")  # an entry without them takes the "default" entry's
+_QUALIFIER = re.compile(r"^(d\d+|fp16|bf16|fp32|g\d+|b\d+)$")
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _override: dict[str, dict] = {}
 
 
@@ -32,7 +44,16 @@ def _table() -> dict:
         table = json.load(f)
     for gpu, entry in table.items():
         for kind in FIELDS:
-            check_tile(entry[kind], kind, f"{TABLE_PATH}: {gpu!r} {kind}")
+            if kind in entry or gpu == "default" or kind not in OPTIONAL:
+                check_tile(entry[kind], kind, f"{TABLE_PATH}: {gpu!r} {kind}")
+        for key in entry:
+            if key in FIELDS or key == "measured":
+                continue
+            kind, _, quals = key.partition("@")
+            if kind not in FIELDS or not quals or not all(_QUALIFIER.match(x) for x in quals.split(",")):
+                raise ValueError(f"{TABLE_PATH}: {gpu!r} has key {key!r}; keys are a kernel {list(FIELDS)}, optionally "
+                                 "'@' and qualifiers among d<head dim>, fp16/bf16/fp32, g<group>, b<block size>")
+            check_tile(entry[key], kind, f"{TABLE_PATH}: {gpu!r} {key}")
     return table
 
 
@@ -79,13 +100,30 @@ def _entry(name: str) -> dict:
     return table[name]
 
 
-def tile_shape(device: torch.device, kind: str = "fwd") -> dict:
-    """The launch shape of kernel ``kind`` (``"fwd"``, ``"bwd"``, ``"select"``) on ``device``: the table's entry
-    for its GPU, else the default (said once in the log)."""
+def tile_shape(device: torch.device, kind: str = "fwd", *, head_dim: int | None = None,
+               dtype: torch.dtype | None = None, group: int | None = None, block_size: int | None = None) -> dict:
+    """The launch shape of kernel ``kind`` (a key of ``FIELDS``) on ``device`` for a launch of this head dim, dtype,
+    GQA group and block size (those given): the most specific matching key of the table's entry for its GPU, else
+    the default entry's (said once in the log)."""
     if kind in _override:
         return _override[kind]
-    name = device_name(device)
-    return _entry(name)[kind] if name != "default" else _table()["default"][kind]
+    quals = tuple(q for q in (None if head_dim is None else f"d{head_dim}", _DTYPES.get(dtype),
+                              None if group is None else f"g{group}", None if block_size is None else f"b{block_size}")
+                  if q is not None)
+    return _lookup(device_name(device), kind, quals)
+
+
+@functools.cache
+def _lookup(name: str, kind: str, quals: tuple) -> dict:
+    entry = _entry(name) if name != "default" else _table()["default"]
+    for n in range(len(quals), 0, -1):
+        for subset in itertools.combinations(quals, n):
+            key = f"{kind}@{','.join(subset)}"
+            if key in entry:
+                return entry[key]
+    if kind not in entry:  # an optional kind this entry does not set
+        return _lookup("default", kind, quals)
+    return entry[kind]
 
 
 def overridden(kind: str) -> bool:
@@ -132,9 +170,19 @@ def save_entry(gpu: str, tiles: dict, measured: str, path: str = TABLE_PATH) -> 
     """Write ``gpu``'s entry (``tiles``: one shape per kernel) into the table at ``path`` (the sweep's ``--save``)."""
     with open(path) as f:
         table = json.load(f)
-    table[gpu] = {kind: check_tile(dict(tiles[kind]), kind, kind) for kind in FIELDS} | {"measured": measured}
+    table[gpu] = ({kind: check_tile(dict(tiles[kind]), kind, kind) for kind in FIELDS if kind in tiles}
+                  | {"measured": measured})
+    missing = [kind for kind in FIELDS if kind not in table[gpu] and kind not in OPTIONAL]
+    if missing:
+        raise ValueError(f"save_entry: {gpu!r} needs a shape for {missing}")
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
         f.write("\n")
+    clear_caches()
+
+
+def clear_caches() -> None:
+    """Forget the table and every lookup (after the table file changed)."""
     _table.cache_clear()
     _entry.cache_clear()
+    _lookup.cache_clear()
