@@ -8,6 +8,7 @@ Floors, each importing only downwards: ``sparsex_hf.ops`` (tensors in, tensors o
 ``sparsex_hf.hf`` with the per-model table ``sparsex_hf.patches`` -> the applications ``sparsex_hf.apps``.
 """
 
+from . import _checkout  # noqa: F401  (first: a source checkout used without installing)
 from .config import SparseXConfig
 from .hf.attention import get_sparsex_config
 from .hf.attention import register as _register

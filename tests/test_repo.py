@@ -56,9 +56,12 @@ def _imports(module: str, top_level_only: bool = False) -> list[tuple[str, ast.s
 
 
 def _floor(module: str) -> int:
-    """0: config; 1: ops and the per-model table; 2: the Transformers wing; 3: applications; 4: the package root."""
+    """0: config and the checkout bootstrap; 1: ops and the per-model table; 2: the Transformers wing; 3:
+    applications; 4: the package root."""
     if module == "sparsex_hf":
         return 4
+    if module == "sparsex_hf._checkout":
+        return 0
     for prefix, floor in (("sparsex_hf.apps", 3), ("sparsex_hf.hf", 2), ("sparsex_hf.ops", 1),
                           ("sparsex_hf.patches", 1), ("sparsex_hf.config", 0)):
         if module == prefix or module.startswith(prefix + "."):
@@ -211,3 +214,20 @@ def test_the_public_surface_is_what_a_user_calls():
             getattr(sparsex_hf, name)
     public = {n for n in dir(sparsex_hf) if not n.startswith("_")}
     assert public - set(sparsex_hf.__all__) <= {"config", "hf", "ops", "patches", "apps"}, public
+
+
+def test_a_source_checkout_imports_without_installing(tmp_path):
+    """``python -c "import sparsex_hf"`` from a checkout nobody installed: the per-model table (top-level
+    ``patches/``, shipped as ``sparsex_hf.patches``) is found there (this machine's install is hidden)."""
+    for part in ("sparsex_hf", "patches"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
+            "sys.path.insert(0, '.')\n"
+            "import sparsex_hf, sparsex_hf.patches\n"
+            "print(sparsex_hf.__file__, sparsex_hf.patches.__file__, len(sparsex_hf.SUPPORTED_MODEL_TYPES))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    here, patches, n = res.stdout.split()
+    assert here.startswith(str(tmp_path)) and patches.startswith(str(tmp_path)) and int(n) >= 5

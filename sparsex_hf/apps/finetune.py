@@ -23,6 +23,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -257,7 +258,12 @@ def setup(args, device=None) -> Setup:
     lcfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=_lora_targets(args, model.config.model_type),
                       modules_to_save=save or None, task_type="CAUSAL_LM")
-    return Setup(get_peft_model(model, lcfg), tok, cfg, rope, train, held, gates)
+    with warnings.catch_warnings():
+        # PEFT (0.21) reads model.is_gradient_checkpointing, which Transformers 5.24+ deprecates in favour of
+        # is_activation_checkpointing: the warning would come on every run and is not the user's to act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, lcfg)
+    return Setup(peft_model, tok, cfg, rope, train, held, gates)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -129,17 +129,7 @@ def sparsex_attention_forward(
     layer = getattr(module, "_sparsex_layer", None)  # lent by the attention-class wrapper when cached
     if layer is not None:
         if _decodes(layer, query.shape[2], cfg, layer_idx, kwargs):
-            n = layer.max_doc_len()
-            offsets = layer.offsets_tensor(query.device, torch.int32)
-            # rows without padding, where the cost model says so: SDPA (the summaries catch up at the next sparse step)
-            if max(layer.offsets) == min(layer.offsets) and decode_goes_dense(query, layer.keys, n, cfg, sliding_window):
-                out = dense_decode(query, layer.keys, layer.values, layer.get_seq_length(), n, scale=scaling)
-            else:
-                out = sparsex_decode_attention(
-                    query, layer.keys, layer.values, layer.summaries(cfg.block_size), offsets, layer.get_seq_length(),
-                    cfg, max_doc_len=n, scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
-                    anchor=layer.anchor,
-                )
+            out = _cached_decode(query, layer, cfg, scaling, sliding_window, mix_weights)
             return out.transpose(1, 2).contiguous(), None
         if layer.offload_kv:  # a prefill chunk over an offloaded cache reads every past key
             key = layer.keys.to(query.device, non_blocking=True)
@@ -230,6 +220,19 @@ def _static_decode(query, cfg: SparseXConfig, layer: SparseXStaticLayer, dense: 
         query, layer.keys, layer.values, layer.summaries(), layer.offsets_t, layer.cumulative_length, cfg,
         max_doc_len=layer.max_cache_len, scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
         anchor=layer.anchor if cfg.anchor else None,
+    )
+
+
+def _cached_decode(query, layer, cfg: SparseXConfig, scaling, sliding_window, mix_weights) -> torch.Tensor:
+    """A decode step over a :class:`SparseXLayer`: SDPA where its rows share one offset and the cost model says so
+    (``dense_when_faster``; the summaries catch up at the next sparse step), else Sparse-X's decode op."""
+    n = layer.max_doc_len()
+    if max(layer.offsets) == min(layer.offsets) and decode_goes_dense(query, layer.keys, n, cfg, sliding_window):
+        return dense_decode(query, layer.keys, layer.values, layer.get_seq_length(), n, scale=scaling)
+    return sparsex_decode_attention(
+        query, layer.keys, layer.values, layer.summaries(cfg.block_size), layer.offsets_tensor(query.device, torch.int32),
+        layer.get_seq_length(), cfg, max_doc_len=n, scale=scaling, sliding_window=sliding_window,
+        mix_weights=mix_weights, anchor=layer.anchor,
     )
 
 

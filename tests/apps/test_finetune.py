@@ -251,3 +251,17 @@ def test_training_steps_keep_the_sparse_kernels(tmp_path, monkeypatch):
                              "--eval-sequences", "0"))
     assert seen and not any(seen)
     assert ops_attention.DENSE_HANDOFF  # restored after training
+
+
+@needs_datasets
+def test_a_run_warns_of_nothing_the_user_cannot_act_on(tmp_path):
+    """No deprecation warning from the recipe's own calls into its dependencies (PEFT reading Transformers'
+    deprecated ``is_gradient_checkpointing`` came on every run)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune.train(_args(_model_dir(tmp_path, "llama"), _data(tmp_path), tmp_path / "run", "--max-steps", "1",
+                             "--eval-sequences", "0"))
+    said = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not said, said

@@ -347,6 +347,35 @@ def sparsex_decode_attention(
         ``[B, Hq, Tq, D]`` in the dtype of ``q``.
     """
     cfg = SparseXConfig.from_any(config)
+    seq_len, max_doc_len = _check_decode(q, k_cache, v_cache, summaries, offsets, seq_len, cfg, max_doc_len, scale,
+                                         sliding_window, mix_weights, anchor)
+    bsz, d = q.shape[0], q.shape[3]
+    if scale is None:
+        scale = d**-0.5
+    if not cfg.respect_sliding_window:
+        sliding_window = None
+    backend = resolve_backend(backend or cfg.backend, q.device)
+    if backend == "triton" and k_cache.device == q.device:
+        _check_triton(q, cfg, False)
+        if not isinstance(seq_len, torch.Tensor) and bsz == 1 and decode_goes_dense(q, k_cache, max_doc_len, cfg,
+                                                                                    sliding_window):
+            return dense_decode(q, k_cache, v_cache, seq_len, max_doc_len, scale=scale)
+    else:  # the reference, or an offloaded cache (gathered where it lives)
+        backend = "torch"
+    if torch.compiler.is_compiling():  # traced through the custom op (decode_op.py)
+        lengths = seq_len if isinstance(seq_len, torch.Tensor) else None
+        return decode_op(q, k_cache, v_cache, *summaries, offsets, anchor, mix_weights, lengths,
+                         k_cache.shape[2] if lengths is not None else seq_len, max_doc_len,
+                         cfg.json, float(scale), int(sliding_window or 0), backend)
+    return run_decode(backend, q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg, scale=scale,
+                      sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
+
+
+def _check_decode(q, k_cache, v_cache, summaries, offsets, seq_len, cfg: SparseXConfig, max_doc_len, scale,
+                  sliding_window, mix_weights, anchor) -> tuple[int | torch.Tensor, int]:
+    """:func:`sparsex_decode_attention`'s inputs checked (a clear error for each mistake); returns ``seq_len`` (a
+    device length reshaped to ``[1]``) and ``max_doc_len`` (computed from the offsets with one host read when not
+    given, which also checks their range)."""
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q must be [B, Hq, Tq, D] and k_cache/v_cache [B, Hkv, L, D] of one shape; got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}.")
@@ -396,25 +425,7 @@ def sparsex_decode_attention(
     if not isinstance(seq_len, torch.Tensor) and summaries[0].shape[2] < max_doc_len // cfg.block_size:
         raise ValueError(f"summaries hold {summaries[0].shape[2]} blocks; rows of up to {max_doc_len} tokens need "
                          f"{max_doc_len // cfg.block_size} (block_size={cfg.block_size}).")
-    if scale is None:
-        scale = d**-0.5
-    if not cfg.respect_sliding_window:
-        sliding_window = None
-    backend = resolve_backend(backend or cfg.backend, q.device)
-    if backend == "triton" and k_cache.device == q.device:
-        _check_triton(q, cfg, False)
-        if not isinstance(seq_len, torch.Tensor) and bsz == 1 and decode_goes_dense(q, k_cache, max_doc_len, cfg,
-                                                                                    sliding_window):
-            return dense_decode(q, k_cache, v_cache, seq_len, max_doc_len, scale=scale)
-    else:  # the reference, or an offloaded cache (gathered where it lives)
-        backend = "torch"
-    if torch.compiler.is_compiling():  # traced through the custom op (decode_op.py)
-        lengths = seq_len if isinstance(seq_len, torch.Tensor) else None
-        return decode_op(q, k_cache, v_cache, *summaries, offsets, anchor, mix_weights, lengths,
-                         k_cache.shape[2] if lengths is not None else seq_len, max_doc_len,
-                         cfg.json, float(scale), int(sliding_window or 0), backend)
-    return run_decode(backend, q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg, scale=scale,
-                      sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
+    return seq_len, max_doc_len
 
 
 def decode_goes_dense(q: torch.Tensor, k_cache: torch.Tensor, max_doc_len: int, cfg: SparseXConfig,
