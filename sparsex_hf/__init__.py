@@ -1,8 +1,11 @@
 """sparsex-hf: Sparse-X hierarchical sparse attention for Hugging Face Transformers.
 
-``import sparsex_hf`` registers ``attn_implementation="sparsex"`` (it imports no model module: the attention
-classes of the supported model types are wrapped when a ``"sparsex"`` model first runs, or by
-``from_pretrained`` / ``apply_sparsex``).
+``import sparsex_hf`` registers ``attn_implementation="sparsex"`` (the attention and mask functions) and changes
+nothing else: it imports no model module, wraps no class and patches no loader. The attention and decoder-stack
+classes of a supported model type are wrapped when Sparse-X is asked for: by ``sparsex_hf.from_pretrained`` (also
+checks the model type and the ``sparsex=`` fields before loading, and sets chunked prefill) and ``apply_sparsex``,
+or at the first forward of a model loaded by plain Transformers with ``attn_implementation="sparsex"``.
+``sparsex_hf.hf.install_load_hooks()`` makes plain Transformers loaders take ``sparsex=`` too (an opt-in).
 
 Floors, each importing only downwards: ``sparsex_hf.ops`` (tensors in, tensors out) -> the Transformers wing
 ``sparsex_hf.hf`` with the per-model table ``sparsex_hf.patches`` -> the applications ``sparsex_hf.apps``.
@@ -20,15 +23,13 @@ from .hf.model import (
     save_pretrained,
     set_sparsex_config,
 )
-from .hf.model import install_load_hooks as _install_load_hooks
 from .hf.static_cache import SparseXStaticCache
 from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
 from .patches import SUPPORTED_MODEL_TYPES
 
 __version__ = "0.3.0"
 
-_register()
-_install_load_hooks()
+_register()  # the attention and mask functions; nothing else changes in Transformers
 
 # what a user calls; the Transformers plumbing (the registered functions, cache layers, MixGates, ...) lives in
 # sparsex_hf.hf

@@ -88,3 +88,15 @@ def _give_back_gpu_memory():
     yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def load_hooks():
+    """Transformers' loaders taking ``sparsex=`` (the opt-in ``sparsex_hf.hf.install_load_hooks()``), for one test."""
+    from sparsex_hf.hf import install_load_hooks, remove_load_hooks
+
+    install_load_hooks()
+    try:
+        yield
+    finally:
+        remove_load_hooks()

@@ -231,3 +231,31 @@ def test_a_source_checkout_imports_without_installing(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     here, patches, n = res.stdout.split()
     assert here.startswith(str(tmp_path)) and patches.startswith(str(tmp_path)) and int(n) >= 5
+
+
+def test_the_import_changes_nothing_in_transformers():
+    """``import sparsex_hf`` registers the attention and mask functions and nothing else: no class's ``forward`` or
+    loader replaced (a model module imported before it, or after it), no import hook, no model module imported."""
+    code = r"""
+import sys, transformers
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.models.llama import modeling_llama
+def state():
+    out = [modeling_llama.LlamaAttention.forward, modeling_llama.LlamaModel.forward,
+           PreTrainedModel.__dict__['from_pretrained'], PreTrainedModel.__dict__['_from_config']]
+    out += [AutoModelForCausalLM.__dict__.get(n) for n in ('from_pretrained', 'from_config')]
+    return out, list(sys.meta_path)
+before, finders = state()
+modules = set(sys.modules)
+import sparsex_hf
+new = [m for m in set(sys.modules) - modules if m.startswith('transformers.models.') and '.modeling_' in m]
+after, finders_after = state()
+import transformers.models.mistral.modeling_mistral as mm
+wrapped = [hasattr(f, '__sparsex_original__') for f in (mm.MistralAttention.forward, mm.MistralModel.forward)]
+print(all(a is b for a, b in zip(before, after)), finders == finders_after, not new, not any(wrapped))
+from transformers import AttentionInterface
+print('sparsex' in AttentionInterface._global_mapping)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["True"] * 5, res.stdout

@@ -74,15 +74,17 @@ def test_a_gguf_loaded_model_saves_with_the_helper_and_reloads_with_its_config(s
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
 
 
-def test_auto_class_takes_sparsex_fields_on_a_gguf_checkpoint(smollm2):
-    """``AutoModelForCausalLM.from_pretrained(gguf, attn_implementation="sparsex", sparsex={...})``: a GGUF
-    checkpoint stores no Sparse-X config; the fields given go over the defaults (Transformers alone raises a
-    TypeError for the unknown keyword)."""
+def test_auto_class_takes_sparsex_fields_on_a_gguf_checkpoint(smollm2, load_hooks):
+    """With the opt-in loader hooks, ``AutoModelForCausalLM.from_pretrained(gguf, attn_implementation="sparsex",
+    sparsex={...})``: a GGUF checkpoint stores no Sparse-X config; the fields given go over the defaults
+    (Transformers alone raises a TypeError for the unknown keyword); ``sparsex_hf.from_pretrained`` the same."""
     from transformers import AutoModelForCausalLM
 
     path = spec.submodule_search_locations[0]
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, attn_implementation="sparsex",
                                                  sparsex={"window": 256, "topk": 4}, dtype=torch.float32)
+    assert sparsex_hf.get_sparsex_config(model) == sparsex_hf.SparseXConfig(window=256, topk=4)
+    model = sparsex_hf.from_pretrained(path, gguf_file=GGUF, sparsex={"window": 256, "topk": 4}, dtype=torch.float32)
     assert sparsex_hf.get_sparsex_config(model) == sparsex_hf.SparseXConfig(window=256, topk=4)
 
 

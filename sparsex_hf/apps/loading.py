@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..config import SparseXConfig
 from ..hf.attention import get_sparsex_config
+from ..hf.model import from_pretrained as sparsex_from_pretrained
 from ..patches import check_model_type
 
 __all__ = ["SMOLLM2", "add_sparsex_arguments", "load_config", "load_model", "load_tokenizer", "require", "resolve",
@@ -89,8 +90,12 @@ def load_model(model: str, *, dtype=None, device=None, attn_implementation: str 
     path, gguf = resolve(model)
     cfg = config if config is not None else load_config(model)
     check_model_type(getattr(cfg, "model_type", None))
-    out = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype or torch.float32,
-                                               attn_implementation=attn_implementation, **_gguf_kwargs(gguf), **kwargs)
+    if attn_implementation == "sparsex":  # the classes wrapped and chunked prefill set before the first forward
+        out = sparsex_from_pretrained(path, config=cfg, dtype=dtype or torch.float32, **_gguf_kwargs(gguf), **kwargs)
+    else:
+        out = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype or torch.float32,
+                                                   attn_implementation=attn_implementation, **_gguf_kwargs(gguf),
+                                                   **kwargs)
     if device is not None:
         out = out.to(device)
     return out

@@ -8,8 +8,9 @@ Imports ``sparsex_hf.ops`` and the per-model table ``sparsex_hf.patches``; the a
 
 from .attention import register, sparsex_attention_forward, sparsex_mask
 from .cache import CACHE_KWARG, SparseXLayer
+from .model import install_load_hooks, remove_load_hooks
 from .static_cache import SparseXStaticLayer
 from .training import MixGates
 
-__all__ = ["CACHE_KWARG", "MixGates", "SparseXLayer", "SparseXStaticLayer", "register", "sparsex_attention_forward",
-           "sparsex_mask"]
+__all__ = ["CACHE_KWARG", "MixGates", "SparseXLayer", "SparseXStaticLayer", "install_load_hooks", "register", "remove_load_hooks",
+           "sparsex_attention_forward", "sparsex_mask"]

@@ -25,13 +25,14 @@ from ..ops.attention import (
     cu_seqlens_from_position_ids,
     decode_goes_dense,
     dense_decode,
+    log_once,
     sparsex_attention,
     sparsex_decode_attention,
     sparsex_prompt_anchor,
 )
 from ..patches import check_model_type
 from .static_cache import SparseXStaticLayer
-from .wrap import ATTN_NAME, install, wrap_loaded_classes
+from .wrap import ATTN_NAME, wrap_loaded_classes
 
 __all__ = [
     "ATTN_NAME",
@@ -262,10 +263,15 @@ def sparsex_mask(
 ) -> torch.Tensor | None:
     """``AttentionMaskInterface`` function: ``None`` (no padding) or the 2-D padding mask ``[B, kv_length]``.
 
-    Called once per forward of a ``"sparsex"`` model, before its layers run; it also wraps the attention
-    classes of the supported model types that are loaded (``wrap.wrap_loaded_classes``)."""
+    Called once per forward of a ``"sparsex"`` model, before its layers run; it also wraps the attention and
+    decoder-stack classes of the supported model types that are loaded and not wrapped yet (a model loaded by
+    plain Transformers meets Sparse-X here first: ``wrap.wrap_loaded_classes``)."""
     if not torch.compiler.is_compiling():  # (reads sys.modules: a guard that would fail at every import)
-        wrap_loaded_classes()
+        if wrap_loaded_classes() and attention_mask is not None and not bool(attention_mask[:, :1].all()):
+            log_once("sparsex: the model classes were wrapped at this model's first forward (loaded without "
+                     "sparsex_hf.from_pretrained or apply_sparsex), whose batch is left-padded: unless it passed "
+                     "position_ids, this one call counted its positions from column 0, not from each row's first "
+                     "token (generate() passes them; later calls count them).")
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()
@@ -277,8 +283,8 @@ def sparsex_mask(
 
 
 def register() -> None:
-    """Register ``"sparsex"`` with Transformers' attention and mask registries, and wrap the supported model
-    classes when their modules are imported (idempotent)."""
+    """Register ``"sparsex"`` with Transformers' attention and mask registries (idempotent). Nothing else: the
+    model classes are wrapped when Sparse-X is asked for (``sparsex_hf.from_pretrained``, ``apply_sparsex``, or a
+    ``"sparsex"`` model's first forward, through :func:`sparsex_mask`)."""
     AttentionInterface.register(ATTN_NAME, sparsex_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, sparsex_mask)
-    install()

@@ -178,6 +178,7 @@ def _hook(original, before):
         config = getattr(model, "config", None)
         if config is not None and getattr(config, "_attn_implementation", None) == ATTN_NAME:
             cfg = _merge_into(config, sparsex)
+            wrap_class(config.model_type)  # before the model's first forward
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.prefill_chunk_size = cfg.prefill_chunk or None
         return model
@@ -187,18 +188,32 @@ def _hook(original, before):
 
 
 def install_load_hooks() -> None:
-    """Make Transformers' loaders follow the package's rule (idempotent): ``from_pretrained(...,
-    attn_implementation="sparsex", sparsex={...})`` and ``from_config(...)`` on the auto classes and the model
-    classes merge ``sparsex`` over the stored config (the fields are validated before loading), refuse a model
-    type without Sparse-X support at load, and set chunked prefill, as :func:`from_pretrained` does."""
+    """An opt-in (``import sparsex_hf`` does not call it): make Transformers' loaders follow the package's rule
+    (idempotent): ``from_pretrained(..., attn_implementation="sparsex", sparsex={...})`` and ``from_config(...)`` on
+    the auto classes and the model classes merge ``sparsex`` over the stored config (the fields are validated
+    before loading), refuse a model type without Sparse-X support at load, and set chunked prefill, as
+    :func:`from_pretrained` does. This rewires the loaders of every auto class; ``sparsex_hf.from_pretrained`` does
+    the same for one load without changing Transformers."""
+    for owner, name, before in _loaders():
+        current = owner.__dict__.get(name)
+        if isinstance(current, classmethod) and not hasattr(current.__func__, "_sparsex_original"):
+            setattr(owner, name, _hook(current.__func__, before))
+
+
+def remove_load_hooks() -> None:
+    """Undo :func:`install_load_hooks`: every loader gets its original function back (idempotent)."""
+    for owner, name, _ in _loaders():
+        current = owner.__dict__.get(name)
+        if isinstance(current, classmethod) and hasattr(current.__func__, "_sparsex_original"):
+            setattr(owner, name, classmethod(current.__func__._sparsex_original))
+
+
+def _loaders() -> list[tuple[type, str, bool]]:
+    """``(owner, loader name, checks the config before building)`` of every loader the hooks rewire."""
     base = next(c for c in AutoModelForCausalLM.__mro__ if c.__name__ == "_BaseAutoModelClass")
     autos, todo = [], [base]
     while todo:  # every auto class keeps its own copy of the loaders
         autos.append(todo.pop())
         todo.extend(autos[-1].__subclasses__())
     targets = [(PreTrainedModel, "from_pretrained", False), (PreTrainedModel, "_from_config", True)]
-    targets += [(c, name, name == "from_config") for c in autos for name in ("from_pretrained", "from_config")]
-    for owner, name, before in targets:
-        current = owner.__dict__.get(name)
-        if isinstance(current, classmethod) and not hasattr(current.__func__, "_sparsex_original"):
-            setattr(owner, name, _hook(current.__func__, before))
+    return targets + [(c, name, name == "from_config") for c in autos for name in ("from_pretrained", "from_config")]

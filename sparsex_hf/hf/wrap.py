@@ -8,18 +8,15 @@ the attention function for that call (``module._sparsex_layer``). For any other 
 original at once. No model forward is copied and no private Transformers helper is touched; gradient
 checkpointing is unaffected (only the attention forward is wrapped).
 
-Classes are wrapped when their modeling module is imported, so that ``import sparsex_hf`` imports no model module
-and a model is wrapped before its first forward: ``install()`` (run by ``import sparsex_hf``) wraps the modules
-already imported and puts a finder on ``sys.meta_path`` that wraps a supported model's module right after it
-executes. The ``"sparsex"`` mask function calls :func:`wrap_loaded_classes` as a fallback (a set lookup once all
-are wrapped).
+Classes are wrapped when Sparse-X is asked for, never by ``import sparsex_hf``: by ``sparsex_hf.from_pretrained``
+and ``apply_sparsex`` before the model's first forward, and otherwise (a model loaded by plain Transformers with
+``attn_implementation="sparsex"``) by the ``"sparsex"`` mask function at the model's first forward, before its
+layers run (:func:`wrap_loaded_classes`: a set comparison once all are wrapped).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import sys
 
 import torch
@@ -30,7 +27,7 @@ from .static_cache import convertible_static_layer, static_layer
 
 ATTN_NAME = "sparsex"
 
-__all__ = ["ATTN_NAME", "install", "is_wrapped", "unwrap_class", "wrap_class", "wrap_loaded_classes"]
+__all__ = ["ATTN_NAME", "is_wrapped", "unwrap_class", "wrap_class", "wrap_loaded_classes"]
 
 # model types wrapped automatically once their modeling module is loaded; revert_sparsex("llama") removes one
 _AUTO: set[str] = set(MODEL_TABLE)
@@ -128,50 +125,14 @@ def unwrap_class(model_type: str, keep_auto: bool = False) -> None:
     _unwrap(model_class(model_type))
 
 
-class _Loader(importlib.abc.Loader):
-    """The modeling module's own loader, then the wrapping of its classes."""
-
-    def __init__(self, loader, model_type: str):
-        self.loader, self.model_type = loader, model_type
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        if self.model_type in _AUTO:
-            spec = MODEL_TABLE[self.model_type]
-            _wrap(getattr(module, spec.attention_class), _wrap_forward)
-            _wrap(getattr(module, spec.model_class), _wrap_model_forward)
-            _DONE.add(self.model_type)
-
-
-class _WrapOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a supported model's modeling module it returns the regular spec with a loader
-    that wraps the module's classes after executing it."""
-
-    def find_spec(self, fullname, path, target=None):
-        model_type = next((t for t, s in MODEL_TABLE.items() if s.attention_module == fullname), None)
-        if model_type is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _Loader(spec.loader, model_type)
-        return spec
-
-
-def install() -> None:
-    """Wrap the supported modeling modules already imported, and those imported later (idempotent)."""
-    if not any(isinstance(f, _WrapOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _WrapOnImport())
-    wrap_loaded_classes()
-
-
-def wrap_loaded_classes() -> None:
-    """Wrap the attention classes of supported model types whose modeling module is already imported."""
+def wrap_loaded_classes() -> bool:
+    """Wrap the classes of supported model types whose modeling module is imported and that are not wrapped yet
+    (a set comparison once all are); returns whether any was wrapped now."""
     if _AUTO <= _DONE:
-        return
+        return False
+    wrapped = False
     for model_type in _AUTO - _DONE:
         if MODEL_TABLE[model_type].attention_module in sys.modules:
             wrap_class(model_type)
+            wrapped = True
+    return wrapped

@@ -168,7 +168,7 @@ def test_mistral_sliding_window_is_respected():
     assert (a - c).abs().max() > 1e-3  # reaching past the window changes the result
 
 
-def test_save_load_keeps_config_and_switching_implementations(tmp_path):
+def test_save_load_keeps_config_and_switching_implementations(tmp_path, load_hooks):
     import json
 
     dense, sparse = model_pair("llama")
@@ -208,7 +208,7 @@ def test_from_pretrained_helper_sets_config_on_a_plain_checkpoint(tmp_path):
         sparsex_hf.from_pretrained(tmp_path, sparsex={"window": -5})
 
 
-def test_unsupported_model_type_is_refused(tmp_path):
+def test_unsupported_model_type_is_refused(tmp_path, load_hooks):
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     # Gemma 2 soft-caps its attention logits, which Sparse-X does not express: out of the table
@@ -227,10 +227,22 @@ def test_unsupported_model_type_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex")
 
 
-def test_transformers_loaders_merge_sparsex_over_the_stored_config(tmp_path):
-    """``from_pretrained(..., attn_implementation="sparsex", sparsex={...})`` on the auto and the model classes:
-    the fields given replace the stored ones, the others stay; bad values and a missing ``"sparsex"`` attention
-    are refused; ``from_config`` takes ``sparsex=`` too."""
+def test_without_the_loader_hooks_an_unsupported_model_fails_at_its_first_forward():
+    """Plain Transformers (no opt-in hooks) builds a model of a type Sparse-X does not support with
+    ``attn_implementation="sparsex"``; its first forward refuses it, naming the supported types."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=128)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sparsex")
+    with pytest.raises(ValueError, match=r"supported model types are \['llama', 'mistral', 'phi3', 'qwen2', 'qwen3'\]"):
+        model(torch.randint(3, 128, (1, 10)))
+
+
+def test_transformers_loaders_merge_sparsex_over_the_stored_config(tmp_path, load_hooks):
+    """With the opt-in loader hooks, ``from_pretrained(..., attn_implementation="sparsex", sparsex={...})`` on the
+    auto and the model classes: the fields given replace the stored ones, the others stay; bad values and a missing
+    ``"sparsex"`` attention are refused; ``from_config`` takes ``sparsex=`` too; the classes are wrapped at load."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sparsex", sparsex={"window": 99})

@@ -239,13 +239,23 @@ def test_classes_unwrapped_by_hand_are_wrapped_again_at_the_next_sparsex_forward
 
 
 @pytest.mark.slow
-def test_import_loads_no_model_module_and_wraps_one_when_it_is_imported():
-    code = ("import sys, sparsex_hf; "
-            "print([m for m in sys.modules if m.startswith('transformers.models.') and '.modeling_' in m and '.auto.' not in m]); "
-            "from transformers.models.llama import modeling_llama as m; "
-            "print(hasattr(m.LlamaAttention.forward, '__sparsex_original__'), hasattr(m.LlamaModel.forward, '__sparsex_original__'))")
+def test_a_model_loaded_by_plain_transformers_is_wrapped_at_its_first_forward():
+    """``import sparsex_hf`` wraps nothing (tests/test_repo.py checks the import); a model loaded by plain
+    Transformers with ``attn_implementation="sparsex"`` gets its classes wrapped at its first forward, before its
+    layers run, so that its first decode step already reads the summaries."""
+    code = ("import sys, torch, sparsex_hf\n"
+            "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+            "from transformers.models.llama import modeling_llama as m\n"
+            "print(hasattr(m.LlamaAttention.forward, '__sparsex_original__'))\n"
+            "cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,\n"
+            "                  num_key_value_heads=1, vocab_size=64)\n"
+            "model = AutoModelForCausalLM.from_config(cfg, attn_implementation='sparsex')\n"
+            "print(hasattr(m.LlamaAttention.forward, '__sparsex_original__'))\n"
+            "model.generate(torch.randint(3, 64, (1, 12)), max_new_tokens=2, do_sample=False, pad_token_id=0)\n"
+            "print(hasattr(m.LlamaAttention.forward, '__sparsex_original__'), "
+            "hasattr(m.LlamaModel.forward, '__sparsex_original__'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0].strip() == "[]" and out[1].strip() == "True True", out
+    assert [x.strip() for x in out[:3]] == ["False", "False", "True True"], out
 
 
 def test_apply_refuses_other_model_types():
