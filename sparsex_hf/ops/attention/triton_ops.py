@@ -45,32 +45,39 @@ def _(q, k, attention_mask, cu_q, cu_k, config, sliding_window):
     return q.new_empty((q.shape[0], k.shape[1], q.shape[2], config_from_json(config).topk), dtype=torch.int32)
 
 
-def _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, backward=False):
-    layout = _layout(q, k, attention_mask, cu_q, cu_k, block_size, backward)
-    union, count = tile_union(sel, layout, window, block_size, select_tile)
+def _prepare(q, k, sel, attention_mask, cu_q, cu_k, cfg: SparseXConfig, backward=False):
+    layout = _layout(q, k, attention_mask, cu_q, cu_k, cfg.block_size, backward)
+    union, count = tile_union(sel, layout, cfg.window, cfg.block_size, cfg.select_tile)
     return layout, union, count
 
 
+def _attend_kw(cfg: SparseXConfig, scale: float, sliding_window: int, flags) -> dict:
+    return dict(scale=scale, sink=cfg.sink_tokens, window=cfg.window, stride=cfg.stride,
+                sliding_window=sliding_window or None, block_size=cfg.block_size, flags=flags)
+
+
+# Every custom op takes its parameters the same way: the config as ``SparseXConfig.json`` (a constant when traced),
+# then the call's own scalars (scale, ``sliding_window``: 0 for none) and, for the attention passes, which sets they
+# attend (``use_local, use_stride, use_topk``: all three for ``union``, one at a time for ``mix``'s branches).
 @torch.library.custom_op("sparsex::attend", mutates_args=())
 def attend_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, attention_mask: torch.Tensor | None,
-    cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, scale: float, block_size: int, sink: int,
-    window: int, stride: int, sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
+    cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, config: str, scale: float, sliding_window: int,
+    use_local: bool, use_stride: bool, use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention over the given selection: ``(o [B, Hq, Tq, D], lse [B, Hq, Tq] fp32)``."""
+    cfg = config_from_json(config)
 
     def run():
-        layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile)
-        return attend(q, k, v, sel, layout, union, count, scale=scale, sink=sink, window=window, stride=stride,
-                      sliding_window=sliding_window or None, block_size=block_size,
-                      flags=(use_local, use_stride, use_topk))
+        layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, cfg)
+        return attend(q, k, v, sel, layout, union, count, **_attend_kw(cfg, scale, sliding_window,
+                                                                       (use_local, use_stride, use_topk)))
 
     return _fitting(run)
 
 
 @attend_op.register_fake
-def _(q, k, v, sel, attention_mask, cu_q, cu_k, scale, block_size, sink, window, stride, sliding_window, select_tile,
-      use_local, use_stride, use_topk):
+def _(q, k, v, sel, attention_mask, cu_q, cu_k, config, scale, sliding_window, use_local, use_stride, use_topk):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -78,27 +85,27 @@ def _(q, k, v, sel, attention_mask, cu_q, cu_k, scale, block_size, sink, window,
 def attend_backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     sel: torch.Tensor, attention_mask: torch.Tensor | None, cu_q: torch.Tensor | None,
-    cu_k: torch.Tensor | None, scale: float, block_size: int, sink: int, window: int, stride: int,
-    sliding_window: int, select_tile: int, use_local: bool, use_stride: bool, use_topk: bool,
+    cu_k: torch.Tensor | None, config: str, scale: float, sliding_window: int, use_local: bool, use_stride: bool,
+    use_topk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfg = config_from_json(config)
 
     def run():
-        layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, window, block_size, select_tile, True)
-        return attend_backward(q, k, v, o, lse, do, sel, layout, union, count, scale=scale, sink=sink,
-                               window=window, stride=stride, sliding_window=sliding_window or None,
-                               block_size=block_size, flags=(use_local, use_stride, use_topk))
+        layout, union, count = _prepare(q, k, sel, attention_mask, cu_q, cu_k, cfg, True)
+        return attend_backward(q, k, v, o, lse, do, sel, layout, union, count,
+                               **_attend_kw(cfg, scale, sliding_window, (use_local, use_stride, use_topk)))
 
     return _fitting(run)
 
 
 @attend_backward_op.register_fake
-def _(q, k, v, o, lse, do, sel, attention_mask, cu_q, cu_k, scale, block_size, sink, window, stride, sliding_window,
-      select_tile, use_local, use_stride, use_topk):
+def _(q, k, v, o, lse, do, sel, attention_mask, cu_q, cu_k, config, scale, sliding_window, use_local, use_stride,
+      use_topk):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_ATTEND_ARGS = ("attention_mask", "cu_q", "cu_k", "scale", "block_size", "sink", "window", "stride",
-                "sliding_window", "select_tile", "use_local", "use_stride", "use_topk")
+_ATTEND_ARGS = ("attention_mask", "cu_q", "cu_k", "config", "scale", "sliding_window", "use_local", "use_stride",
+                "use_topk")
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,16 +141,14 @@ def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_ma
                              cu_seqlens_k=None, sliding_window=None, dense=False, mix_weights=None):
     """Sparse-X with the Triton kernels; same contract as ``naive.sparsex_attention_naive``."""
     q, k, v = _strided_ok(q), _strided_ok(k), _strided_ok(v)
-    tk = k.shape[2]
-    if dense:  # dense causal through the same kernels: the window covers everything
-        cfg = cfg.replace(window=tk + 1, topk=0, stride=0, sink_tokens=0, combine="union")
+    if dense:  # dense causal through the same kernels: a window that covers every supported length (a constant
+        cfg = cfg.replace(window=1 << 30, topk=0, stride=0, sink_tokens=0, combine="union")  # config when traced)
     sw = int(sliding_window or 0)
     if cfg.topk > 0:
         sel = select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens_k, cfg.json, sw)
     else:
         sel = q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32)
-    common = (attention_mask, cu_seqlens_q, cu_seqlens_k, float(scale), cfg.block_size, cfg.sink_tokens,
-              cfg.window, cfg.stride, sw, cfg.select_tile)
+    common = (attention_mask, cu_seqlens_q, cu_seqlens_k, cfg.json, float(scale), sw)
     if cfg.combine == "union":
         return attend_op(q, k, v, sel, *common, True, True, True)[0]
     hq = q.shape[1]
