@@ -123,7 +123,7 @@ def filled_cache(model, attn: str, bsz: int, t: int, offload: bool = False):
         v = torch.randn(bsz, kv_heads, t, head_dim, device=dev, dtype=torch.bfloat16, generator=gen)
         layer = cache.layers[i]
         if attn == "sparsex":
-            layer.set_offsets(None, bsz, t)
+            layer.record_offsets(None, t, bsz)
         layer.update(k, v)
         del k, v
         if attn == "sparsex":
@@ -174,7 +174,7 @@ def main():
         gen = torch.Generator(device="cuda").manual_seed(1)
         k = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-        layer.set_offsets(None, 1, t)
+        layer.record_offsets(None, t, 1)
         layer.update(k, v)
         layer.summaries(64)
         q = torch.randn(1, 32, 1, 64, device="cuda", dtype=torch.bfloat16, generator=gen)

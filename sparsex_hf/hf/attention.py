@@ -122,12 +122,11 @@ def sparsex_attention_forward(
     mix_weights = mix() if (mix is not None and cfg.combine == "mix") else None
     layer_idx = getattr(module, "layer_idx", None)
     sliding_window = kwargs.get("sliding_window")
-    static = kwargs.pop("sparsex_layer", None)  # a static cache's layer, lent by the wrapper through the kwargs
-    if static is not None:
-        out = _static_attention(query, key, value, attention_mask, cfg, static, layer_idx, scaling, sliding_window,
+    layer = kwargs.pop("sparsex_layer", None)  # the cache's layer, lent by the attention-class wrapper (wrap.py)
+    if isinstance(layer, SparseXStaticLayer):
+        out = _static_attention(query, key, value, attention_mask, cfg, layer, layer_idx, scaling, sliding_window,
                                 mix_weights, kwargs)
         return out.transpose(1, 2).contiguous(), None
-    layer = getattr(module, "_sparsex_layer", None)  # lent by the attention-class wrapper when cached
     if layer is not None:
         if _decodes(layer, query.shape[2], cfg, layer_idx, kwargs):
             out = _cached_decode(query, layer, cfg, scaling, sliding_window, mix_weights)
@@ -196,7 +195,7 @@ def _static_prefill(query, key, value, attention_mask, cfg: SparseXConfig, layer
     out = _attention_op(query, key[:, :, :n], value[:, :, :n], cfg, scale=scaling, attention_mask=mask,
                         layer_idx=layer_idx, sliding_window=sliding_window, mix_weights=mix_weights)
     if not dense:
-        layer.refresh_summaries(cfg.block_size, query.shape[2])
+        layer.summaries(cfg.block_size, query.shape[2])
         if cfg.anchor:
             layer.set_anchor(sparsex_prompt_anchor(query, key, torch.tensor(layer.offsets), n, cfg,
                                                    sliding_window=sliding_window))
@@ -209,18 +208,17 @@ def _static_decode(query, cfg: SparseXConfig, layer: SparseXStaticLayer, dense: 
     tq = query.shape[2]
     if dense:  # SDPA over the buffer, masked to each row's causal columns (and the model's sliding window)
         cols = torch.arange(layer.max_cache_len, device=query.device)
-        off = layer.offsets_t.long()[:, None, None]
+        off = layer.offsets_tensor(dtype=torch.long)[:, None, None]
         pos_q = layer.cumulative_length - tq + torch.arange(tq, device=query.device)  # cache columns
         ok = (cols >= off) & (cols <= pos_q[None, :, None])
         if sliding_window is not None and cfg.respect_sliding_window:
             ok &= pos_q[None, :, None] - cols < sliding_window
         return torch.nn.functional.scaled_dot_product_attention(query, layer.keys, layer.values, attn_mask=ok[:, None],
                                                                 scale=scaling, enable_gqa=True)
-    layer.refresh_summaries(cfg.block_size, tq)
     return sparsex_decode_attention(
-        query, layer.keys, layer.values, layer.summaries(), layer.offsets_t, layer.cumulative_length, cfg,
-        max_doc_len=layer.max_cache_len, scale=scaling, sliding_window=sliding_window, mix_weights=mix_weights,
-        anchor=layer.anchor if cfg.anchor else None,
+        query, layer.keys, layer.values, layer.summaries(cfg.block_size, tq), layer.offsets_tensor(),
+        layer.cumulative_length, cfg, max_doc_len=layer.max_doc_len(), scale=scaling, sliding_window=sliding_window,
+        mix_weights=mix_weights, anchor=layer.anchor if cfg.anchor else None,
     )
 
 

@@ -115,9 +115,10 @@ class SparseXLayer(DynamicLayer):
         return self._len
 
     # ------------------------------------------------------------------ summaries
-    def set_offsets(self, attention_mask: torch.Tensor | None, batch_size: int, kv_length: int) -> bool:
-        """Record each row's left padding from the 2-D mask of the first forward (one host sync).
-        Returns False (and records nothing) if some row's padding is not a left prefix."""
+    def record_offsets(self, attention_mask: torch.Tensor | None, kv_length: int, batch_size: int | None = None) -> bool:
+        """Record each row's left padding from the 2-D mask of the first forward (one host sync; without a mask,
+        ``batch_size`` rows of none). Returns False (and records nothing) if some row's padding is not a left
+        prefix."""
         if self.offsets is not None:
             return True
         if attention_mask is None:
@@ -130,7 +131,7 @@ class SparseXLayer(DynamicLayer):
             if not bool((left == mask).all()):
                 return False
             self.offsets = [int(x) for x in pad.tolist()]
-        self.counts = [0] * batch_size
+        self.counts = [0] * len(self.offsets)
         self._off_t = None
         return True
 
@@ -146,7 +147,7 @@ class SparseXLayer(DynamicLayer):
             self._off_t[key] = torch.tensor(self.offsets, dtype=dtype, device=device)
         return self._off_t[key]
 
-    def summaries(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def summaries(self, block_size: int, tq: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(kmin, kmax, kmean)``, each ``[B, Hkv, nb, D]`` in the key dtype on the compute device, up to date
         with the cached keys: blocks that completed since the last call are summarised, nothing else."""
         assert self.offsets is not None

@@ -130,7 +130,7 @@ class SparseXStaticLayer(CacheLayerMixin):
         return self.max_cache_len
 
     # ------------------------------------------------------------------ padding and summaries
-    def record_offsets(self, attention_mask: torch.Tensor | None, n: int) -> bool:
+    def record_offsets(self, attention_mask: torch.Tensor | None, n: int, batch_size: int | None = None) -> bool:
         """At the first forward, record each row's left padding from the 2-D mask's first ``n`` columns (host
         read). Returns False (and records nothing) if some row's padding is not a left prefix: a static cache
         serves left-padded batches only."""
@@ -151,9 +151,26 @@ class SparseXStaticLayer(CacheLayerMixin):
         self.offsets_t.copy_(off.to(torch.int32))
         return True
 
-    def refresh_summaries(self, block_size: int, tq: int) -> None:
-        """Bring the summaries up to date after ``tq`` new tokens: the blocks they touch (tensor ops), or, at the
-        first use or with another block size, every cached token into newly allocated summaries (eager)."""
+    def max_doc_len(self) -> int:
+        """An upper bound of the longest row's length that needs no host read: the capacity."""
+        return self.max_cache_len
+
+    def offsets_tensor(self, device=None, dtype=torch.int32) -> torch.Tensor:
+        """Each row's left padding as the device tensor the compiled step reads (``[B]`` int32), or a copy in
+        another dtype or on another device."""
+        t = self.offsets_t
+        if dtype == t.dtype and (device is None or torch.device(device) == t.device):
+            return t
+        return t.to(device=device if device is not None else t.device, dtype=dtype)
+
+    def summaries(self, block_size: int, tq: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kmin, kmax, kmean)`` brought up to date after ``tq`` new tokens (default: every cached one): the
+        blocks they touch (tensor ops), or, at the first use or with another block size, every cached token into
+        newly allocated summaries (eager)."""
+        self._refresh(block_size, self.host_length() if tq is None else tq)
+        return self.kmin, self.kmax, self.kmean
+
+    def _refresh(self, block_size: int, tq: int) -> None:
         if self.block_size == block_size:
             self.summarise(tq)
             return
@@ -188,9 +205,6 @@ class SparseXStaticLayer(CacheLayerMixin):
             dest = torch.where(blk < nb - 1, blk, nb - 1).view(b, 1, c, 1).expand(b, h, c, d)  # past the end: row nb-1
             for t, v in ((self.kmin, kb.amin(3)), (self.kmax, kb.amax(3)), (self.kmean, kb.mean(3))):
                 t.scatter_(2, dest, v.to(self.dtype))
-
-    def summaries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.kmin, self.kmax, self.kmean
 
     def set_anchor(self, anchor: torch.Tensor) -> None:
         if self.anchor is None or self.anchor.shape != anchor.shape:

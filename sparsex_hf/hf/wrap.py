@@ -4,7 +4,9 @@ Transformers' attention registry hands the attention function the keys and value
 holds what a decode step needs (the block summaries, each row's left padding). So the ``forward`` of each
 supported attention class is wrapped: for a module whose attention is ``"sparsex"``, the wrapper turns the
 cache's layer into a :class:`~sparsex_hf.hf.SparseXLayer`, records each row's left padding, and lends the layer to
-the attention function for that call (``module._sparsex_layer``). For any other attention the wrapper calls the
+the attention function for that call through the attention keywords (``sparsex_layer=``, a static cache's
+:class:`~sparsex_hf.hf.SparseXStaticLayer` alike: one protocol, ``record_offsets`` / ``offsets_tensor`` /
+``summaries`` / ``max_doc_len``). For any other attention the wrapper calls the
 original at once. No model forward is copied and no private Transformers helper is touched; gradient
 checkpointing is unaffected (only the attention forward is wrapped).
 
@@ -52,12 +54,8 @@ def _wrap_forward(original):
             return original(self, *args, **kwargs)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         bsz, tq = hidden.shape[:2]
-        layer.set_offsets(kwargs.get("attention_mask"), bsz, layer.get_seq_length() + tq)
-        self._sparsex_layer = layer
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            self._sparsex_layer = None
+        layer.record_offsets(kwargs.get("attention_mask"), layer.get_seq_length() + tq, bsz)
+        return original(self, *args, sparsex_layer=layer, **kwargs)
 
     forward.__sparsex_original__ = original
     return forward

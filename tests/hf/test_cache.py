@@ -283,7 +283,7 @@ def _layer_of(t=150, pads=(5, 40), b=2, dtype=torch.float32):
     for i, p in enumerate(pads[:b]):
         mask[i, :p] = False
     layer = SparseXLayer()
-    assert layer.set_offsets(mask if any(pads) else None, b, t)
+    assert layer.record_offsets(mask if any(pads) else None, t, b)
     return layer, k, v
 
 
@@ -333,7 +333,7 @@ def test_summaries_are_at_most_a_32nd_of_the_cache():
 
 def test_buffers_grow_by_a_quarter_so_a_long_prefill_does_not_double_on_decode():
     layer = SparseXLayer()
-    layer.set_offsets(None, 1, 4096)
+    layer.record_offsets(None, 4096, 1)
     layer.update(torch.zeros(1, 2, 4096, 8), torch.zeros(1, 2, 4096, 8))
     assert layer._kbuf.shape[-2] == 4096  # exactly the prefill
     layer.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8))  # the first decode step
@@ -352,7 +352,7 @@ def test_offloaded_layer_decodes_like_a_resident_one():
     outs = []
     for offload in (False, True):
         layer = SparseXLayer(offload=offload)
-        layer.set_offsets(mask, 2, 260)
+        layer.record_offsets(mask, 260, 2)
         layer.update(k, v)
         outs.append(sparsex_hf.sparsex_decode_attention(
             q[:, :, -1:], layer.keys, layer.values, layer.summaries(16), layer.offsets_tensor("cpu", torch.int32),
