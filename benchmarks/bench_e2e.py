@@ -40,8 +40,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 import sparsex_hf
 from sparsex_hf import SparseXCache, SparseXConfig
 from sparsex_hf.hf import CACHE_KWARG, SparseXLayer
-from sparsex_hf.ops.attention import cost, sparsex_decode_attention, sparsex_prompt_anchor
-from sparsex_hf.ops.attention.decode_kernel import decode_shortlist_triton
+from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_prompt_anchor
+from sparsex_hf.ops.attention.kernels.decode import decode_shortlist_triton
+from sparsex_hf.ops.attention.rules import cost
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

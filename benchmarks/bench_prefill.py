@@ -33,8 +33,8 @@ from _common import append_csv
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig, sparsex_attention
-from sparsex_hf.ops.attention import cost
-from sparsex_hf.ops.attention.triton_ops import select_op
+from sparsex_hf.ops.attention.custom_ops import select_op
+from sparsex_hf.ops.attention.rules import cost
 
 HEADLINE = dict(window=4096, stride=256, topk=8, block_size=64, sink_tokens=64)
 

@@ -16,7 +16,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 import torch  # noqa: E402
 
 from sparsex_hf import SparseXConfig  # noqa: E402
-from sparsex_hf.ops.attention import decode_kernel, sparsex_decode_attention  # noqa: E402
+from sparsex_hf.ops.attention import sparsex_decode_attention  # noqa: E402
+from sparsex_hf.ops.attention.kernels import decode as decode_kernel  # noqa: E402
 
 
 class _NoLaunch:

@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from sparsex_hf import SparseXConfig  # noqa: E402
-from sparsex_hf.ops.attention import prefill, select, triton_ops  # noqa: E402
+from sparsex_hf.ops.attention import custom_ops as triton_ops  # noqa: E402
+from sparsex_hf.ops.attention.kernels import prefill, select  # noqa: E402
 
 VIEWS = ("slice", "view", "select.int", "unsqueeze", "expand", "permute", "alias", "detach", "_reshape_alias",
          "unflatten", "transpose", "as_strided", "squeeze")

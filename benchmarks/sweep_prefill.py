@@ -3,7 +3,7 @@
 Forward variants ``BLOCK_M,WINDOW_N,WARPS,STAGES`` are timed on the forward (selection included), backward
 variants on forward+backward (with the fastest forward), selection variants ``ROWS,WARPS`` on the selection
 alone; one row per variant in ``sweep.csv``, with the output's distance from the first variant's. ``--save`` writes
-the fastest of each into ``sparsex_hf/ops/attention/tiles.json`` under this GPU's name (``tuning.py`` reads it at
+the fastest of each into ``sparsex_hf/ops/attention/kernels/tiles.json`` under this GPU's name (``tuning.py`` reads it at
 launch; nothing is tuned at run time).
 
     python benchmarks/sweep_prefill.py --tokens 131072 --fwd 64,64,4,2 128,128,8,2 --bwd 128,64,8,3 --select 32,4 64,4 --save
@@ -20,8 +20,8 @@ import triton
 from _common import append_csv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
-from sparsex_hf.ops.attention import tuning
-from sparsex_hf.ops.attention.triton_ops import select_op
+from sparsex_hf.ops.attention.custom_ops import select_op
+from sparsex_hf.ops.attention.kernels import tuning
 
 HEADLINE = dict(window=4096, stride=256, topk=8, block_size=64, sink_tokens=64)
 

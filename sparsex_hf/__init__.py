@@ -49,8 +49,8 @@ __all__ = [
     "sparsex_decode_attention",
 ]
 
-_MOVED = {"CACHE_KWARG", "MixGates", "SparseXLayer", "SparseXStaticLayer", "register", "sparsex_attention_forward",
-          "sparsex_mask"}
+_MOVED = {"CACHE_KWARG", "MixGates", "SparseXLayer", "SparseXStaticLayer", "install_load_hooks", "register",
+          "remove_load_hooks", "sparsex_attention_forward", "sparsex_mask"}
 
 
 def __getattr__(name: str):

@@ -76,7 +76,7 @@ class SparseXConfig:
         dense_below: inputs with at most this many keys use dense causal attention (0 = never).
             Logged once at INFO when it triggers.
         dense_when_faster: on the Triton backend, a call is computed by SDPA's dense causal attention where the cost
-            model (``ops/attention/cost.py``: measured per GPU) predicts dense attention faster than Sparse-X for
+            model (``ops/attention/rules/cost.py``: measured per GPU) predicts dense attention faster than Sparse-X for
             its length, heads and head dim: prefills (a call that needs gradients judged on forward + backward) and
             unpadded decode steps of one query per row; its answer is then dense attention's own. ``False`` keeps
             the sparse kernels always (to train or measure the selection rule itself). Logged once at INFO.

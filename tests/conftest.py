@@ -65,7 +65,8 @@ def _poison_kernel_outputs(monkeypatch):
     element a kernel leaves unwritten fails the comparison instead of passing by luck."""
     if not HAS_TRITON:
         return
-    from sparsex_hf.ops.attention import decode_kernel, prefill, select
+    from sparsex_hf.ops.attention.kernels import decode as decode_kernel
+    from sparsex_hf.ops.attention.kernels import prefill, select
 
     for mod in (prefill, decode_kernel, select):
         for name in ("empty", "empty_like"):
@@ -77,7 +78,7 @@ def _poison_kernel_outputs(monkeypatch):
 def _kernels_even_where_dense(monkeypatch):
     """Small inputs that Sparse-X's window covers entirely would go to SDPA (ops.attention.DENSE_HANDOFF); the
     tests keep them on the kernels. test_prefill.py's handoff test turns it back on."""
-    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", False)
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", False)
 
 
 @pytest.fixture(autouse=True)

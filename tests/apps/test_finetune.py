@@ -236,7 +236,7 @@ def test_command_errors_are_one_line_and_leave_no_output_folder(tmp_path, capsys
 def test_training_steps_keep_the_sparse_kernels(tmp_path, monkeypatch):
     """The recipe trains the sparse function at every length: no training forward is handed to dense attention
     (``dense_when_faster`` would judge short sequences faster dense), however short the sequences."""
-    from sparsex_hf.ops import attention as ops_attention
+    from sparsex_hf.ops.attention import dense as ops_attention
 
     monkeypatch.setattr(ops_attention, "DENSE_HANDOFF", True)
     seen = []

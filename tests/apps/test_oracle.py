@@ -8,7 +8,7 @@ import sparsex_hf
 from sparsex_hf.apps.eval import method_config
 from sparsex_hf.apps.eval.methods import use_method
 from sparsex_hf.apps.eval.oracle import oracle_attention
-from sparsex_hf.ops.attention.naive import sparsex_attention_naive
+from sparsex_hf.ops.attention.reference.naive import sparsex_attention_naive
 
 CFG = sparsex_hf.SparseXConfig(**SPARSE_SMALL, select_tile=1, backend="torch")
 

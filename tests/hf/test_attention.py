@@ -145,7 +145,7 @@ def test_dense_below_falls_back_and_logs_once(caplog):
     sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, dense_below=1000)
     ids = torch.randint(3, 256, (1, 700))
     integration_logger = logging.getLogger("sparsex_hf")
-    from sparsex_hf.ops import attention as ops_attention
+    from sparsex_hf.ops.attention import dense as ops_attention
 
     ops_attention._logged.clear()
     with caplog.at_level(logging.INFO, logger=integration_logger.name), torch.no_grad():
@@ -309,7 +309,7 @@ class _MaxNumel(TorchDispatchMode):
 
 def test_no_quadratic_tensor_at_8k(monkeypatch):
     """No op in a Sparse-X forward at T = 8192 (padding included) makes a tensor anywhere near T^2."""
-    from sparsex_hf.ops.attention import naive
+    from sparsex_hf.ops.attention.reference import naive
 
     t = 8192
     monkeypatch.setattr(naive, "TILE_ELEMENTS", 1 << 20)

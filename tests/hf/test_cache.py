@@ -12,7 +12,7 @@ import sparsex_hf
 from sparsex_hf import SparseXCache, apply_sparsex, revert_sparsex
 from sparsex_hf.hf import CACHE_KWARG, SparseXLayer
 from sparsex_hf.hf import attention as attention_mod
-from sparsex_hf.ops.attention.common import block_summaries
+from sparsex_hf.ops.attention.rules.common import block_summaries
 from sparsex_hf.patches import attention_class
 
 MODEL_TYPES = ["llama", "mistral"]

@@ -8,7 +8,7 @@ from utils import SPARSE_SMALL, model_pair, padded_prompts
 
 from sparsex_hf import SparseXCache, SparseXStaticCache
 from sparsex_hf.hf import CACHE_KWARG, SparseXStaticLayer
-from sparsex_hf.ops.attention.common import block_summaries
+from sparsex_hf.ops.attention.rules.common import block_summaries
 
 MODEL_TYPES = ["llama", "mistral", "qwen2"]
 CONFIGS = {"small": dict(SPARSE_SMALL), "retrieval": dict(SPARSE_SMALL, rerank=2, anchor="split"),

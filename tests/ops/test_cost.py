@@ -1,4 +1,4 @@
-"""The dense/sparse cost model (ops/attention/cost.py) and the handoff it drives (``dense_when_faster``)."""
+"""The dense/sparse cost model (ops/attention/rules/cost.py) and the handoff it drives (``dense_when_faster``)."""
 
 import csv
 import os
@@ -10,7 +10,7 @@ from utils import SPARSE_SMALL, model_pair, padded_prompts, random_qkv
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig, sparsex_attention
-from sparsex_hf.ops.attention import cost
+from sparsex_hf.ops.attention.rules import cost
 
 CSV = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "prefill.csv")
 
@@ -102,7 +102,7 @@ def test_prefills_go_to_sdpa_where_dense_is_faster(monkeypatch, caplog):
     """With the model saying dense is faster: an inference prefill is SDPA's causal attention (padded rows too);
     a call that needs gradients too (its gradients are SDPA's); a chunk (Tq < Tk) and ``dense_when_faster=False``
     stay on the kernels."""
-    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
     monkeypatch.setattr(cost, "dense_is_faster", lambda *a: True)
     calls = []
     sdpa = F.scaled_dot_product_attention
@@ -149,7 +149,7 @@ def test_prefills_go_to_sdpa_where_dense_is_faster(monkeypatch, caplog):
 
 def test_the_real_model_hands_short_prefills_to_sdpa(monkeypatch):
     """Unpatched: a 300-token inference prefill is far below every crossover, so SDPA computes it."""
-    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
@@ -162,7 +162,7 @@ def test_the_real_model_hands_short_prefills_to_sdpa(monkeypatch):
 
 def _row_summaries(k, offsets, seq_len, block_size):
     """The block summaries of each row's cached keys, counted from its offset (zeros beyond its blocks)."""
-    from sparsex_hf.ops.attention.common import block_summaries
+    from sparsex_hf.ops.attention.rules.common import block_summaries
 
     bsz, hkv, _, d = k.shape
     nb = (seq_len - int(offsets.min())) // block_size
@@ -213,7 +213,7 @@ def test_decode_steps_go_to_sdpa_where_dense_is_faster(monkeypatch, caplog):
     window shorter than the cache keep the kernels."""
     from sparsex_hf.ops.attention import sparsex_decode_attention
 
-    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
     faster = []
     monkeypatch.setattr(cost, "decode_dense_is_faster", lambda *a: faster.append(a[-1]) or True)
     calls = []
@@ -247,7 +247,7 @@ def test_generate_hands_short_decode_steps_to_sdpa_and_keeps_dense_tokens(monkey
     """Through the model: with the cost model choosing dense everywhere, an unpadded batch generates dense
     attention's tokens from a prompt longer than the window (prefill and every decode step by SDPA); a left-padded
     batch keeps the kernels in its decode steps, and its tokens are the ones the kernels give."""
-    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
     monkeypatch.setattr(cost, "dense_is_faster", lambda *a: True)
     monkeypatch.setattr(cost, "decode_dense_is_faster", lambda *a: True)
     dense, sparse = model_pair("llama")

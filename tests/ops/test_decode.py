@@ -7,8 +7,8 @@ from utils import SPARSE_SMALL, random_qkv
 
 from sparsex_hf import SparseXConfig
 from sparsex_hf.ops.attention import HAS_TRITON, sparsex_attention, sparsex_decode_attention, sparsex_prompt_anchor
-from sparsex_hf.ops.attention.common import block_summaries
-from sparsex_hf.ops.attention.decode import decode_positions, decode_select
+from sparsex_hf.ops.attention.reference.decode import decode_positions, decode_select
+from sparsex_hf.ops.attention.rules.common import block_summaries
 
 BACKENDS = ["torch", "triton"]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,7 +97,7 @@ def test_decode_kernels_reuse_their_scratch_and_reset_their_counters(monkeypatch
     """The kernels keep their scratch buffers from call to call and their split counters in one buffer that each
     launch's last programs set back to zero: calls of two shapes, alternating, give bit for bit what fresh buffers
     give, equal to the reference, and leave every counter at zero."""
-    from sparsex_hf.ops.attention import decode_kernel
+    from sparsex_hf.ops.attention.kernels import decode as decode_kernel
 
     monkeypatch.setattr(decode_kernel, "REUSE_SCRATCH", True)
     cfg = SparseXConfig(**SPARSE_SMALL, **extra)
@@ -112,7 +112,7 @@ def test_decode_kernels_reuse_their_scratch_and_reset_their_counters(monkeypatch
     assert torch.equal(cache(q[:, :, -1:], cfg, backend="triton"), got)
     assert all(int(c.abs().sum()) == 0 for bufs in decode_kernel._COUNTERS.values() for c in bufs)
     # the custom op (what compiled graphs call) keeps no buffer past its call
-    from sparsex_hf.ops.attention.decode_op import decode_op
+    from sparsex_hf.ops.attention.custom_ops import decode_op
 
     monkeypatch.setattr(decode_kernel, "REUSE_SCRATCH", True)
     decode_kernel._SCRATCH.clear()
@@ -215,9 +215,9 @@ def test_shortlist_kernel_matches_reference_over_many_splits(score, ties):
     are eligible and not listed appended with two."""
     if not HAS_TRITON:
         pytest.skip("needs triton")
-    from sparsex_hf.ops.attention.common import shortlist_config
-    from sparsex_hf.ops.attention.decode import add_anchor
-    from sparsex_hf.ops.attention.decode_kernel import decode_shortlist_triton
+    from sparsex_hf.ops.attention.kernels.decode import decode_shortlist_triton
+    from sparsex_hf.ops.attention.reference.decode import add_anchor
+    from sparsex_hf.ops.attention.rules.common import shortlist_config
 
     t = 1100  # 275 blocks of 4: two splits of 256 blocks
     q, k, v, mask = _case(b=2, hq=4, hkv=2, t=t, d=16, pad=(0, 70), seed=3)
@@ -285,7 +285,7 @@ def test_decode_custom_op_schema_fake_and_compile():
     """The decode step is the custom op ``sparsex::decode`` under torch.compile: its schema and fake
     implementation pass ``torch.library.opcheck``, and a compiled step (one graph, no break) equals the eager one,
     with the anchor and the two-stage selection."""
-    from sparsex_hf.ops.attention.decode_op import decode_op
+    from sparsex_hf.ops.attention.custom_ops import decode_op
 
     cfg = SparseXConfig(**SPARSE_SMALL, rerank=2, anchor="split", backend="torch")
     q, k, v, mask = _case(t=260)

@@ -69,7 +69,7 @@ def test_sequence_first_layout_is_caught():
 def test_anchor_inputs_are_checked():
     """The decode op's ``anchor`` must be an integer ``[B, Hkv, A]``; the prompt-anchor op checks its shapes."""
     from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_prompt_anchor
-    from sparsex_hf.ops.attention.common import block_summaries
+    from sparsex_hf.ops.attention.rules.common import block_summaries
 
     cfg = SparseXConfig(**dict(SPARSE_SMALL, rerank=1, anchor=True))
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 100, 16)
@@ -107,7 +107,7 @@ def test_bad_mix_weights_are_refused(backend, weights):
     """Weights that make the weighted mean undefined (zero local weight: 0/0 where the other branches are empty) or
     negative or NaN are refused by both ops, as the config's alpha, beta, gamma are."""
     from sparsex_hf.ops.attention import sparsex_decode_attention
-    from sparsex_hf.ops.attention.common import block_summaries
+    from sparsex_hf.ops.attention.rules.common import block_summaries
 
     cfg = CFG.replace(combine="mix")
     q, k = torch.randn(1, 4, 40, 32), torch.randn(1, 2, 40, 32)
@@ -128,7 +128,7 @@ def test_impossible_decode_inputs_are_refused(backend):
     blocks or another head dim, mixed dtypes, a bad scale or sliding window: one clear error on both backends (the
     Triton kernels used to raise raw errors on some, the torch backend to answer others)."""
     from sparsex_hf.ops.attention import sparsex_decode_attention
-    from sparsex_hf.ops.attention.common import block_summaries
+    from sparsex_hf.ops.attention.rules.common import block_summaries
 
     q, k = torch.randn(1, 4, 1, 32, device=DEV), torch.randn(1, 2, 100, 32, device=DEV)
     summ = tuple(t[None] for t in block_summaries(k[0], 16))
@@ -159,7 +159,7 @@ def test_the_torch_decode_ignores_what_padding_columns_hold():
     """A left-padded row whose padding columns hold NaN (never written, or poisoned): the torch decode's answer is
     the one with clean padding, as the Triton decode's and the whole-sequence op's are."""
     from sparsex_hf.ops.attention import sparsex_decode_attention
-    from sparsex_hf.ops.attention.common import block_summaries
+    from sparsex_hf.ops.attention.rules.common import block_summaries
 
     gen = torch.Generator().manual_seed(8)
     q, k = torch.randn(2, 4, 1, 32, generator=gen), torch.randn(2, 2, 200, 32, generator=gen)

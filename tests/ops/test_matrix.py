@@ -13,8 +13,8 @@ from utils import random_qkv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
 from sparsex_hf.ops.attention import TRITON_BLOCK_SIZES, TRITON_DTYPES, TRITON_HEAD_DIMS
-from sparsex_hf.ops.attention.naive import sparsex_attention_naive
-from sparsex_hf.ops.attention.triton_ops import select_op
+from sparsex_hf.ops.attention.custom_ops import select_op
+from sparsex_hf.ops.attention.reference.naive import sparsex_attention_naive
 
 PRESETS = ("default", "one-stage")
 GROUPS = (1, 2, 4, 8)

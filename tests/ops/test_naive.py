@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from utils import ONE_STAGE, SPARSE_SMALL, brute_force, dense_causal, random_qkv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
-from sparsex_hf.ops.attention.naive import sparsex_attention_naive
+from sparsex_hf.ops.attention.reference.naive import sparsex_attention_naive
 
 # (id, batch, Hq, Hkv, Tq, Tk, D)
 SHAPES = [

@@ -5,10 +5,10 @@ import torch
 from utils import ONE_STAGE, SPARSE_SMALL, random_qkv
 
 from sparsex_hf import SparseXConfig, sparsex_attention
-from sparsex_hf.ops.attention.documents import cu_seqlens_from_position_ids
-from sparsex_hf.ops.attention.layout import kernel_layout
-from sparsex_hf.ops.attention.naive import sparsex_attention_naive
-from sparsex_hf.ops.attention.triton_ops import select_op
+from sparsex_hf.ops.attention.custom_ops import select_op
+from sparsex_hf.ops.attention.reference.naive import sparsex_attention_naive
+from sparsex_hf.ops.attention.rules.documents import cu_seqlens_from_position_ids
+from sparsex_hf.ops.attention.rules.layout import kernel_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -150,7 +150,7 @@ def test_selection_matches_reference(name, tq):
 def test_selection_with_the_group_loop_at_run_time(name, monkeypatch):
     """Large groups (many query heads per KV head, fp32 rows) loop over their heads at run time instead of keeping
     every head's query tile on chip: the same selection."""
-    monkeypatch.setattr("sparsex_hf.ops.attention.select.UNROLLED_QUERY_BYTES", 0)
+    monkeypatch.setattr("sparsex_hf.ops.attention.kernels.select.UNROLLED_QUERY_BYTES", 0)
     test_selection_matches_reference(name, 77)
 
 
@@ -332,7 +332,7 @@ def test_inputs_the_budget_covers_go_to_sdpa(monkeypatch):
     chunks (Tq < Tk), a shorter sliding window, longer documents and mix stay on the kernels."""
     import torch.nn.functional as F
 
-    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
@@ -373,7 +373,7 @@ def test_inputs_the_budget_covers_go_to_sdpa(monkeypatch):
 def test_padded_batches_the_budget_covers_go_to_sdpa(monkeypatch):
     """A batch of left-, right- and un-padded rows, all within the cover: one SDPA call per row, padding rows
     zero, forward and gradients the reference's."""
-    monkeypatch.setattr("sparsex_hf.ops.attention.DENSE_HANDOFF", True)
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
     cfg = SparseXConfig(**SPARSE_SMALL)
     t = cfg.sink_tokens + cfg.window
     mask = torch.ones(3, t, dtype=torch.long)
@@ -400,7 +400,7 @@ def test_tile_shapes_match_reference(name, tile, select):
     (``block_m``) and keys per unmasked window chunk (``window_n``, wider than a block: whole chunks, then the rest
     a block at a time) for both passes, and score rows per program of the selection (``rows``). (fp32 inputs: the
     128-row, 128-key tile fits the H200's shared memory with one stage only.)"""
-    from sparsex_hf.ops.attention import tuning
+    from sparsex_hf.ops.attention.kernels import tuning
 
     cfg = SparseXConfig(**CONFIGS[name])
     q, k, v = _inputs(("T333", 1, 4, 2, 333, 333, 64), torch.float32, seed=SEEDS[name], grad=True)
@@ -422,7 +422,7 @@ def test_a_launch_shape_the_card_cannot_hold_is_made_smaller(monkeypatch, caplog
     the recorded shape; a shape that cannot shrink further gets an error that names the card and the shape."""
     from triton.runtime.errors import OutOfResources
 
-    from sparsex_hf.ops.attention import prefill
+    from sparsex_hf.ops.attention.kernels import prefill
 
     kernel, launches = prefill._sparsex_kernel, []
 
@@ -475,7 +475,8 @@ def test_an_unpadded_prefill_never_waits_for_the_device(preset, monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    from sparsex_hf.ops.attention import prefill, select, triton_ops
+    from sparsex_hf.ops.attention import custom_ops as triton_ops
+    from sparsex_hf.ops.attention.kernels import prefill, select
 
     launched, copies = [], []
 

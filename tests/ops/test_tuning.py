@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sparsex_hf.ops.attention import prefill, tuning
+from sparsex_hf.ops.attention.kernels import prefill, tuning
 
 
 def test_table_entries_are_valid_and_default_applies_off_the_table():
@@ -150,8 +150,8 @@ def test_bad_table_keys_say_what_is_allowed(tmp_path, monkeypatch, key):
 def test_the_decode_kernels_read_the_table(monkeypatch):
     """A Triton decode step asks the table for both of its kernels' shapes, with its head dim, dtype and group."""
     from sparsex_hf import SparseXConfig, sparsex_decode_attention
-    from sparsex_hf.ops.attention import decode_kernel
-    from sparsex_hf.ops.attention.common import block_summaries
+    from sparsex_hf.ops.attention.kernels import decode as decode_kernel
+    from sparsex_hf.ops.attention.rules.common import block_summaries
 
     asked = []
     real = decode_kernel.tile_shape

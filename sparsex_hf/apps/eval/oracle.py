@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ...config import SparseXConfig
 from ...hf.attention import get_sparsex_config, sparsex_mask
-from ...ops.attention.common import eligible_blocks
+from ...ops.attention.rules.common import eligible_blocks
 
 ORACLE_ATTN = "sparsex_oracle"
 

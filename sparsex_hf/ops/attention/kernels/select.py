@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
-from ...config import SparseXConfig
-from .common import document_anchor, shortlist_size
-from .layout import KernelLayout
+from ....config import SparseXConfig
+from ..rules.common import document_anchor, shortlist_size
+from ..rules.layout import KernelLayout
 from .tuning import rows_per_program, sm_count, tile_shape
 
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ...config import SparseXConfig
+from ....config import SparseXConfig
 
 __all__ = [
     "block_scores",

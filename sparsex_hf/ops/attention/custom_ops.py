@@ -1,16 +1,35 @@
-"""The Triton backend as ``torch.library`` custom ops (with fake implementations and autograd), so
-``torch.compile`` traces through Sparse-X attention. Host-side layout work (documents, tiles, the per-tile
-union of selected blocks) happens inside the ops."""
+"""The custom ops: Sparse-X's Triton backend and decode step as ``torch.library`` custom ops (with fake
+implementations, and autograd for the attention), so that ``torch.compile`` traces through them.
+
+Every op takes its parameters the same way: the config as ``SparseXConfig.json`` (a constant when traced), then the
+call's own scalars (scale, ``sliding_window``: 0 for none) and, for the attention passes, which sets they attend.
+
+* ``sparsex::select``, ``sparsex::attend``, ``sparsex::attend_backward``: the prefill's selection and attention
+  (host-side layout work -- documents, tiles, the per-tile union of selected blocks -- happens inside the ops).
+* ``sparsex::decode``: a decode step (queries, the cache's key/value buffers, the block summaries, per-row offsets,
+  the anchor blocks, lengths); eager calls skip the dispatcher (:func:`run_decode`, the same functions, a few
+  microseconds less per layer and step), ``torch.compile`` traces the op.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from ...config import SparseXConfig, config_from_json
-from .common import resolve_mix_weights
-from .layout import kernel_layout
-from .prefill import TileDoesNotFit, attend, attend_backward, block_m, tile_union
-from .select import select_blocks_triton
+from .reference.decode import sparsex_decode_torch
+from .rules.common import resolve_mix_weights
+from .rules.layout import kernel_layout
+
+try:  # Triton is a Linux dependency; elsewhere only the reference runs (the ops below are then never called)
+    from .kernels.decode import fresh_scratch, sparsex_decode_triton
+    from .kernels.prefill import TileDoesNotFit, attend, attend_backward, block_m, tile_union
+    from .kernels.select import select_blocks_triton
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - Linux CI always has triton
+    HAS_TRITON = False
 
 
 def _layout(q, k, attention_mask, cu_q, cu_k, block_size, backward=False):
@@ -160,3 +179,38 @@ def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_ma
         out = out + w * o_b.float()
         norm = norm + w
     return (out / torch.where(norm > 0, norm, 1.0)).to(q.dtype)
+
+
+
+
+def run_decode(backend: str, q, k_cache, v_cache, summaries, offsets, seq_len: int | torch.Tensor, max_doc_len: int,
+               cfg: SparseXConfig, *, scale: float, sliding_window=None, mix_weights=None, anchor=None) -> torch.Tensor:
+    """The decode step on ``backend`` (``"triton"`` or ``"torch"``), inputs validated by the caller."""
+    args = (q, k_cache, v_cache, summaries, offsets, seq_len, max_doc_len, cfg)
+    kw = dict(scale=scale, sliding_window=sliding_window, mix_weights=mix_weights, anchor=anchor)
+    if backend == "triton":
+        return sparsex_decode_triton(*args, **kw)
+    return sparsex_decode_torch(*args, **kw)
+
+
+@torch.library.custom_op("sparsex::decode", mutates_args=())
+def decode_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+    kmean: torch.Tensor, offsets: torch.Tensor, anchor: torch.Tensor | None, mix_weights: torch.Tensor | None,
+    lengths: torch.Tensor | None, seq_len: int, max_doc_len: int, config: str, scale: float, sliding_window: int,
+    backend: str,
+) -> torch.Tensor:
+    """``[B, Hq, Tq, Dv]``: :func:`run_decode` with the config given as ``SparseXConfig.json`` and ``sliding_window =
+    0`` for none, and fresh scratch buffers (``decode_kernel.fresh_scratch``: the op runs inside compiled graphs).
+    With ``lengths`` (a one-element device tensor, a static cache) the cache length is read from it, and ``seq_len``
+    is only the buffers' capacity: the op's arguments stay the same from step to step, so a CUDA graph replays it."""
+    with fresh_scratch() if backend == "triton" else contextlib.nullcontext():
+        return run_decode(backend, q, k_cache, v_cache, (kmin, kmax, kmean), offsets,
+                          lengths if lengths is not None else seq_len, max_doc_len, config_from_json(config),
+                          scale=scale, sliding_window=sliding_window or None, mix_weights=mix_weights, anchor=anchor)
+
+
+@decode_op.register_fake
+def _(q, k_cache, v_cache, kmin, kmax, kmean, offsets, anchor, mix_weights, lengths, seq_len, max_doc_len, config,
+      scale, sliding_window, backend):
+    return q.new_empty((*q.shape[:3], v_cache.shape[-1]))

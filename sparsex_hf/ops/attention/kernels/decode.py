@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 from torch import empty  # a module-level name: tests poison it (NaN) to catch unwritten elements
 
-from ...config import SparseXConfig
-from .common import resolve_mix_weights, shortlist_size
+from ....config import SparseXConfig
+from ..rules.common import resolve_mix_weights, shortlist_size
 from .prefill import _dot
 from .select import merge_topk
 from .tuning import sm_count, tile_shape

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ...config import SparseXConfig
-from .common import block_summaries, document_anchor, eligible_blocks, resolve_mix_weights, select_blocks
-from .documents import Document, split_documents
+from ....config import SparseXConfig
+from ..rules.common import block_summaries, document_anchor, eligible_blocks, resolve_mix_weights, select_blocks
+from ..rules.documents import Document, split_documents
 
 # Elements of one [Hq, tile, keys] score tile: bounds the reference's working memory (~64 MiB fp32).
 TILE_ELEMENTS = 1 << 24

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from ...config import SparseXConfig
+from ....config import SparseXConfig
 
 logger = logging.getLogger(__name__)
 

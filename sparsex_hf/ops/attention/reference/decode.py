@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from ...config import SparseXConfig
-from .common import (
+from ....config import SparseXConfig
+from ..rules.common import (
     anchor_scores,
     block_scores,
     document_anchor,

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import empty, empty_like  # module-level names: tests poison them (NaN) to catch unwritten elements
 from triton.runtime.errors import OutOfResources
 
-from .layout import KernelLayout
+from ..rules.layout import KernelLayout
 from .tuning import device_name, overridden, tile_shape
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,2 @@
+"""The Triton kernels: the block selection (``select``), the prefill attention forward and backward
+(``prefill``), the decode step (``decode``) and their launch shapes per GPU (``tuning``, ``tiles.json``)."""
