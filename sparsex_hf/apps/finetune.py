@@ -16,6 +16,7 @@ with ``from_pretrained`` alone) and ``mix_gates.safetensors`` (``--train-mix``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -258,12 +259,19 @@ def setup(args, device=None) -> Setup:
     lcfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=_lora_targets(args, model.config.model_type),
                       modules_to_save=save or None, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # PEFT (0.21) reads model.is_gradient_checkpointing, which Transformers 5.24+ deprecates in favour of
-        # is_activation_checkpointing: the warning would come on every run and is not the user's to act on
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with _peft_quietly():
         peft_model = get_peft_model(model, lcfg)
     return Setup(peft_model, tok, cfg, rope, train, held, gates)
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    """PEFT (0.21) reads ``model.is_gradient_checkpointing``, which Transformers 5.24+ deprecates in favour of
+    ``is_activation_checkpointing``: the warning would come with every adapter built or loaded, and is not the
+    user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -496,7 +504,8 @@ def load_extended(model: str, adapter_dir: str, *, attn_implementation: str = "s
     base = load_model(model, dtype=dtype, config=config, attn_implementation=attn_implementation, device=device)
     if cfg.combine == "mix" and os.path.isfile(os.path.join(adapter_dir, "mix_gates.safetensors")):
         attach_mix_gates(base, cfg)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
+    with _peft_quietly():
+        return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
 def main(argv=None) -> int:

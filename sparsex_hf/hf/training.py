@@ -26,17 +26,21 @@ def original_length(config) -> int:
 
 def extend_rope(config, rope: str, target_length: int) -> dict:
     """Set ``config.rope_parameters`` (transformers v5) for ``target_length`` tokens; the factor is
-    ``target_length / original length``. ``dynamic`` keeps ``max_position_embeddings`` at the original length
-    (its scaling starts beyond it); the others move it to ``target_length``. Returns the new parameters."""
+    ``target_length / original length`` (``rope="none"``: unchanged, any length). ``dynamic`` keeps
+    ``max_position_embeddings`` at the original length (its scaling starts beyond it); the others move it to
+    ``target_length``. Returns the new parameters."""
     if rope not in ROPE_TYPES:
         raise ValueError(f"rope={rope!r} is not supported; choose one of {', '.join(ROPE_TYPES)}")
     orig = original_length(config)
+    rp = dict(getattr(config, "rope_parameters", None) or {})
+    if rope == "none":  # the model's own RoPE, at any length (a fine-tune within its context, or a short trial run)
+        return rp
     if target_length < orig:
         raise ValueError(f"target_length={target_length} is below the model's own context length {orig}; "
-                         "context extension needs a target >= the original length")
-    rp = dict(getattr(config, "rope_parameters", None) or {})
+                         f"context extension needs a target >= the original length (rope={rope!r}; rope='none' keeps "
+                         "the model's RoPE and takes any length, e.g. a short trial run on a CPU)")
     theta = rp.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    if rope == "none" or target_length == orig:
+    if target_length == orig:
         return rp
     factor = target_length / orig
     params = {"rope_type": rope, "factor": factor, "rope_theta": theta, "original_max_position_embeddings": orig}

@@ -17,8 +17,12 @@ def test_rope_extension_and_bad_inputs():
     c2 = LlamaConfig(max_position_embeddings=8192)
     training.extend_rope(c2, "dynamic", 16384)
     assert c2.rope_parameters["rope_type"] == "dynamic" and c2.max_position_embeddings == 8192
-    with pytest.raises(ValueError, match="below the model's own"):
+    with pytest.raises(ValueError, match="below the model's own.*rope='none' keeps the model's RoPE"):
         training.extend_rope(LlamaConfig(max_position_embeddings=8192), "linear", 4096)
+    c3 = LlamaConfig(max_position_embeddings=8192)
+    before = dict(c3.rope_parameters or {})
+    assert training.extend_rope(c3, "none", 1024) == before  # a short trial run: the model's RoPE, unchanged
+    assert c3.max_position_embeddings == 8192 and dict(c3.rope_parameters or {}) == before
 
 
 def test_packing_keeps_documents_apart():
