@@ -24,7 +24,7 @@ from .hf.model import (
     set_sparsex_config,
 )
 from .hf.static_cache import SparseXStaticCache
-from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention
+from .ops.attention import SparseXStats, sparsex_attention, sparsex_decode_attention, sparsex_select
 from .patches import SUPPORTED_MODEL_TYPES
 
 __version__ = "0.3.0"
@@ -47,6 +47,7 @@ __all__ = [
     "set_sparsex_config",
     "sparsex_attention",
     "sparsex_decode_attention",
+    "sparsex_select",
 ]
 
 _MOVED = {"CACHE_KWARG", "MixGates", "SparseXLayer", "SparseXStaticLayer", "install_load_hooks", "register",

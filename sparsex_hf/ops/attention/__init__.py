@@ -21,6 +21,7 @@ from .api import (
     sparsex_attention,
     sparsex_decode_attention,
     sparsex_prompt_anchor,
+    sparsex_select,
     triton_available,
 )
 from .custom_ops import HAS_TRITON
@@ -51,6 +52,7 @@ __all__ = [
     "sparsex_attention_naive",
     "sparsex_decode_attention",
     "sparsex_prompt_anchor",
+    "sparsex_select",
     "split_documents",
     "triton_available",
 ]

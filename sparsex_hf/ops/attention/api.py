@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ...config import SparseXConfig
-from .custom_ops import HAS_TRITON, decode_op, run_decode, sparsex_attention_triton
+from .custom_ops import HAS_TRITON, decode_op, run_decode, select_op, sparsex_attention_triton
 from .dense import (
     _dense_handoff,
     _dense_is_faster,
@@ -130,6 +130,7 @@ def sparsex_attention(
     sliding_window: int | None = None,
     mix_weights: torch.Tensor | None = None,
     return_stats: bool = False,
+    selected_blocks: torch.Tensor | None = None,
 ):
     """Sparse-X attention (``docs/spec.md``): sink + local window + stride + top-k blocks.
 
@@ -148,6 +149,11 @@ def sparsex_attention(
         sliding_window: a model's sliding window (Mistral); honoured when ``config.respect_sliding_window``.
         mix_weights: ``[3]`` or ``[Hq, 3]`` branch weights for ``combine="mix"`` (default alpha, beta, gamma).
         return_stats: also return :class:`SparseXStats` (selected blocks, attention mass kept, oracle).
+        selected_blocks: ``[B, Hkv, Tq, topk]`` integer block indices to attend instead of the selection stage's
+            (from :func:`sparsex_select`, edited or not; -1 = none): block ``b`` is the keys ``b * block_size ...
+            b * block_size + block_size - 1`` of the query's document; each row may name its own. A block's causal
+            keys join the query's key set (one it cannot see, or beyond the keys, adds nothing). Such a call is
+            never handed to dense attention by the cost model.
     Returns:
         ``[B, Hq, Tq, D]`` in the dtype of ``q`` (and the stats if asked).
     """
@@ -162,6 +168,7 @@ def sparsex_attention(
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}.")
     _check_mix_weights(mix_weights, cfg, q.shape[1])
+    _check_selected(selected_blocks, q, k, cfg)
     if q.numel() == 0:  # no batch rows, no queries or zero-width heads: nothing to attend
         out = q.new_zeros(q.shape)
         return (out, _empty_stats(q, k, cfg)) if return_stats else out
@@ -174,7 +181,7 @@ def sparsex_attention(
     backend = resolve_backend(backend or cfg.backend, q.device)
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
-        faster = not dense and _dense_is_faster(q, k, v, cfg)
+        faster = not dense and selected_blocks is None and _dense_is_faster(q, k, v, cfg)
         out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window,
                              dense or faster)
         if out is not None:
@@ -185,12 +192,56 @@ def sparsex_attention(
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens, sliding_window=sliding_window, dense=dense, mix_weights=mix_weights,
+            selected=selected_blocks,
         )
     return sparsex_attention_naive(
         q, k, v, cfg, scale=scale, attention_mask=attention_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,
         sliding_window=sliding_window, dense=dense, mix_weights=mix_weights, return_stats=return_stats,
+        selected=selected_blocks,
     )
+
+
+def _check_selected(selected, q, k, cfg: SparseXConfig) -> None:
+    if selected is None:
+        return
+    want = (q.shape[0], k.shape[1], q.shape[2], cfg.topk)
+    if (not isinstance(selected, torch.Tensor) or tuple(selected.shape) != want or selected.dtype.is_floating_point
+            or selected.dtype == torch.bool or selected.device != q.device):
+        raise ValueError(f"selected_blocks must be an integer tensor [B, Hkv, Tq, topk] = {list(want)} on {q.device}, "
+                         f"got {getattr(selected, 'dtype', type(selected))} {tuple(getattr(selected, 'shape', ()))}.")
+
+
+def sparsex_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SparseXConfig | Mapping[str, Any] | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    backend: str | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The selection stage alone: the ``topk`` blocks each query attends beyond sink, window and stride,
+    ``[B, Hkv, Tq, topk]`` int32 (-1 = none; block indices counted from each query's document start; rows of a
+    selection tile share theirs). :func:`sparsex_attention` takes it back as ``selected_blocks`` (the same answer as
+    without it), or an edited one. Arguments as for :func:`sparsex_attention`."""
+    cfg = SparseXConfig.from_any(config)
+    _check_inputs(q, k, k)
+    if not cfg.respect_sliding_window:
+        sliding_window = None
+    shape = (q.shape[0], k.shape[1], q.shape[2], cfg.topk)
+    if q.numel() == 0 or cfg.topk == 0:
+        return torch.full(shape, -1, dtype=torch.int32, device=q.device)
+    if resolve_backend(backend or cfg.backend, q.device) == "triton":
+        _check_triton(q, cfg, False)
+        return select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens, cfg.json,
+                         int(sliding_window or 0))
+    _, stats = sparsex_attention_naive(q.detach(), k.detach(), k.detach(), cfg, scale=q.shape[-1] ** -0.5,
+                                       attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
+                                       cu_seqlens_k=cu_seqlens, sliding_window=sliding_window, return_stats=True)
+    return stats.selected_blocks.to(torch.int32)
 
 
 def _check_mix_weights(mix_weights, cfg: SparseXConfig, hq: int) -> None:

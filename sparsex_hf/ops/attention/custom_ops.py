@@ -157,13 +157,17 @@ def _strided_ok(t: torch.Tensor) -> torch.Tensor:
 
 
 def sparsex_attention_triton(q, k, v, cfg: SparseXConfig, *, scale, attention_mask=None, cu_seqlens_q=None,
-                             cu_seqlens_k=None, sliding_window=None, dense=False, mix_weights=None):
-    """Sparse-X with the Triton kernels; same contract as ``naive.sparsex_attention_naive``."""
+                             cu_seqlens_k=None, sliding_window=None, dense=False, mix_weights=None, selected=None):
+    """Sparse-X with the Triton kernels; same contract as ``naive.sparsex_attention_naive`` (``selected``: a given
+    selection, which may differ from row to row: the tiles take the union of their rows', ``select_tile=1``)."""
     q, k, v = _strided_ok(q), _strided_ok(k), _strided_ok(v)
     if dense:  # dense causal through the same kernels: a window that covers every supported length (a constant
         cfg = cfg.replace(window=1 << 30, topk=0, stride=0, sink_tokens=0, combine="union")  # config when traced)
     sw = int(sliding_window or 0)
-    if cfg.topk > 0:
+    if selected is not None and cfg.topk > 0 and not dense:
+        sel = selected.to(torch.int32).contiguous()
+        cfg = cfg.replace(select_tile=1)
+    elif cfg.topk > 0:
         sel = select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens_k, cfg.json, sw)
     else:
         sel = q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32)

@@ -110,7 +110,8 @@ def _attend_tile(q, k, v, p, selected, cfg, scale, sliding_window, dense, mix_we
         topk_mask = torch.zeros(hkv, m, n, dtype=torch.bool, device=q.device)
         if cfg.topk > 0 and nb > 0:
             chosen = torch.zeros(hkv, m, nb + 1, dtype=torch.bool, device=q.device)  # column nb: "none"
-            chosen.scatter_(-1, torch.where(selected >= 0, selected, nb), True)
+            # (a given selection may name any block: one this tile cannot see, or none, is "none")
+            chosen.scatter_(-1, torch.where((selected >= 0) & (selected < nb), selected, nb), True)
             key_block = (j // cfg.block_size).clamp(max=nb)  # keys of the partial tail block -> "none"
             topk_mask = chosen.gather(-1, key_block.expand(hkv, m, n)) & (key_block < nb) & causal
     member = base[None] | topk_mask  # [Hkv, m, n]
