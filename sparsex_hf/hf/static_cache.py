@@ -130,8 +130,8 @@ class SparseXStaticLayer(CacheLayerMixin):
         return self.max_cache_len
 
     # ------------------------------------------------------------------ padding and summaries
-    def record_offsets(self, attention_mask: torch.Tensor | None, n: int, batch_size: int | None = None) -> bool:
-        """At the first forward, record each row's left padding from the 2-D mask's first ``n`` columns (host
+    def record_offsets(self, attention_mask: torch.Tensor | None, kv_length: int, batch_size: int | None = None) -> bool:
+        """At the first forward, record each row's left padding from the 2-D mask's first ``kv_length`` columns (host
         read). Returns False (and records nothing) if some row's padding is not a left prefix: a static cache
         serves left-padded batches only."""
         if self.offsets is not None:
@@ -140,12 +140,12 @@ class SparseXStaticLayer(CacheLayerMixin):
         if attention_mask is None:
             off = torch.zeros(b, dtype=torch.long)
         else:
-            if attention_mask.shape[-1] < n:
+            if attention_mask.shape[-1] < kv_length:
                 raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} columns, fewer than the "
-                                 f"{n} tokens in the cache.")
-            mask = attention_mask[:, :n].bool().cpu()
-            off = torch.where(mask.any(1), mask.int().argmax(1), n)
-            if not bool((mask == (torch.arange(n)[None, :] >= off[:, None])).all()):
+                                 f"{kv_length} tokens in the cache.")
+            mask = attention_mask[:, :kv_length].bool().cpu()
+            off = torch.where(mask.any(1), mask.int().argmax(1), kv_length)
+            if not bool((mask == (torch.arange(kv_length)[None, :] >= off[:, None])).all()):
                 return False
         self.offsets = [int(x) for x in off.tolist()]
         self.offsets_t.copy_(off.to(torch.int32))

@@ -165,3 +165,17 @@ def test_a_decode_step_past_the_capacity_is_refused():
         sparse(ids[:, :1], position_ids=torch.full((2, 1), 100), **{CACHE_KWARG: cache})  # the last column
         with pytest.raises(ValueError, match="holds 101 tokens"):
             sparse(ids[:, :1], position_ids=torch.full((2, 1), 101), **{CACHE_KWARG: cache})
+
+
+def test_both_cache_layers_speak_one_protocol():
+    """The dynamic and the static layer answer the same calls with the same parameters (record_offsets,
+    offsets_tensor, summaries, max_doc_len), and both reach the attention through one keyword (sparsex_layer)."""
+    import inspect
+
+    from sparsex_hf.hf import SparseXLayer
+
+    for name in ("record_offsets", "offsets_tensor", "summaries", "max_doc_len", "get_seq_length"):
+        a, b = getattr(SparseXLayer, name), getattr(SparseXStaticLayer, name)
+        assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), name
+    wrap_src = inspect.getsource(__import__("sparsex_hf.hf.wrap", fromlist=["x"]))
+    assert wrap_src.count("original(self, *args, sparsex_layer=") == 2 and "_sparsex_layer" not in wrap_src
