@@ -220,15 +220,19 @@ class SparseXConfig:
         return cls(**data)
 
     @classmethod
-    def from_any(cls, value: SparseXConfig | Mapping[str, Any] | None) -> SparseXConfig:
-        """Accept a config, a dict of fields, or ``None`` (the defaults)."""
+    def from_any(cls, value: SparseXConfig | Mapping[str, Any] | str | None) -> SparseXConfig:
+        """Accept a config, a dict of fields, a preset's name (``"default"``, ``"retrieval"``, ``"one-stage"``) or
+        ``None`` (the defaults)."""
         if value is None:
             return cls()
         if isinstance(value, cls):
             return value
         if isinstance(value, Mapping):
             return cls.from_dict(value)
-        raise TypeError(f"Expected a SparseXConfig, a dict of its fields or None, got {type(value).__name__}.")
+        if isinstance(value, str):
+            return cls.preset(value)
+        raise TypeError(f"Expected a SparseXConfig, a dict of its fields, a preset name {sorted(PRESETS)} or None, "
+                        f"got {type(value).__name__}.")
 
     def replace(self, **changes: Any) -> SparseXConfig:
         """A copy with some fields changed (validated again)."""

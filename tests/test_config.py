@@ -103,3 +103,55 @@ def test_the_stored_config_leaves_runtime_fields_out_of_copies():
     saved = copy.deepcopy(stored)
     assert "backend" not in saved and json.loads(json.dumps(saved))["window"] == 64
     assert SparseXConfig.from_dict(saved) == SparseXConfig(window=64)
+
+
+def test_a_preset_name_is_accepted_wherever_a_config_is(tmp_path):
+    """``"one-stage"`` (or any preset's name) where a config goes: ``from_any``, ``sparsex_hf.from_pretrained(...,
+    sparsex=...)``, ``set_sparsex_config(model, ...)`` and the commands' ``--preset``; an unknown name is refused
+    with the list."""
+    import argparse
+
+    from utils import model_pair
+
+    import sparsex_hf
+    from sparsex_hf.apps.loading import add_sparsex_arguments, sparsex_config_from_args
+
+    one = SparseXConfig.preset("one-stage")
+    assert SparseXConfig.from_any("one-stage") == one and SparseXConfig.from_any("retrieval") == SparseXConfig()
+    with pytest.raises(ValueError, match=r"presets are \['default', 'one-stage', 'retrieval'\]"):
+        SparseXConfig.from_any("fast")
+    dense, _ = model_pair("llama")
+    dense.save_pretrained(tmp_path)
+    model = sparsex_hf.from_pretrained(tmp_path, sparsex="one-stage")
+    assert sparsex_hf.get_sparsex_config(model) == one
+    sparsex_hf.set_sparsex_config(model, "default")
+    assert sparsex_hf.get_sparsex_config(model) == SparseXConfig()
+    ap = argparse.ArgumentParser()
+    add_sparsex_arguments(ap)
+    cfg = sparsex_config_from_args(ap.parse_args(["--preset", "one-stage", "--window", "512"]), model.config)
+    assert cfg == one.replace(window=512)
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--preset", "fast"])
+
+
+def test_what_only_the_model_or_the_machine_can_tell_is_refused_at_load(tmp_path, monkeypatch):
+    """``dense_layers`` beyond the model's layers, and ``backend="triton"`` on a machine with no GPU and no
+    interpreter: refused when the config meets the model (load, ``set_sparsex_config``), not at the first forward."""
+    import torch
+    from utils import model_pair
+
+    import sparsex_hf
+
+    dense, _ = model_pair("llama")  # 2 layers
+    dense.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"dense_layers=\[99\] names layers the model does not have: it has 2"):
+        sparsex_hf.from_pretrained(tmp_path, sparsex={"dense_layers": [99]})
+    model = sparsex_hf.from_pretrained(tmp_path, sparsex={"dense_layers": [1]})
+    with pytest.raises(ValueError, match="dense_layers"):
+        sparsex_hf.set_sparsex_config(model, dense_layers=[2])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="backend='triton' runs the Triton kernels, which need a CUDA GPU"):
+        sparsex_hf.from_pretrained(tmp_path, sparsex={"backend": "triton"})
+    with pytest.raises(ValueError, match="backend='triton'"):
+        sparsex_hf.set_sparsex_config(model, backend="triton")

@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..config import SparseXConfig
+from ..config import PRESETS, SparseXConfig
 from ..hf.attention import get_sparsex_config
 from ..hf.model import from_pretrained as sparsex_from_pretrained
 from ..patches import check_model_type
@@ -132,6 +132,8 @@ def add_sparsex_arguments(parser: argparse.ArgumentParser, *json_flags: str) -> 
     """A "Sparse-X config" argument group: ``--sparsex-config`` (a JSON object or file; other names as aliases in
     ``json_flags``) and one flag per field."""
     g = parser.add_argument_group("Sparse-X config (default: the model's stored config, else SparseXConfig())")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="start from this SparseXConfig preset instead of the stored config (the flags below go over it)")
     g.add_argument(*(json_flags or ("--sparsex-config",)), dest="sparsex_json", default=None,
                    help="JSON object or path to a JSON file with SparseXConfig fields")
     for name, kind, text in SPARSEX_FLAGS:
@@ -141,6 +143,8 @@ def add_sparsex_arguments(parser: argparse.ArgumentParser, *json_flags: str) -> 
 def sparsex_config_from_args(args, model_config=None, **forced) -> SparseXConfig:
     """The model's Sparse-X config (or the JSON given), with the fields set by flags and ``forced`` replaced."""
     base = get_sparsex_config(model_config) if model_config is not None else SparseXConfig()
+    if getattr(args, "preset", None):
+        base = SparseXConfig.preset(args.preset)
     if args.sparsex_json:
         text = open(args.sparsex_json).read() if os.path.isfile(args.sparsex_json) else args.sparsex_json
         try:

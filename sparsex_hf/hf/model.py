@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..config import SparseXConfig
@@ -18,29 +19,47 @@ __all__ = ["apply_sparsex", "from_pretrained", "install_load_hooks", "revert_spa
            "set_sparsex_config"]
 
 
-def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | None = None, **changes: Any) -> SparseXConfig:
+def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | str | None = None,
+                       **changes: Any) -> SparseXConfig:
     """Store a (validated) Sparse-X config in ``model.config.sparsex``; the next forward uses it.
 
     ``set_sparsex_config(model, window=1024)`` changes fields of the current config;
-    ``set_sparsex_config(model, SparseXConfig(...))`` replaces it.
+    ``set_sparsex_config(model, SparseXConfig(...))`` (or a preset's name, ``"one-stage"``) replaces it.
     """
     check_model_type(getattr(getattr(model, "config", None), "model_type", None))
     base = get_sparsex_config(model) if config is None else SparseXConfig.from_any(config)
     cfg = base.replace(**changes) if changes else base
+    check_for_model(cfg, model.config)
     model.config.sparsex = cfg.stored()
     return cfg
 
 
+def check_for_model(cfg: SparseXConfig, config) -> None:
+    """What a config alone cannot check, against the model and the machine: ``dense_layers`` name layers the model
+    has, and ``backend="triton"`` has a GPU (or the interpreter) to run on."""
+    n = getattr(config, "num_hidden_layers", None)
+    if n is not None and any(i >= n for i in cfg.dense_layers):
+        raise ValueError(f"dense_layers={list(cfg.dense_layers)} names layers the model does not have: it has {n} "
+                         f"(0 to {n - 1}).")
+    if (cfg.backend == "triton" and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ValueError("backend='triton' runs the Triton kernels, which need a CUDA GPU (none is visible here) or "
+                         "TRITON_INTERPRET=1 (slow, for tests); use backend='auto' (the kernels on a GPU, the "
+                         "reference elsewhere) or 'torch'.")
+
+
 def from_pretrained(
     pretrained_model_name_or_path: str | os.PathLike,
-    sparsex: SparseXConfig | Mapping[str, Any] | None = None,
+    sparsex: SparseXConfig | Mapping[str, Any] | str | None = None,
     **kwargs: Any,
 ):
     """``AutoModelForCausalLM.from_pretrained`` with ``attn_implementation="sparsex"`` and a Sparse-X config.
 
     ``sparsex`` (a config or a dict of fields) overrides the fields stored in the checkpoint's
     ``config.sparsex``; every other keyword goes to ``from_pretrained`` (``gguf_file``, ``dtype``, ...).
-    The model type is checked before any weight is loaded.
+    The model type is checked before any weight is loaded. A model read from a GGUF file (dequantized floats) saves
+    with ``model.save_pretrained`` like any other (Transformers' own loaders keep a marker that refuses to save:
+    :func:`save_pretrained` drops it).
     """
     config = kwargs.pop("config", None)
     if config is None:
@@ -49,12 +68,16 @@ def from_pretrained(
     model_type = getattr(config, "model_type", None)
     check_model_type(model_type)
     stored = get_sparsex_config(config)
+    if isinstance(sparsex, str):  # a preset by name
+        sparsex = SparseXConfig.preset(sparsex)
     cfg = sparsex if isinstance(sparsex, SparseXConfig) else stored.replace(**dict(sparsex or {}))
+    check_for_model(cfg, config)
     config.sparsex = cfg.stored()
     kwargs.setdefault("attn_implementation", ATTN_NAME)
     if kwargs["attn_implementation"] == ATTN_NAME:
         wrap_class(model_type)
     model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+    drop_gguf_marker(model)  # GGUF weights load dequantized: model.save_pretrained then works as for any model
     if getattr(model, "generation_config", None) is not None and kwargs["attn_implementation"] == ATTN_NAME:
         model.generation_config.prefill_chunk_size = cfg.prefill_chunk or None
     return model
@@ -136,10 +159,13 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs: Any) -> 
 # ---------------------------------------------------------------------------------------------- load hooks
 def _check_fields(sparsex) -> SparseXConfig | Mapping[str, Any]:
     """The ``sparsex=`` argument of a load, validated before anything is loaded (fields over the defaults)."""
+    if isinstance(sparsex, str):  # a preset by name
+        sparsex = SparseXConfig.preset(sparsex)
     if isinstance(sparsex, SparseXConfig):
         return sparsex
     if not isinstance(sparsex, Mapping):
-        raise TypeError(f"sparsex= takes a SparseXConfig or a dict of its fields, got {type(sparsex).__name__}.")
+        raise TypeError(f"sparsex= takes a SparseXConfig, a dict of its fields or a preset's name, got "
+                        f"{type(sparsex).__name__}.")
     SparseXConfig().replace(**dict(sparsex))
     return dict(sparsex)
 
@@ -164,6 +190,7 @@ def _merge_into(config, sparsex) -> SparseXConfig:
     if sparsex is None:
         return stored
     cfg = sparsex if isinstance(sparsex, SparseXConfig) else stored.replace(**sparsex)
+    check_for_model(cfg, config)
     config.sparsex = cfg.stored()
     return cfg
 

@@ -332,3 +332,18 @@ def test_eval_of_a_finetuned_adapter(tmp_path, capsys):
     assert main(["--model", str(base), "--adapter", str(tmp_path), "--tasks", "passkey", "--lengths", "256",
                  "--output", str(tmp_path / "bad")]) == 2
     assert "not a sparsex-finetune output folder" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_in_one_line_what_it_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C: exit status 130 and one line on stderr naming the results file kept (no traceback)."""
+    from sparsex_hf.apps.eval import cli
+
+    def interrupted(ap, args):
+        os.makedirs(args.output, exist_ok=True)
+        open(os.path.join(args.output, "results.json"), "w").write("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["--model", "smollm2", "--output", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and str(tmp_path / "out" / "results.json") in err[0]

@@ -139,6 +139,11 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"sparsex-eval: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = os.path.join(args.output, "results.json") if args.output else None
+        print("sparsex-eval: interrupted; " + (f"every task and length finished before it is in {kept}" if kept and
+              os.path.isfile(kept) else "nothing had finished yet"), file=sys.stderr)
+        return 130
 
 
 def _run(ap: argparse.ArgumentParser, args) -> int:
