@@ -72,6 +72,8 @@ def test_a_gguf_loaded_model_saves_with_the_helper_and_reloads_with_its_config(s
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    model.save_pretrained(tmp_path / "plain")  # from sparsex_hf.from_pretrained: Transformers' own save works too
+    assert (tmp_path / "plain" / "config.json").is_file()
 
 
 def test_auto_class_takes_sparsex_fields_on_a_gguf_checkpoint(smollm2, load_hooks):
