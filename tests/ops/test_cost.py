@@ -259,3 +259,35 @@ def test_generate_hands_short_decode_steps_to_sdpa_and_keeps_dense_tokens(monkey
     handed = sparse.generate(ids, attention_mask=mask, **kw)
     monkeypatch.setattr(cost, "decode_dense_is_faster", lambda *a: False)
     assert torch.equal(handed, sparse.generate(ids, attention_mask=mask, **kw))
+
+
+def test_the_reference_hands_covered_calls_to_sdpa_too(monkeypatch):
+    """On the torch backend (the CPU's): a prefill whose every key set is all of its causal keys, and a decode step
+    over a row the window covers, are SDPA's (the same answer as the reference's, faster); a longer row, stats and
+    a given selection keep the reference."""
+    from sparsex_hf.ops.attention import sparsex_decode_attention, sparsex_select
+
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    cfg = SparseXConfig(**SPARSE_SMALL)  # sink 16 + window 64: rows of up to 80 tokens
+    for t, covered in ((80, True), (200, False)):
+        q, k, v = random_qkv(1, 4, 2, t, t, 32, dtype=torch.float64, seed=t)
+        calls.clear()
+        out = sparsex_attention(q, k, v, cfg, backend="torch")
+        assert bool(calls) == covered, t
+        monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", False)
+        torch.testing.assert_close(out, sparsex_attention(q, k, v, cfg, backend="torch"))
+        monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
+        off = torch.zeros(1, dtype=torch.int32)
+        calls.clear()
+        step = sparsex_decode_attention(q[:, :, -1:], k, v, _row_summaries(k, off, t, 16), off, t, cfg, backend="torch")
+        assert bool(calls) == covered, t
+        if covered:  # dense attention both ways (beyond the cover, a step selects per query, the prefill per tile)
+            torch.testing.assert_close(step, out[:, :, -1:])
+    calls.clear()
+    q, k, v = random_qkv(1, 4, 2, 80, 80, 32, dtype=torch.float64, seed=1)
+    sparsex_attention(q, k, v, cfg, backend="torch", return_stats=True)
+    sparsex_attention(q, k, v, cfg, backend="torch", selected_blocks=sparsex_select(q, k, cfg, backend="torch"))
+    assert len(calls) == 1  # (the covered call with a given selection: SDPA, as the selection adds nothing there)

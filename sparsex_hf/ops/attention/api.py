@@ -20,6 +20,7 @@ from .dense import (
     _dense_is_faster,
     _faster_message,
     decode_goes_dense,
+    decode_is_covered,
     dense_decode,
     log_once,
 )
@@ -181,14 +182,12 @@ def sparsex_attention(
     backend = resolve_backend(backend or cfg.backend, q.device)
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
-        faster = not dense and selected_blocks is None and _dense_is_faster(q, k, v, cfg)
-        out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens, sliding_window,
-                             dense or faster)
+    if not return_stats:
+        out = _handed_to_sdpa(q, k, v, cfg, scale, attention_mask, cu_seqlens_q, cu_seqlens, sliding_window, dense,
+                              backend == "triton" and selected_blocks is None)
         if out is not None:
-            log_once(_faster_message(device_name(q.device), cfg, *q.shape[:2], q.shape[3]) if faster else
-                     "sparsex: every query's key set is all of its causal keys here (a dense layer, or documents of at "
-                     "most sink_tokens + window tokens): computed by SDPA's causal attention.")
             return out
+    if backend == "triton":
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens, sliding_window=sliding_window, dense=dense, mix_weights=mix_weights,
@@ -200,6 +199,19 @@ def sparsex_attention(
         sliding_window=sliding_window, dense=dense, mix_weights=mix_weights, return_stats=return_stats,
         selected=selected_blocks,
     )
+
+
+def _handed_to_sdpa(q, k, v, cfg, scale, attention_mask, cu_q, cu_k, sliding_window, dense, by_cost: bool):
+    """SDPA's answer where it is Sparse-X's (every key set covers all causal keys: a dense layer, short documents;
+    either backend) or, on the Triton backend (``by_cost``), where the cost model predicts dense faster; else
+    None."""
+    faster = by_cost and not dense and _dense_is_faster(q, k, v, cfg)
+    out = _dense_handoff(q, k, v, cfg, float(scale), attention_mask, cu_q, cu_k, sliding_window, dense or faster)
+    if out is not None:
+        log_once(_faster_message(device_name(q.device), cfg, *q.shape[:2], q.shape[3]) if faster else
+                 "sparsex: every query's key set is all of its causal keys here (a dense layer, or documents of at "
+                 "most sink_tokens + window tokens): computed by SDPA's causal attention.")
+    return out
 
 
 def _check_selected(selected, q, k, cfg: SparseXConfig) -> None:
@@ -331,6 +343,9 @@ def sparsex_decode_attention(
             return dense_decode(q, k_cache, v_cache, seq_len, max_doc_len, scale=scale)
     else:  # the reference, or an offloaded cache (gathered where it lives)
         backend = "torch"
+        if not isinstance(seq_len, torch.Tensor) and bsz == 1 and decode_is_covered(q, k_cache, max_doc_len, cfg,
+                                                                                    sliding_window):
+            return dense_decode(q, k_cache, v_cache, seq_len, max_doc_len, scale=scale)
     if torch.compiler.is_compiling():  # traced through the custom op (decode_op.py)
         lengths = seq_len if isinstance(seq_len, torch.Tensor) else None
         return decode_op(q, k_cache, v_cache, *summaries, offsets, anchor, mix_weights, lengths,

@@ -131,6 +131,18 @@ def decode_goes_dense(q: torch.Tensor, k_cache: torch.Tensor, max_doc_len: int, 
     return True
 
 
+def decode_is_covered(q: torch.Tensor, k_cache: torch.Tensor, max_doc_len: int, cfg: SparseXConfig,
+                      sliding_window: int | None = None) -> bool:
+    """A decode step of one query whose key set is every cached key of its row (rows of at most ``sink_tokens +
+    window`` tokens, ``combine="union"``, no model sliding window shorter than the cache): dense attention by
+    definition, so any backend hands it to SDPA (:func:`dense_decode`)."""
+    if not (DENSE_HANDOFF and cfg.combine == "union") or k_cache.device != q.device or q.shape[2] != 1:
+        return False
+    if sliding_window is not None and cfg.respect_sliding_window and sliding_window < max_doc_len:
+        return False
+    return max_doc_len <= cfg.sink_tokens + cfg.window
+
+
 @functools.lru_cache(maxsize=64)
 def _decode_message(gpu: str, cfg: SparseXConfig, bsz: int, hkv: int, d: int) -> str:
     def longest(graphed):
