@@ -258,7 +258,7 @@ def test_transformers_loaders_merge_sparsex_over_the_stored_config(tmp_path, loa
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex", sparsex={"topk": -1})
     with pytest.raises(ValueError, match="load with attn_implementation='sparsex'"):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", sparsex={"topk": 1})
-    with pytest.raises(TypeError, match="SparseXConfig or a dict"):
+    with pytest.raises(TypeError, match="a SparseXConfig, a dict of its fields or a preset.s name, got list"):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sparsex", sparsex=[1])
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # without Sparse-X: untouched
     assert plain.config._attn_implementation != "sparsex" and plain.config.sparsex["window"] == 128
