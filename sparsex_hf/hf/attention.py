@@ -26,6 +26,7 @@ from ..ops.attention import (
     decode_goes_dense,
     dense_decode,
     log_once,
+    resolve_backend,
     sparsex_attention,
     sparsex_decode_attention,
     sparsex_prompt_anchor,
@@ -226,7 +227,8 @@ def _cached_decode(query, layer, cfg: SparseXConfig, scaling, sliding_window, mi
     """A decode step over a :class:`SparseXLayer`: SDPA where its rows share one offset and the cost model says so
     (``dense_when_faster``; the summaries catch up at the next sparse step), else Sparse-X's decode op."""
     n = layer.max_doc_len()
-    if max(layer.offsets) == min(layer.offsets) and decode_goes_dense(query, layer.keys, n, cfg, sliding_window):
+    if (max(layer.offsets) == min(layer.offsets) and resolve_backend(cfg.backend, query.device) == "triton"
+            and decode_goes_dense(query, layer.keys, n, cfg, sliding_window)):  # (a GPU's cost model: the kernels')
         return dense_decode(query, layer.keys, layer.values, layer.get_seq_length(), n, scale=scaling)
     return sparsex_decode_attention(
         query, layer.keys, layer.values, layer.summaries(cfg.block_size), layer.offsets_tensor(query.device, torch.int32),

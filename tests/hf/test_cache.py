@@ -417,3 +417,18 @@ def test_generate_with_layers_placed_by_device_map(tmp_path, split):
     for layer in cache.layers:  # keys, values and block summaries where the layer ran
         assert layer.keys.device.type == device and layer.values.device.type == device
         assert all(t.device.type == device for t in layer.summaries(SPARSE_SMALL["block_size"]))
+
+
+def test_the_cpu_reference_never_consults_the_gpu_cost_model(monkeypatch):
+    """On the torch backend a decode step is Sparse-X's (or SDPA's where the window covers the row), never handed
+    to dense attention by the GPU cost model."""
+    from sparsex_hf.ops.attention.rules import cost
+
+    monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
+    asked = []
+    monkeypatch.setattr(cost, "decode_dense_is_faster", lambda *a: asked.append(a) or True)
+    monkeypatch.setattr(cost, "dense_is_faster", lambda *a: asked.append(a) or True)
+    _, sparse = model_pair("llama")
+    sparsex_hf.set_sparsex_config(sparse, **SPARSE_SMALL, backend="torch")
+    sparse.generate(torch.randint(3, 256, (1, 200)), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert not asked
