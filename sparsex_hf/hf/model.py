@@ -68,8 +68,7 @@ def from_pretrained(
     model_type = getattr(config, "model_type", None)
     check_model_type(model_type)
     stored = get_sparsex_config(config)
-    if isinstance(sparsex, str):  # a preset by name
-        sparsex = SparseXConfig.preset(sparsex)
+    sparsex = None if sparsex is None else _check_fields(sparsex)
     cfg = sparsex if isinstance(sparsex, SparseXConfig) else stored.replace(**dict(sparsex or {}))
     check_for_model(cfg, config)
     config.sparsex = cfg.stored()

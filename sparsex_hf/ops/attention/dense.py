@@ -118,9 +118,7 @@ def decode_goes_dense(q: torch.Tensor, k_cache: torch.Tensor, max_doc_len: int, 
     ``max_doc_len`` cached keys faster than Sparse-X's selection and key sets, for this batch, heads and head dim,
     as issued by the host or (inside a CUDA graph capture or ``torch.compile``) replayed from a graph. The caller
     makes sure the rows are not padded (:func:`dense_decode` reads every column from ``seq_len - max_doc_len``)."""
-    if not (DENSE_HANDOFF and cfg.dense_when_faster and cfg.combine == "union") or k_cache.device != q.device:
-        return False
-    if q.shape[2] != 1 or (sliding_window is not None and cfg.respect_sliding_window and sliding_window < max_doc_len):
+    if not (cfg.dense_when_faster and _dense_step_possible(q, k_cache, max_doc_len, cfg, sliding_window)):
         return False
     graphed = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     bsz, hkv, _, d = k_cache.shape
@@ -136,11 +134,16 @@ def decode_is_covered(q: torch.Tensor, k_cache: torch.Tensor, max_doc_len: int, 
     """A decode step of one query whose key set is every cached key of its row (rows of at most ``sink_tokens +
     window`` tokens, ``combine="union"``, no model sliding window shorter than the cache): dense attention by
     definition, so any backend hands it to SDPA (:func:`dense_decode`)."""
+    return _dense_step_possible(q, k_cache, max_doc_len, cfg, sliding_window) and (
+        max_doc_len <= cfg.sink_tokens + cfg.window)
+
+
+def _dense_step_possible(q, k_cache, max_doc_len: int, cfg: SparseXConfig, sliding_window) -> bool:
+    """What both decode handoffs need: the handoff on, ``combine="union"``, the keys on ``q``'s device, one query
+    per row, and no model sliding window shorter than the cache (``dense_decode`` takes no mask)."""
     if not (DENSE_HANDOFF and cfg.combine == "union") or k_cache.device != q.device or q.shape[2] != 1:
         return False
-    if sliding_window is not None and cfg.respect_sliding_window and sliding_window < max_doc_len:
-        return False
-    return max_doc_len <= cfg.sink_tokens + cfg.window
+    return not (sliding_window is not None and cfg.respect_sliding_window and sliding_window < max_doc_len)
 
 
 @functools.lru_cache(maxsize=64)
