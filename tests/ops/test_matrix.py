@@ -21,6 +21,8 @@ GROUPS = (1, 2, 4, 8)
 # every (head dim, block size, dtype); the (preset, group) pairs cycle over them, so each pair meets every dtype
 CELLS = [(d, bs, dt, PRESETS[i % 2], GROUPS[(i // 2) % 4])
          for i, (d, bs, dt) in enumerate(itertools.product(TRITON_HEAD_DIMS, TRITON_BLOCK_SIZES, TRITON_DTYPES))]
+# the largest cells first: they compile longest, and a run stopped at its time limit has then finished them
+CELLS.sort(key=lambda c: (-c[0] * c[1], c[2] != torch.float32))
 NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 

@@ -68,6 +68,36 @@ def test_save_entry_round_trips(tmp_path, monkeypatch):
         tuning.clear_caches()
 
 
+def test_fitted_shapes_merge_into_an_entry_and_survive_a_new_sweep(tmp_path, monkeypatch):
+    """``save_keys`` (the fit's ``--save``) adds qualified shapes beside an entry's plain ones, replaces the earlier
+    fitted keys of the kinds it is given, gives a GPU off the table the default's plain shapes, and a later
+    ``save_entry`` (a new sweep) keeps them; a launch of that shape takes the fitted one."""
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps(tuning._table()))
+    monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
+    tuning.clear_caches()
+    small = dict(block_m=64, window_n=64, num_warps=8, num_stages=1)
+    try:
+        tuning.save_keys("New GPU", {"bwd@d128,fp32,b16": dict(small, block_m=32), "fwd@d64,b128": small}, "a fit",
+                         path=str(path))
+        tuning.save_keys("New GPU", {"bwd@d128,fp32,b128": small}, "a second fit", path=str(path))
+        entry = tuning._table()["New GPU"]
+        assert entry["bwd"] == tuning._table()["default"]["bwd"] and entry["fitted"] == "a second fit"
+        assert "bwd@d128,fp32,b16" not in entry and entry["fwd@d64,b128"] == small  # only the bwd keys replaced
+        monkeypatch.setattr(tuning, "device_name", lambda device: "New GPU")
+        dev = torch.device("cuda")
+        assert tuning.tile_shape(dev, "bwd", head_dim=128, dtype=torch.float32, block_size=128) == small
+        assert tuning.tile_shape(dev, "bwd", head_dim=128, dtype=torch.bfloat16, block_size=128) == entry["bwd"]
+        sweep = dict(fwd=small, bwd=small, select=dict(rows=32, num_warps=4))
+        tuning.save_entry("New GPU", sweep, "a sweep", path=str(path))
+        assert tuning._table()["New GPU"]["bwd@d128,fp32,b128"] == small
+        with pytest.raises(ValueError, match="not a qualified key"):
+            tuning.save_keys("New GPU", {"bwd": small}, "plain", path=str(path))
+    finally:
+        monkeypatch.undo()
+        tuning.clear_caches()
+
+
 def test_a_gpu_off_the_table_gets_the_default_and_a_line_in_the_log(monkeypatch, caplog):
     monkeypatch.setattr(tuning, "device_name", lambda device: "Some Unlisted GPU")
     tuning.clear_caches()

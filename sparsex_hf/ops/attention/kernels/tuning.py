@@ -47,7 +47,7 @@ def _table() -> dict:
             if kind in entry or gpu == "default" or kind not in OPTIONAL:
                 check_tile(entry[kind], kind, f"{TABLE_PATH}: {gpu!r} {kind}")
         for key in entry:
-            if key in FIELDS or key == "measured":
+            if key in FIELDS or key in ("measured", "fitted"):
                 continue
             kind, _, quals = key.partition("@")
             if kind not in FIELDS or not quals or not all(_QUALIFIER.match(x) for x in quals.split(",")):
@@ -170,11 +170,35 @@ def save_entry(gpu: str, tiles: dict, measured: str, path: str = TABLE_PATH) -> 
     """Write ``gpu``'s entry (``tiles``: one shape per kernel) into the table at ``path`` (the sweep's ``--save``)."""
     with open(path) as f:
         table = json.load(f)
+    kept = {key: value for key, value in table.get(gpu, {}).items() if "@" in key or key == "fitted"}
     table[gpu] = ({kind: check_tile(dict(tiles[kind]), kind, kind) for kind in FIELDS if kind in tiles}
-                  | {"measured": measured})
+                  | {"measured": measured} | kept)
     missing = [kind for kind in FIELDS if kind not in table[gpu] and kind not in OPTIONAL]
     if missing:
         raise ValueError(f"save_entry: {gpu!r} needs a shape for {missing}")
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    clear_caches()
+
+
+def save_keys(gpu: str, keys: dict, measured: str, path: str = TABLE_PATH) -> None:
+    """Merge qualified shapes (``{"bwd@d128,fp32,b128": tile}``) into ``gpu``'s entry of the table at ``path``,
+    replacing the qualified keys of the kinds given (the fit's ``--save``); a GPU without an entry gets the
+    ``"default"`` entry's plain shapes beside them. ``measured`` says where the keys come from."""
+    with open(path) as f:
+        table = json.load(f)
+    entry = table.setdefault(gpu, {kind: dict(table["default"][kind]) for kind in FIELDS if kind not in OPTIONAL}
+                             | {"measured": "plain shapes: the \"default\" entry's (not swept on this card)"})
+    kinds = {key.partition("@")[0] for key in keys}
+    for key in [k for k in entry if "@" in k and k.partition("@")[0] in kinds]:
+        del entry[key]
+    for key, tile in keys.items():
+        kind, _, quals = key.partition("@")
+        if kind not in FIELDS or not quals or not all(_QUALIFIER.match(x) for x in quals.split(",")):
+            raise ValueError(f"save_keys: {key!r} is not a qualified key (kind@qualifiers)")
+        entry[key] = check_tile(dict(tile), kind, key)
+    entry["fitted"] = measured
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
         f.write("\n")
