@@ -51,7 +51,7 @@ case "$name" in
 low_precision_selection or exact_scores or oracle or loaders or from_pretrained_helper or unsupported or save_load or \
 cached_decode or group_loop or static or custom_op or device_tensor or covers or tile_shapes or tuning" "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
-    matrix) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rf -n "$workers" -q tests/ops/test_matrix.py "$@" 2>&1 \
+    matrix) export SPARSEX_FITTED_LOG="$out/fitted.jsonl"; "${limit[@]}" python3 -m pytest -p no:cacheprovider -rf -n "$workers" -q tests/ops/test_matrix.py "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
     tests-part) part="${1:?usage: run_gpu.sh tests-part K/N [ARGS...]}"; shift

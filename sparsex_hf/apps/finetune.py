@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT/merged")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=0,
-                    help="stop (and save everything) after the first step that ends past this wall time (0: off)")
+                    help="wall-time limit in minutes (0: off): no step starts that would end past it, judged by the "
+                         "slowest step so far (the first step always runs); then the eval and the save, as at the end")
     ap.add_argument("--no-progress", action="store_true")
     add_sparsex_arguments(ap)
     return ap
@@ -434,8 +435,14 @@ def train(args) -> dict:
                desc="train", dynamic_ncols=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t_start, last, final_step = time.time(), {}, args.max_steps
+    t_start, last, final_step, slowest = time.time(), {}, args.max_steps, 0.0
     for step in range(run.start + 1, args.max_steps + 1):
+        if args.max_minutes and slowest and time.time() - t_start + slowest > 60 * args.max_minutes:
+            final_step = step - 1
+            run.log(dict(step=final_step, stopped_early=True, minutes=round((time.time() - t_start) / 60, 2),
+                         slowest_step_s=round(slowest, 1)))
+            break
+        t_step = time.time()
         with sparse_kernels_only():  # the recipe trains the sparse function at every length (no dense handoff)
             last = run.step(step)
         run.log(last)
@@ -445,10 +452,7 @@ def train(args) -> dict:
             run.log(dict(step=step, eval_loss=eval_loss(run.model, run.s.eval, acc.device)))
         if args.save_every and step % args.save_every == 0:
             run.checkpoint(step)
-        if args.max_minutes and time.time() - t_start > 60 * args.max_minutes and step < args.max_steps:
-            final_step = step
-            run.log(dict(step=step, stopped_early=True, minutes=round((time.time() - t_start) / 60, 2)))
-            break
+        slowest = max(slowest, time.time() - t_step)  # the step with its eval and checkpoint
     bar.close()
     final = {}
     if run.s.eval:

@@ -265,3 +265,23 @@ def test_a_run_warns_of_nothing_the_user_cannot_act_on(tmp_path):
                              "--eval-sequences", "0"))
     said = [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert not said, said
+
+
+@needs_datasets
+def test_the_time_limit_stops_before_a_step_that_would_end_past_it(tmp_path):
+    """``--max-minutes`` is honoured between steps by prediction: after the first step (which always runs) no step
+    starts that the slowest step so far says would end past the limit; the run then evaluates and saves as at the
+    end, and its metrics say it stopped early."""
+    out = tmp_path / "run"
+    finetune.train(_args(_model_dir(tmp_path, "llama"), _data(tmp_path), out, "--max-steps", "5",
+                         "--max-minutes", "1e-6", "--eval-sequences", "1"))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1]
+    stop = [r for r in rows if r.get("stopped_early")]
+    assert len(stop) == 1 and stop[0]["step"] == 1 and stop[0]["slowest_step_s"] >= 0
+    assert any("eval_loss" in r and r["step"] == 1 for r in rows)
+    assert os.path.isdir(out / "checkpoint-1") and os.path.exists(out / "adapter_config.json")
+    out2 = tmp_path / "run2"
+    finetune.train(_args(_model_dir(tmp_path, "llama"), _data(tmp_path), out2, "--max-steps", "3",
+                         "--max-minutes", "60", "--eval-sequences", "0"))
+    assert [r["step"] for r in _metrics(out2) if "loss" in r] == [1, 2, 3]

@@ -5,6 +5,8 @@ that the kernels compile and fit its shared memory at that shape (a launch shape
 never a crash) and compute the reference's answer."""
 
 import itertools
+import json
+import os
 
 import pytest
 import torch
@@ -81,10 +83,25 @@ def check_cell(d, bs, dtype, preset, group, device):
     assert not step.isnan().any() and _rel(step, want) <= dtol, f"decode {_rel(step, want):.2e} > {dtol:.0e}"
 
 
+def _record_fitted():
+    """Launch shapes the kernels made smaller on this card (``prefill._fitted``), appended as JSON lines to
+    ``$SPARSEX_FITTED_LOG`` when set (``run_gpu.sh matrix`` sets it): what the card's table entry should say."""
+    from sparsex_hf.ops.attention.kernels import prefill
+
+    path = os.environ.get("SPARSEX_FITTED_LOG")
+    if path and prefill._fitted:
+        with open(path, "a") as f:
+            for (gpu, kind, d, dtype, bs), tile in prefill._fitted.items():
+                f.write(json.dumps(dict(gpu=gpu, key=f"{kind}@d{d},{NAMES[dtype]},b{bs}", tile=tile)) + "\n")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", CELLS, ids=[f"d{d}-b{bs}-{NAMES[dt]}-{p}-g{g}" for d, bs, dt, p, g in CELLS])
 def test_matrix_cell(cell):
-    check_cell(*cell, device="cuda")
+    try:
+        check_cell(*cell, device="cuda")
+    finally:
+        _record_fitted()
 
 
 def test_the_matrix_covers_every_supported_shape():

@@ -335,7 +335,9 @@ def test_inputs_the_budget_covers_go_to_sdpa(monkeypatch):
     monkeypatch.setattr("sparsex_hf.ops.attention.dense.DENSE_HANDOFF", True)
     calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    # (dense attention: no mask; the torch backend's gathered stage calls SDPA too, with its key-set mask)
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: (kw.get("attn_mask") is None and calls.append(1)) or sdpa(*a, **kw))
     # sink 16 + window 64: documents of up to 80 tokens (the cost model's handoff, tested in test_cost.py, off)
     cfg = SparseXConfig(**SPARSE_SMALL, dense_when_faster=False)
     cover = cfg.sink_tokens + cfg.window

@@ -24,6 +24,7 @@ from .dense import (
     dense_decode,
     log_once,
 )
+from .gathered import sparsex_attention_gathered
 from .kernels.tuning import device_name
 from .reference.decode import MAX_DECODE_QUERIES, prompt_anchor
 from .reference.naive import SparseXStats, sparsex_attention_naive
@@ -193,12 +194,13 @@ def sparsex_attention(
             cu_seqlens_k=cu_seqlens, sliding_window=sliding_window, dense=dense, mix_weights=mix_weights,
             selected=selected_blocks,
         )
-    return sparsex_attention_naive(
-        q, k, v, cfg, scale=scale, attention_mask=attention_mask,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,
-        sliding_window=sliding_window, dense=dense, mix_weights=mix_weights, return_stats=return_stats,
-        selected=selected_blocks,
-    )
+    # the torch backend: the gathered stage; the reference for stats, mix, dense layers and given selections
+    layout = dict(scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens,
+                  sliding_window=sliding_window)
+    if not (return_stats or dense) and cfg.combine == "union" and selected_blocks is None:
+        return sparsex_attention_gathered(q, k, v, cfg, **layout)
+    return sparsex_attention_naive(q, k, v, cfg, **layout, dense=dense, mix_weights=mix_weights,
+                                   return_stats=return_stats, selected=selected_blocks)
 
 
 def _handed_to_sdpa(q, k, v, cfg, scale, attention_mask, cu_q, cu_k, sliding_window, dense, by_cost: bool):
