@@ -18,3 +18,29 @@ def test_bench_devices_splits_the_layers_and_writes_a_row(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "devices.csv")))
     assert [(r["devices"], r["offload"]) for r in rows] == [("cpu+cpu", "False"), ("cpu", "True")]
     assert all(int(r["tokens"]) == 600 and float(r["tok_per_s"]) > 0 and r["peak_gib"].startswith("cpu=") for r in rows)
+
+
+def test_save_fitted_merges_a_matrix_runs_shapes_into_the_table(tmp_path):
+    """save_fitted.py: the shapes a matrix run logged become qualified keys of that GPU's entry (its other keys
+    kept); one key fitted two ways is refused."""
+    import json
+
+    from sparsex_hf.ops.attention.kernels import tuning
+
+    table = tmp_path / "tiles.json"
+    table.write_text(json.dumps(tuning._table()))
+    gpu = next(g for g in tuning._table() if g != "default")
+    before = json.loads(table.read_text())[gpu]
+    tile = dict(block_m=64, window_n=64, num_warps=8, num_stages=1)
+    log = tmp_path / "fitted.jsonl"
+    log.write_text("".join(json.dumps(dict(gpu=g, key="bwd@d128,bf16,b128", tile=tile)) + "\n" for g in (gpu, gpu)))
+    res = subprocess.run([sys.executable, "benchmarks/save_fitted.py", str(log), "--note", "a test",
+                          "--table", str(table)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = json.loads(table.read_text())[gpu]
+    assert after["bwd@d128,bf16,b128"] == tile and after["fitted"] == "benchmarks/save_fitted.py: a test"
+    assert all(after[k] == v for k, v in before.items() if k != "fitted")
+    log.write_text(log.read_text() + json.dumps(dict(gpu=gpu, key="bwd@d128,bf16,b128", tile=dict(tile, block_m=32))))
+    res = subprocess.run([sys.executable, "benchmarks/save_fitted.py", str(log), "--note", "x", "--table", str(table)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "fitted as" in res.stderr

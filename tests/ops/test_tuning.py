@@ -69,9 +69,9 @@ def test_save_entry_round_trips(tmp_path, monkeypatch):
 
 
 def test_fitted_shapes_merge_into_an_entry_and_survive_a_new_sweep(tmp_path, monkeypatch):
-    """``save_keys`` (the fit's ``--save``) adds qualified shapes beside an entry's plain ones, replaces the earlier
-    fitted keys of the kinds it is given, gives a GPU off the table the default's plain shapes, and a later
-    ``save_entry`` (a new sweep) keeps them; a launch of that shape takes the fitted one."""
+    """``save_keys`` (``save_fitted.py``) adds qualified shapes beside an entry's plain ones and keeps its other
+    keys, gives a GPU off the table the default's plain shapes, and a later ``save_entry`` (a new sweep) keeps
+    them; a launch of that shape takes the fitted one."""
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps(tuning._table()))
     monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
@@ -83,7 +83,7 @@ def test_fitted_shapes_merge_into_an_entry_and_survive_a_new_sweep(tmp_path, mon
         tuning.save_keys("New GPU", {"bwd@d128,fp32,b128": small}, "a second fit", path=str(path))
         entry = tuning._table()["New GPU"]
         assert entry["bwd"] == tuning._table()["default"]["bwd"] and entry["fitted"] == "a second fit"
-        assert "bwd@d128,fp32,b16" not in entry and entry["fwd@d64,b128"] == small  # only the bwd keys replaced
+        assert entry["bwd@d128,fp32,b16"] == dict(small, block_m=32) and entry["fwd@d64,b128"] == small
         monkeypatch.setattr(tuning, "device_name", lambda device: "New GPU")
         dev = torch.device("cuda")
         assert tuning.tile_shape(dev, "bwd", head_dim=128, dtype=torch.float32, block_size=128) == small

@@ -183,16 +183,13 @@ def save_entry(gpu: str, tiles: dict, measured: str, path: str = TABLE_PATH) -> 
 
 
 def save_keys(gpu: str, keys: dict, measured: str, path: str = TABLE_PATH) -> None:
-    """Merge qualified shapes (``{"bwd@d128,fp32,b128": tile}``) into ``gpu``'s entry of the table at ``path``,
-    replacing the qualified keys of the kinds given (the fit's ``--save``); a GPU without an entry gets the
+    """Merge qualified shapes (``{"bwd@d128,fp32,b128": tile}``) into ``gpu``'s entry of the table at ``path``
+    (``benchmarks/save_fitted.py``: the shapes a matrix run had to make smaller); a GPU without an entry gets the
     ``"default"`` entry's plain shapes beside them. ``measured`` says where the keys come from."""
     with open(path) as f:
         table = json.load(f)
     entry = table.setdefault(gpu, {kind: dict(table["default"][kind]) for kind in FIELDS if kind not in OPTIONAL}
                              | {"measured": "plain shapes: the \"default\" entry's (not swept on this card)"})
-    kinds = {key.partition("@")[0] for key in keys}
-    for key in [k for k in entry if "@" in k and k.partition("@")[0] in kinds]:
-        del entry[key]
     for key, tile in keys.items():
         kind, _, quals = key.partition("@")
         if kind not in FIELDS or not quals or not all(_QUALIFIER.match(x) for x in quals.split(",")):
