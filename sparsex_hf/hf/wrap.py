@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from ..ops.attention import MAX_DECODE_QUERIES
 from ..patches import MODEL_TABLE, attention_class, check_model_type, model_class
 from .cache import upgrade_layer
 from .static_cache import convertible_static_layer, static_layer
@@ -69,24 +70,37 @@ def _upgrade_eagerly(cache, layer_idx: int, config):
 
 
 def _wrap_model_forward(original):
-    """The decoder stack's ``forward``: for a ``"sparsex"`` model called with a 2-D padding mask and no
-    ``position_ids``, the positions count from each row's first real token, as ``generate()`` makes them (RoPE is
-    relative, so dense attention gives the same logits either way; Sparse-X's block summaries of rotated keys
-    are not shift-invariant, so a left-padded row would otherwise differ from the same row alone)."""
+    """The decoder stack's ``forward``, for a ``"sparsex"`` model:
+
+    - called with a 2-D padding mask and no ``position_ids``, the positions count from each row's first real token,
+      as ``generate()`` makes them (RoPE is relative, so dense attention gives the same logits either way; Sparse-X's
+      block summaries of rotated keys are not shift-invariant, so a left-padded row would otherwise differ from the
+      same row alone);
+    - a prefill (more than ``MAX_DECODE_QUERIES`` queries) inside a compiled forward (``generate()`` runs a static
+      cache's prompt chunks through the compiled decode step) runs the whole stack eagerly: one graph break per
+      chunk instead of one at every layer's attention, whose prefill is eager anyway."""
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
+        if getattr(self.config, "_attn_implementation", None) != ATTN_NAME:
+            return original(self, *args, **kwargs)
         mask = kwargs.get("attention_mask")
-        if (getattr(self.config, "_attn_implementation", None) == ATTN_NAME and kwargs.get("position_ids") is None
-                and len(args) <= 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            hidden = kwargs.get("inputs_embeds")
-            ids = args[0] if args else kwargs.get("input_ids")
-            q_len = (ids if ids is not None else hidden).shape[1]
+        hidden = kwargs.get("inputs_embeds")
+        ids = args[0] if args else kwargs.get("input_ids")
+        q_len = None if ids is None and hidden is None else (ids if ids is not None else hidden).shape[1]
+        if kwargs.get("position_ids") is None and len(args) <= 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        if torch.compiler.is_compiling() and q_len is not None and q_len > MAX_DECODE_QUERIES:
+            return _eager_call(original, self, *args, **kwargs)
         return original(self, *args, **kwargs)
 
     forward.__sparsex_original__ = original
     return forward
+
+
+@torch.compiler.disable
+def _eager_call(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
 
 
 def _wrap(cls, wrapper) -> None:

@@ -103,6 +103,37 @@ def test_a_decode_step_compiles_into_one_graph_with_no_recompile():
     assert len(graphs) == 1 and "sparsex.decode" in graphs[0]
 
 
+def test_a_compiled_prefill_runs_the_stack_eagerly_with_one_break_whatever_the_layers():
+    """A prompt through a compiled forward over a static cache (as ``generate()`` runs its prefill chunks through
+    the compiled decode step) leaves the graph once, at the decoder stack, for the whole stack: the graphs and breaks
+    do not grow with the layers (they were one break at every layer's attention), and the logits and the cache are
+    the eager run's; the decode step after it still compiles into one graph."""
+    counts = []
+    for layers in (2, 4):
+        _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL, rerank=2, anchor="split"), num_hidden_layers=layers)
+        ids, mask = padded_prompts()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            eager_cache = SparseXStaticCache(sparse.config, max_cache_len=320)
+            want = sparse(ids, attention_mask=mask, position_ids=pos, **{CACHE_KWARG: eager_cache}).logits
+            graphs = []
+
+            def recording(gm, example_inputs):
+                graphs.append(gm)
+                return gm.forward
+
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            cache = SparseXStaticCache(sparse.config, max_cache_len=320)
+            got = torch.compile(sparse, backend=recording)(ids, attention_mask=mask, position_ids=pos,
+                                                           **{CACHE_KWARG: cache}).logits
+        torch.testing.assert_close(got, want)
+        for a, b in zip(cache.layers, eager_cache.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.kmax, b.kmax) and torch.equal(a.anchor, b.anchor)
+        counts.append((len(graphs), sum(torch._dynamo.utils.counters["graph_break"].values())))
+    assert counts[0] == counts[1] and counts[0][0] <= 2, counts
+
+
 def test_static_cache_errors_say_what_is_wrong():
     _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL))
     ids, mask = padded_prompts(length=100)
