@@ -86,10 +86,6 @@ def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu
     if attention_mask is not None and cu_k is not None:
         return None
     cover = cfg.sink_tokens + cfg.window
-    if attention_mask is None and cu_k is None:  # one document per row (the common call: no views, no host reads)
-        if not dense and tk > cover:
-            return None
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     parts = 1 if cu_k is None else cu_k.numel() - 1
     if not dense and attention_mask is None and tk > cover * parts:
         return None  # some document is longer than the window covers (decided without reading cu_k on the host)
@@ -102,7 +98,7 @@ def _dense_handoff(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu
         return None
 
     def sdpa(rows, a, n):
-        if rows == slice(None) and a == 0 and n == tk:
+        if rows == slice(None) and a == 0 and n == tk:  # the whole batch (the common call): no views
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q[rows, :, a:a + n], k[rows, :, a:a + n], v[rows, :, a:a + n],
                                               is_causal=True, scale=scale, enable_gqa=True)

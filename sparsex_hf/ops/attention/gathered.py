@@ -77,23 +77,22 @@ def _attend_tiles(q, k, v, p, sel, cfg: SparseXConfig, scale, sliding_window):
     nb = n // bs
     dev = q.device
     with torch.no_grad():
+        # each row's selected blocks as flags [Hkv, c, R, nb + 1] (column nb: none, and the partial tail block)
+        row_chosen = torch.zeros(hkv, c, rows, nb + 1, dtype=torch.bool, device=dev)
+        row_chosen.scatter_(-1, torch.where(sel >= 0, sel, nb), True)
+        row_chosen[..., nb] = False
         # the tile's union over all n keys: [Hkv, c, n]
         j = torch.arange(n, device=dev)
         first, last = p[:, :1], p[:, -1:]  # [c, 1]
-        near = j > first - cfg.window
+        keep = (j <= last) & ((j < cfg.sink_tokens) | (j > first - cfg.window)
+                              | ((j % cfg.stride == 0) if cfg.stride else False))
+        blocks = (j // bs).clamp(max=nb)
+        member = keep | row_chosen.any(2).gather(-1, blocks.expand(hkv, c, n))
         if sliding_window is not None:
-            near = near & (j > first - sliding_window)  # keys no row of the tile can see
-        keep = (j <= last) & ((j < cfg.sink_tokens) | near | ((j % cfg.stride == 0) if cfg.stride else False))
-        blocks = (j // bs).clamp(max=nb)  # nb: the partial tail block, never selected
-        chosen = torch.zeros(hkv, c, nb + 1, dtype=torch.bool, device=dev)
-        chosen.scatter_(-1, torch.where(sel >= 0, sel, nb).reshape(hkv, c, -1), True)
-        chosen[..., nb] = False
-        member = keep | chosen.gather(-1, blocks.expand(hkv, c, n))
-        if sliding_window is not None:
-            member &= j > first - sliding_window
+            member &= j > first - sliding_window  # keys no row of the tile can see
         # compaction: each tile's member keys in ascending order, [Hkv, c, L] (slots past a tile's count: key 0)
         count = member.sum(-1)
-        width = max(int(count.max()), 1)
+        width = max(int(count.max()), 1)  # (one host read per chunk of tiles)
         rank = torch.where(member, member.cumsum(-1) - 1, width)
         idx = torch.zeros(hkv, c, width + 1, dtype=torch.long, device=dev)
         idx.scatter_(-1, rank, j.expand(hkv, c, n))
@@ -101,9 +100,6 @@ def _attend_tiles(q, k, v, p, sel, cfg: SparseXConfig, scale, sliding_window):
         listed = torch.arange(width, device=dev) < count[..., None]  # [Hkv, c, L]
         # each row's own set among the listed keys: [Hkv, c, R, L]
         jj, pr = idx[:, :, None], p[None, :, :, None]
-        row_chosen = torch.zeros(hkv, c, rows, nb + 1, dtype=torch.bool, device=dev)
-        row_chosen.scatter_(-1, torch.where(sel >= 0, sel, nb), True)
-        row_chosen[..., nb] = False
         base = (jj < cfg.sink_tokens) | (jj > pr - cfg.window)
         if cfg.stride:
             base |= jj % cfg.stride == 0

@@ -49,12 +49,17 @@ def _table() -> dict:
         for key in entry:
             if key in FIELDS or key in ("measured", "fitted"):
                 continue
-            kind, _, quals = key.partition("@")
-            if kind not in FIELDS or not quals or not all(_QUALIFIER.match(x) for x in quals.split(",")):
+            if not _qualified(key):
                 raise ValueError(f"{TABLE_PATH}: {gpu!r} has key {key!r}; keys are a kernel {list(FIELDS)}, optionally "
                                  "'@' and qualifiers among d<head dim>, fp16/bf16/fp32, g<group>, b<block size>")
-            check_tile(entry[key], kind, f"{TABLE_PATH}: {gpu!r} {key}")
+            check_tile(entry[key], key.partition("@")[0], f"{TABLE_PATH}: {gpu!r} {key}")
     return table
+
+
+def _qualified(key: str) -> bool:
+    """Whether ``key`` is ``"<kind>@<qualifiers>"`` with a known kernel and valid qualifiers."""
+    kind, _, quals = key.partition("@")
+    return kind in FIELDS and bool(quals) and all(_QUALIFIER.match(x) for x in quals.split(","))
 
 
 def check_tile(tile: dict, kind: str = "fwd", where: str = "tile") -> dict:
@@ -191,10 +196,9 @@ def save_keys(gpu: str, keys: dict, measured: str, path: str = TABLE_PATH) -> No
     entry = table.setdefault(gpu, {kind: dict(table["default"][kind]) for kind in FIELDS if kind not in OPTIONAL}
                              | {"measured": "plain shapes: the \"default\" entry's (not swept on this card)"})
     for key, tile in keys.items():
-        kind, _, quals = key.partition("@")
-        if kind not in FIELDS or not quals or not all(_QUALIFIER.match(x) for x in quals.split(",")):
+        if not _qualified(key):
             raise ValueError(f"save_keys: {key!r} is not a qualified key (kind@qualifiers)")
-        entry[key] = check_tile(dict(tile), kind, key)
+        entry[key] = check_tile(dict(tile), key.partition("@")[0], key)
     entry["fitted"] = measured
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
