@@ -6,13 +6,16 @@ Same 1B-shaped model as ``bench_e2e.py`` (random bf16 weights). For each prompt 
 * ``sdpa_dynamic_<backend>``: the same with one SDPA backend forced;
 * ``sdpa_static_<backend>``: SDPA with ``cache_implementation="static"``, whose decode step Transformers compiles
   (``mode="reduce-overhead"``: CUDA graphs), one backend forced: the strongest Transformers setup;
-* ``sparsex_dynamic``: Sparse-X with its dynamic cache, eager;
+* ``sparsex_plain``: Sparse-X through the plain call ``model.generate(ids, max_new_tokens=...)``: on CUDA the
+  package gives it a Sparse-X static cache and Transformers compiles the decode step (``generate_cache="auto"``);
+* ``sparsex_dynamic``: Sparse-X with ``cache_implementation="dynamic"``, eager (the plain call before 0.4);
 * ``sparsex_static``: Sparse-X with ``cache_implementation="static"``, decode step compiled the same way.
 
 Decode tokens/s is timed on the GPU's own clock: a logits processor records a CUDA event at every step, and the rate
 is (steps - 1) / (time from the first step's event to the last's), so the prefill is outside it and any host time
-that starves the GPU is inside it. Each setup runs once to warm up (compilation there) and once timed; the prefill
-column is the timed run's start to its first step. Rows go to ``generate.csv``.
+that starves the GPU is inside it. Each setup runs once to warm up (compilation there: its wall time is the row's
+``first call`` note) and once timed; the prefill column is the timed run's start to its first step. Rows go to
+``generate.csv``.
 
     python benchmarks/bench_generate.py --lengths 32768 131072 --new-tokens 64 --out-dir benchmarks/results
 """
@@ -24,6 +27,7 @@ import contextlib
 import datetime
 import json
 import os
+import time
 
 import torch
 import transformers
@@ -52,8 +56,9 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float]:
-    """(decode tokens/s, prefill ms: start to the first step) of ``model.generate`` on ``ids``."""
+def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float, float]:
+    """(decode tokens/s, prefill ms: start to the first step, the first call's wall seconds) of ``model.generate``
+    on ``ids``."""
     def run():
         clock = StepClock()
         start = torch.cuda.Event(enable_timing=True)
@@ -64,10 +69,12 @@ def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float]:
         torch.cuda.synchronize()
         return start, clock.events
 
+    first = time.perf_counter()
     run()  # warm-up: compiles where asked
+    first = time.perf_counter() - first
     start, ev = run()
     decode_ms = ev[0].elapsed_time(ev[-1])
-    return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0])
+    return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0]), first
 
 
 def profile_steps(model, ids, steps: int = 16, **kw) -> str:
@@ -104,8 +111,8 @@ def report(path: str, tags: list[str]) -> None:
         rows = [r for r in csv.DictReader(f) if r["tag"] in tags]
     best = {(r["impl"], int(r["tokens"]), int(r["batch"])): r for r in rows}  # later rows win
     lengths = sorted({k[1] for k in best})
-    impls = [i for i in ("sdpa_dynamic", "sdpa_dynamic_flash", "sdpa_static_cudnn", "sparsex_dynamic",
-                         "sparsex_static") if any(k[0] == i for k in best)]
+    impls = [i for i in ("sdpa_dynamic", "sdpa_dynamic_flash", "sdpa_static_cudnn", "sdpa_static_flash",
+                         "sparsex_plain", "sparsex_dynamic", "sparsex_static") if any(k[0] == i for k in best)]
     print("| setup | " + " | ".join(f"{t // 1024}K" for t in lengths) + " |")
     print("|---" * (len(lengths) + 1) + "|")
     for impl in impls:
@@ -130,10 +137,13 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--left-pad", type=int, default=0, help="row i of a batch is left-padded by "
+                    "i * LEFT_PAD // (batch - 1) tokens (the last row by LEFT_PAD)")
     ap.add_argument("--impls", nargs="+", default=["sdpa_dynamic", "sdpa_dynamic_flash", "sdpa_static_cudnn",
-                                                    "sdpa_static_flash", "sparsex_dynamic", "sparsex_static"],
-                    help="which setups to run (sdpa_dynamic[_BACKEND], sdpa_static_BACKEND, sparsex_dynamic, "
-                         "sparsex_static)")
+                                                    "sdpa_static_flash", "sparsex_plain", "sparsex_dynamic",
+                                                    "sparsex_static"],
+                    help="which setups to run (sdpa_dynamic[_BACKEND], sdpa_static_BACKEND, sparsex_plain, "
+                         "sparsex_dynamic, sparsex_static)")
     ap.add_argument("--sparsex-config", default="{}", help="SparseXConfig fields as JSON, e.g. '{\"rerank\": 2}'")
     ap.add_argument("--profile", action="store_true", help="also profile 16 decode steps of each setup: host calls "
                     "that launch work (graph replays vs single kernels) and the GPU's busy time per step")
@@ -149,7 +159,8 @@ def main() -> int:
                 transformers=transformers.__version__, sparsex=sparsex_hf.__version__, tag=args.tag)
     path = os.path.join(args.out_dir, "generate.csv")
 
-    def record(impl, t, rate, prefill_ms, note=""):
+    def record(impl, t, rate, prefill_ms, first_s, note=""):
+        note = f"{note}; first call {first_s:.1f} s"
         append_csv(path, [dict(meta, impl=impl, tokens=t, batch=args.batch, new_tokens=args.new_tokens,
                                decode_tok_s=round(rate, 2), ms_per_step=round(1000 / rate, 3),
                                prefill_ms=round(prefill_ms, 1), note=note)])
@@ -165,27 +176,33 @@ def main() -> int:
             sparsex_hf.set_sparsex_config(model, **json.loads(args.sparsex_config))
         for t in args.lengths:
             ids = torch.randint(3, 1000, (args.batch, t), device="cuda")
+            mask = torch.ones_like(ids)
+            for i in range(args.batch):  # row i left-padded by i / (batch - 1) of --left-pad tokens
+                mask[i, : i * args.left_pad // max(1, args.batch - 1)] = 0
             for impl in impls:
                 backend = impl.split("_")[2] if impl.count("_") == 2 else None
-                kw = dict(cache_implementation="static") if "_static" in impl else {}
-                note = ("static cache, compiled decode" if kw else "dynamic cache, eager") + (
-                    f", {args.sparsex_config}" if attn == "sparsex" and args.sparsex_config != "{}" else "")
+                kw = {} if impl.endswith("_plain") else dict(
+                    cache_implementation="static" if "_static" in impl else "dynamic")
+                note = ("plain call" if not kw else "static cache, compiled decode" if "_static" in impl
+                        else "dynamic cache, eager") + (
+                    f", {args.sparsex_config}" if attn == "sparsex" and args.sparsex_config != "{}" else "") + (
+                    f", left-padded up to {args.left_pad}" if args.left_pad else "")
                 torch._dynamo.reset()
                 torch._dynamo.utils.counters.clear()
                 try:
                     with torch.no_grad(), (sdpa_kernel(BACKENDS[backend]) if backend else contextlib.nullcontext()):
-                        rate = decode_rate(model, ids, args.new_tokens, **kw)
+                        rate = decode_rate(model, ids, args.new_tokens, attention_mask=mask, **kw)
                 except Exception as e:  # a backend that refuses a shape, or memory
                     print(f"{impl} T={t}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     torch.cuda.empty_cache()
                     continue
-                if kw:  # one graph per step and no break is what CUDA graphs need: say so in the row
+                if kw.get("cache_implementation") != "dynamic":  # one graph per step, no break: CUDA graphs' needs
                     c = torch._dynamo.utils.counters
                     note += f"; graphs {c['stats']['unique_graphs']}, breaks {sum(c['graph_break'].values())}"
                     for reason, n in list(c["graph_break"].items())[:3]:
                         print(f"  graph break x{n}: {reason[:200]}", flush=True)
                 if args.profile:
-                    note += "; " + profile_steps(model, ids, **kw)
+                    note += "; " + profile_steps(model, ids, attention_mask=mask, **kw)
                 record(impl, t, *rate, note=note)
                 torch.cuda.empty_cache()
         model = None

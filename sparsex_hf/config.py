@@ -18,6 +18,7 @@ from typing import Any
 COMBINE_MODES = ("union", "mix")
 SELECTION_SCORES = ("minmax", "mean")
 BACKENDS = ("auto", "torch", "triton")
+GENERATE_CACHES = ("auto", "static", "dynamic")
 ANCHORS = (False, "last", "split")
 
 # Settings of how a config runs here, not of what it computes: never written into a saved checkpoint.
@@ -88,6 +89,12 @@ class SparseXConfig:
         prefill_chunk: ``generate()`` prefills a longer prompt chunk by chunk into the cache (Transformers'
             ``prefill_chunk_size``), so activation memory stays bounded; 0 turns chunking off. Set on the
             model's generation config by ``sparsex_hf.from_pretrained`` and ``apply_sparsex``.
+        generate_cache: the cache ``generate()`` builds when the call names none (no ``cache_implementation``, no
+            cache object). ``"auto"`` (default): on a CUDA device, a :class:`~sparsex_hf.SparseXStaticCache` whose
+            capacity is the call's length rounded up (at most a quarter more; a later call reuses the largest), and
+            Transformers compiles the decode step into a CUDA graph; on other devices Transformers' default.
+            ``"static"``: the static cache on every device (compiled where Transformers compiles). ``"dynamic"``:
+            Transformers' default, the dynamic cache (made a Sparse-X cache at the first forward). Logged once.
     """
 
     block_size: int = 64
@@ -109,6 +116,7 @@ class SparseXConfig:
     respect_sliding_window: bool = True
     backend: str = "auto"
     prefill_chunk: int = 32768
+    generate_cache: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -142,6 +150,8 @@ class SparseXConfig:
             raise bad("score", f"one of {SELECTION_SCORES} ('hybrid' was removed: never better, docs/evaluation.md)")
         if self.backend not in BACKENDS:
             raise bad("backend", f"one of {BACKENDS}")
+        if self.generate_cache not in GENERATE_CACHES:
+            raise bad("generate_cache", f"one of {GENERATE_CACHES}")
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:

@@ -26,6 +26,7 @@ import torch
 from ..ops.attention import MAX_DECODE_QUERIES
 from ..patches import MODEL_TABLE, attention_class, check_model_type, model_class
 from .cache import upgrade_layer
+from .generation import wrap_generation
 from .static_cache import convertible_static_layer, static_layer
 
 ATTN_NAME = "sparsex"
@@ -119,9 +120,11 @@ def is_wrapped(model_type: str) -> bool:
 
 
 def wrap_class(model_type: str) -> None:
-    """Wrap the attention and decoder-stack classes of ``model_type`` (idempotent); imports its modeling module."""
+    """Wrap the attention and decoder-stack classes of ``model_type`` (idempotent; imports its modeling module),
+    and let ``generate()`` choose the cache of Sparse-X models (:mod:`sparsex_hf.hf.generation`)."""
     _wrap(attention_class(model_type), _wrap_forward)
     _wrap(model_class(model_type), _wrap_model_forward)
+    wrap_generation()
     _DONE.add(model_type)
     _AUTO.add(model_type)
 

@@ -1,0 +1,117 @@
+"""The cache generate() builds for a Sparse-X model that names none: a Sparse-X static cache on CUDA (compiled decode
+step), Transformers' default elsewhere; the same tokens as the eager dynamic cache; what the call names wins."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from utils import SPARSE_SMALL, model_pair, padded_prompts
+
+from sparsex_hf import SparseXConfig, SparseXStaticCache
+from sparsex_hf.hf import CACHE_KWARG, SparseXLayer
+from sparsex_hf.hf.generation import automatic_cache, static_capacity
+from sparsex_hf.hf.wrap import wrap_class
+
+KW = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+
+
+def _model(mode, model_type="llama", **overrides):
+    wrap_class(model_type)  # as sparsex_hf.from_pretrained does before the first forward
+    _, sparse = model_pair(model_type, sparsex=dict(SPARSE_SMALL, generate_cache=mode), **overrides)
+    return sparse
+
+
+def _cache(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
+def _dynamic(cache) -> bool:
+    """Transformers' dynamic cache, its layers made Sparse-X layers at the first forward."""
+    return not isinstance(cache, SparseXStaticCache) and isinstance(cache.layers[0], SparseXLayer)
+
+
+def test_capacities_round_up_by_at_most_a_quarter():
+    assert [static_capacity(n) for n in (1, 256, 257, 1024, 1025, 4097, 1 << 20, (1 << 20) + 1)] == [
+        256, 256, 512, 1024, 1280, 5120, 1 << 20, 1310720]
+    for n in range(1, 70000, 997):
+        c = static_capacity(n)
+        assert n <= c <= max(256, 1.25 * n)
+
+
+def test_the_plain_call_takes_the_static_cache_and_gives_the_dynamic_caches_tokens(caplog):
+    sparse = _model("static")
+    ids, mask = padded_prompts()
+    dynamic = sparse.generate(ids, attention_mask=mask, cache_implementation="dynamic", **KW)
+    assert _dynamic(_cache(dynamic))
+    with caplog.at_level(logging.WARNING, logger="sparsex_hf"):
+        plain = sparse.generate(ids, attention_mask=mask, **KW)
+        again = sparse.generate(ids[:, :100], attention_mask=mask[:, :100], **KW)
+    cache = _cache(plain)
+    assert isinstance(cache, SparseXStaticCache) and cache.layers[0].max_cache_len == static_capacity(300 + 20)
+    assert torch.equal(plain.sequences, dynamic.sequences)
+    # a shorter call reuses the largest capacity (no new compile); the choice is logged once
+    assert _cache(again).layers[0].max_cache_len == static_capacity(320)
+    assert torch.equal(again.sequences, sparse.generate(ids[:, :100], attention_mask=mask[:, :100],
+                                                        cache_implementation="dynamic", **KW).sequences)
+    logged = [r.getMessage() for r in caplog.records if "static cache" in r.getMessage()]
+    assert len(logged) == 1 and "cache_implementation='dynamic'" in logged[0]
+
+
+def test_what_the_call_names_wins():
+    sparse = _model("static")
+    ids, mask = padded_prompts(length=120)
+    kw = dict(KW, attention_mask=mask)
+    assert _dynamic(_cache(sparse.generate(ids, cache_implementation="dynamic", **kw)))
+    mine = SparseXStaticCache(sparse.config, max_cache_len=150)
+    assert _cache(sparse.generate(ids, **{CACHE_KWARG: mine}, **kw)) is mine
+    assert _cache(sparse.generate(ids, use_cache=False, **kw)) is None
+    sparse.config.sparsex = dict(sparse.config.sparsex, generate_cache="dynamic")
+    assert _dynamic(_cache(sparse.generate(ids, **kw)))
+
+
+def test_auto_takes_the_static_cache_on_cuda_only():
+    sparse = _model("auto")
+    ids, mask = padded_prompts(length=120)
+    assert _dynamic(_cache(sparse.generate(ids, attention_mask=mask, **KW)))  # a CPU model
+
+    def choice(mode, device, **gen):
+        config = SimpleNamespace(_attn_implementation="sparsex", sparsex=SparseXConfig(generate_cache=mode).to_dict())
+        model = SimpleNamespace(config=SimpleNamespace(**vars(config), num_hidden_layers=2,
+                                                       get_text_config=lambda decoder: model.config),
+                                device=torch.device(device))
+        return automatic_cache(model, GenerationConfig(**gen), {}, 5000)
+
+    assert isinstance(choice("auto", "cuda"), SparseXStaticCache)
+    assert choice("auto", "cuda").layers[0].max_cache_len == static_capacity(5000) == 5120
+    assert choice("auto", "cpu") is None
+    assert choice("auto", "cuda", disable_compile=True) is None  # no compile: the eager dynamic cache is faster
+    assert choice("dynamic", "cuda") is None
+    assert choice("auto", "cuda", cache_implementation="static") is None  # Transformers builds what was named
+    assert isinstance(choice("static", "cpu"), SparseXStaticCache)
+
+
+def test_a_sliding_window_model_gets_a_cache_that_keeps_every_position():
+    """Transformers' static cache would keep only the window of a Mistral-style layer; the automatic cache is a
+    Sparse-X static cache, which keeps every position (Sparse-X applies the window)."""
+    sparse = _model("static", "mistral", sliding_window=128)
+    ids, mask = padded_prompts(length=200)
+    kw = dict(KW, attention_mask=mask, max_new_tokens=12)
+    plain = sparse.generate(ids, **kw)
+    assert isinstance(_cache(plain), SparseXStaticCache)
+    assert torch.equal(plain.sequences, sparse.generate(ids, cache_implementation="dynamic", **kw).sequences)
+
+
+@pytest.mark.gpu
+def test_gpu_the_plain_call_compiles_the_decode_step_and_gives_the_dynamic_caches_tokens():
+    sparse = _model("auto").cuda()
+    ids, mask = (t.cuda() for t in padded_prompts(length=700))
+    kw = dict(KW, attention_mask=mask, max_new_tokens=24)
+    dynamic = sparse.generate(ids, cache_implementation="dynamic", **kw)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plain = sparse.generate(ids, **kw)
+    assert isinstance(_cache(plain), SparseXStaticCache)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert torch.equal(plain.sequences, dynamic.sequences)
