@@ -6,7 +6,7 @@ import pytest
 import torch
 from utils import SPARSE_SMALL, model_pair, padded_prompts
 
-from sparsex_hf import SparseXCache, SparseXStaticCache
+from sparsex_hf import SparseXCache, SparseXStaticCache, set_sparsex_config
 from sparsex_hf.hf import CACHE_KWARG, SparseXStaticLayer
 from sparsex_hf.ops.attention.rules.common import block_summaries
 
@@ -74,10 +74,15 @@ def test_static_summaries_are_the_blocks_of_the_cached_keys_and_crop_resummarise
             torch.testing.assert_close(got[row, :, :nb], w.to(got.dtype))
 
 
-def test_a_decode_step_compiles_into_one_graph_with_no_recompile():
+@pytest.mark.parametrize("stored", ["loaded", "set"])
+def test_a_decode_step_compiles_into_one_graph_with_no_recompile(stored):
     """The decode step traces with fullgraph=True (no graph break: the length, offsets and summaries are tensors, the
-    decode is the custom op), compiles once for all the steps, and gives the eager dynamic cache's logits."""
-    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL, rerank=2, anchor="split", dense_layers=[0]))
+    decode is the custom op), compiles once for all the steps, and gives the eager dynamic cache's logits; with the
+    config as a loaded model stores it (a dict) or as ``set_sparsex_config`` / ``apply_sparsex`` store it."""
+    fields = dict(SPARSE_SMALL, rerank=2, anchor="split", dense_layers=[0])
+    _, sparse = model_pair("llama", sparsex=fields)
+    if stored == "set":
+        set_sparsex_config(sparse, **fields)
     ids, mask = padded_prompts()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     graphs = []
