@@ -41,6 +41,17 @@ CARDS: dict[str, dict] = {
                  "1K-1M: cuDNN 0.010 ms + 3.1 TB/s graphed, 0.05 ms + the same eager; Sparse-X 0.025-0.098 ms "
                  "graphed, 0.146-0.209 eager)",
     ),
+    "NVIDIA H200": dict(
+        prefill=dict(sparse_tflops=321.0, fixed_ms=0.16, dense_tflops=550.0),
+        train=dict(sparse_tflops=283.0, fixed_ms=1.39, dense_tflops=540.0),
+        decode=dict(gbps=4500.0, dense_fixed_ms=0.050, sparse_fixed_ms=0.170, dense_graph_fixed_ms=0.010,
+                    sparse_graph_fixed_ms=0.055),
+        measured="H200, 2026-12-06, default config: prefill.csv tag t28g (forward and forward + backward 8K-512K, "
+                 "32/8 heads, d 128, least squares: 321 TFLOP/s + 0.16 ms and 283 + 1.39 on the attended keys, "
+                 "within 3% from 16K, 23% / 15% at 8K; cuDNN 509-593 and 507-554 TFLOP/s from 8K) and e2e.csv tag "
+                 "t28f (one layer's decode step, 32/8 heads, d 64, 4K-1M: cuDNN 0.010 ms + 4.5 TB/s graphed, "
+                 "0.05 ms + the same eager; Sparse-X 0.056-0.097 ms graphed, 0.17-0.28 eager)",
+    ),
 }
 REFERENCE_CARD = "NVIDIA H100 80GB HBM3"
 
