@@ -104,14 +104,19 @@ def test_a_sliding_window_model_gets_a_cache_that_keeps_every_position():
 
 
 @pytest.mark.gpu
-def test_gpu_the_plain_call_compiles_the_decode_step_and_gives_the_dynamic_caches_tokens():
+def test_gpu_the_plain_call_compiles_the_decode_step_and_gives_the_dynamic_caches_tokens(monkeypatch):
+    """First in the process (no eager decode step has run: the kernels keep no buffer yet, as in a fresh session),
+    the plain call compiles its decode step into CUDA graphs and gives the eager dynamic cache's tokens."""
+    from sparsex_hf.ops.attention.kernels import decode as decode_kernel
+
+    monkeypatch.setattr(decode_kernel, "_COUNTERS", {})
+    decode_kernel._SCRATCH.clear()
     sparse = _model("auto").cuda()
     ids, mask = (t.cuda() for t in padded_prompts(length=700))
     kw = dict(KW, attention_mask=mask, max_new_tokens=24)
-    dynamic = sparse.generate(ids, cache_implementation="dynamic", **kw)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     plain = sparse.generate(ids, **kw)
     assert isinstance(_cache(plain), SparseXStaticCache)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    assert torch.equal(plain.sequences, dynamic.sequences)
+    assert torch.equal(plain.sequences, sparse.generate(ids, cache_implementation="dynamic", **kw).sequences)

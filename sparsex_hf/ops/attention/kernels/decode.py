@@ -380,14 +380,16 @@ def _stream_key(device: torch.device):
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """The split counters: zero between launches (each kernel's last program resets its own), one buffer per device,
     never released (a CUDA graph may hold its address). The kernels of a decode step run on one stream, one after
-    the other. Inside a graph capture with no buffer yet, a buffer of the graph's own (zeroed at each replay)."""
+    the other. With no buffer yet inside a graph capture or the custom op (``fresh_scratch``: CUDA graph trees warm
+    up and record a compiled step in their own memory pool, where no tensor may outlive the call), a buffer of the
+    call's own (zeroed at each replay), never kept."""
     key = (device.type, device.index)
     bufs = _COUNTERS.setdefault(key, [])
     if not bufs or bufs[-1].numel() < n:
-        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return buf
-        bufs.append(buf)  # (an outgrown buffer stays: a graph captured earlier may use it)
+        if _FRESH or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+        bufs.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))  # (outgrown ones stay: a
+        # graph captured earlier may use them)
     return bufs[-1]
 
 
