@@ -1,7 +1,8 @@
 """Sparse-X prefill on one GPU against dense attention in the same run.
 
 Times, per length: Sparse-X forward (selection included), forward+backward, selection alone; SDPA flash
-(FA2) and SDPA cuDNN forward (and forward+backward up to --dense-bwd-max); optionally FlexAttention with a
+(FA2) and SDPA cuDNN forward (and forward+backward up to --dense-bwd-max) on K/V expanded to the query heads, and
+cuDNN with enable_gqa on the unexpanded K/V up to --gqa-max (the call a GQA model's SDPA layer makes); optionally FlexAttention with a
 block mask of the same pattern (sink + window + stride + the selected blocks). Headline configuration
 (the paper's): window 4096, stride 256, top-8 blocks of 64, sink 64, bf16, batch 1, 32 query / 8 KV
 heads, head dim 128. Lengths where dense does not fit run with --heads-long (8/2) and are scaled by
@@ -82,6 +83,8 @@ def main():
     ap.add_argument("--dense-bwd-max", type=int, default=131072)
     ap.add_argument("--bwd-max", type=int, default=1048576)
     ap.add_argument("--flex", type=int, nargs="*", default=[], help="lengths for FlexAttention")
+    ap.add_argument("--gqa-max", type=int, default=16384, help="up to this length, also SDPA cuDNN with enable_gqa "
+                    "on the unexpanded K/V (the dense handoff's own call; a GQA model's SDPA layer)")
     ap.add_argument("--preset", default="default", help="the SparseXConfig preset (with the headline budget)")
     ap.add_argument("--config", default="", help="SparseXConfig overrides, e.g. select_tile=1,topk=16")
     ap.add_argument("--tag", default="headline")
@@ -201,6 +204,8 @@ def main():
 
                 record(name, "fwd+bwd", t, hq, hkv, d, bench(dense_bwd, rep, runs), 3.5 * dense_flops, 0, qkvo)
                 del qg, kg, vg, do
+        if t <= args.gqa_max:  # what a GQA model's SDPA layer runs: K/V not expanded, the group sum in the backward
+            gqa_rows(q, k, v, t, hq, hkv, d, rep, runs, dense_flops, qkvo, record)
         kr = vr = None  # free before the next length
         write(rows, args.out_dir, final=False)
     for t in args.flex:  # last: its compilation is the slowest part of the run
@@ -212,6 +217,25 @@ def main():
         flex_row(q, k, v, cfg, t, hq, hkv, d, 400, record, 2 * q.numel() * 2 + 2 * k.numel() * 2, attended_keys(t, cfg))
         write(rows, args.out_dir, final=False)
     write(rows, args.out_dir)
+
+
+def gqa_rows(q, k, v, t, hq, hkv, d, rep, runs, dense_flops, qkvo, record):
+    """``sdpa_cudnn_gqa``: SDPA's cuDNN backend with ``enable_gqa=True`` on the unexpanded K/V, forward and forward +
+    backward (its key and value gradients summed over each query group): the call the dense handoff makes."""
+    def fwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    record("sdpa_cudnn_gqa", "fwd", t, hq, hkv, d, bench(fwd, rep, runs), dense_flops, 0, qkvo)
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd_bwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(out, (qg, kg, vg), do)
+
+    record("sdpa_cudnn_gqa", "fwd+bwd", t, hq, hkv, d, bench(fwd_bwd, rep, runs), 3.5 * dense_flops, 0, qkvo)
 
 
 def flex_row(q, k, v, cfg, t, hq, hkv, d, rep, record, qkvo, keys):
