@@ -2,8 +2,8 @@
 
 Times, per length: Sparse-X forward (selection included), forward+backward, selection alone; SDPA flash
 (FA2) and SDPA cuDNN forward (and forward+backward up to --dense-bwd-max) on K/V expanded to the query heads, and
-cuDNN with enable_gqa on the unexpanded K/V up to --gqa-max (the call a GQA model's SDPA layer makes); optionally FlexAttention with a
-block mask of the same pattern (sink + window + stride + the selected blocks). Headline configuration
+cuDNN with enable_gqa on the unexpanded K/V up to --gqa-max (the call a GQA model's SDPA layer makes); optionally
+FlexAttention with a block mask of the same pattern (sink + window + stride + the selected blocks). Headline configuration
 (the paper's): window 4096, stride 256, top-8 blocks of 64, sink 64, bf16, batch 1, 32 query / 8 KV
 heads, head dim 128. Lengths where dense does not fit run with --heads-long (8/2) and are scaled by
 32/8. Effective TFLOP/s count only the keys each query attends. Rows are appended to a CSV with the GPU
