@@ -206,6 +206,34 @@ def test_dense_decode_is_each_rows_attention(bsz, offset):
     torch.testing.assert_close(out, sparse, atol=1e-6, rtol=1e-6)  # (the torch decode computes in fp32)
 
 
+def test_dense_decode_puts_cudnn_first_for_its_call_only(monkeypatch):
+    """The handoff's SDPA call runs with cuDNN, then flash, first in SDPA's priority order (the fastest decode on
+    Hopper); the order before it is back afterwards, also when the call raises."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    from sparsex_hf.ops.attention import dense as dense_mod
+
+    before = torch._C._get_sdp_priority_order()
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order())
+        if len(seen) == 2:
+            raise RuntimeError("no kernel")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dense_mod.F, "scaled_dot_product_attention", spy)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    dense_mod.dense_decode(q, k, v, 12, 12)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        dense_mod.dense_decode(q, k, v, 12, 12)
+    assert seen[0][:2] == [int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION)]
+    assert sorted(seen[0]) == sorted(before)
+    assert torch._C._get_sdp_priority_order() == before
+
+
 def test_decode_steps_go_to_sdpa_where_dense_is_faster(monkeypatch, caplog):
     """With the decode row saying dense is faster: a Triton decode step of one row and one query is
     ``dense_decode`` (SDPA called, said once in the log); ``dense_when_faster=False``, ``combine="mix"``, a device

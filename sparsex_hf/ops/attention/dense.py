@@ -164,6 +164,7 @@ def _decode_message(gpu: str, cfg: SparseXConfig, bsz: int, hkv: int, d: int) ->
 # SDPA's backends in the order of their measured decode speed on Hopper (e2e.csv: cuDNN, then flash)
 _DECODE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.MATH]
+_DECODE_ORDER = [int(b) for b in _DECODE_BACKENDS]
 
 
 def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_len: int, max_doc_len: int, *,
@@ -172,6 +173,15 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     position ``seq_len - 1`` attends to the cached keys ``seq_len - max_doc_len ... seq_len - 1`` of its row, the
     whole row (not padded: no mask, so SDPA's fastest kernels take it, GQA without repeating the keys)."""
     start = seq_len - max_doc_len
-    with sdpa_kernel(_DECODE_BACKENDS, set_priority=True):
-        return F.scaled_dot_product_attention(q, k_cache[:, :, start:seq_len], v_cache[:, :, start:seq_len],
-                                              scale=scale, enable_gqa=True)
+    k, v = k_cache[:, :, start:seq_len], v_cache[:, :, start:seq_len]
+    if torch.compiler.is_compiling():
+        with sdpa_kernel(_DECODE_BACKENDS, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    # eager: only the priority order changes (sdpa_kernel also sets every backend's flag: 14 us of host time per call
+    # on the CPU machine, against 1 us for this); a backend the user turned off stays off
+    previous = torch._C._get_sdp_priority_order()
+    torch._C._set_sdp_priority_order(_DECODE_ORDER + [b for b in previous if b not in _DECODE_ORDER])
+    try:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    finally:
+        torch._C._set_sdp_priority_order(previous)
