@@ -155,3 +155,28 @@ def test_what_only_the_model_or_the_machine_can_tell_is_refused_at_load(tmp_path
         sparsex_hf.from_pretrained(tmp_path, sparsex={"backend": "triton"})
     with pytest.raises(ValueError, match="backend='triton'"):
         sparsex_hf.set_sparsex_config(model, backend="triton")
+
+
+@pytest.mark.parametrize("stored", ["dict", "set"])
+def test_a_models_config_is_parsed_once_per_stored_value(monkeypatch, stored):
+    """Every layer of every forward asks for the model's config: it is parsed (validated) once per stored value,
+    for a dict in the model config or the one ``set_sparsex_config`` stores (Transformers 5's configs are not
+    hashable, so the cache is keyed by identity); an in-place edit, a new value and ``None`` are seen at once."""
+    from utils import tiny_config
+
+    import sparsex_hf
+
+    config = tiny_config("llama")
+    model = type("Model", (), {"config": config})()
+    if stored == "set":
+        sparsex_hf.set_sparsex_config(model, window=64)
+    else:
+        config.sparsex = dict(window=64)
+    parses = []
+    real = SparseXConfig.from_any
+    monkeypatch.setattr(SparseXConfig, "from_any", classmethod(lambda cls, v: parses.append(1) or real(v)))
+    assert all(sparsex_hf.get_sparsex_config(config).window == 64 for _ in range(5)) and len(parses) == 1
+    config.sparsex["window"] = 32
+    assert sparsex_hf.get_sparsex_config(config).window == 32 and len(parses) == 2
+    config.sparsex = None
+    assert sparsex_hf.get_sparsex_config(config) == SparseXConfig()
