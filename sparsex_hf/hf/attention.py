@@ -148,17 +148,16 @@ def _static_attention(query, key, value, attention_mask, cfg: SparseXConfig, lay
 @torch.compiler.disable
 def _static_prefill(query, key, value, attention_mask, cfg: SparseXConfig, layer: SparseXStaticLayer, layer_idx,
                     dense: bool, scaling, sliding_window, mix_weights) -> torch.Tensor:
-    n = layer.host_length()  # (the update may have run in a compiled forward: read here, not kept from it)
+    n = layer.length_after_update()  # (read on the host only if the update ran in a compiled forward)
     if not layer.record_offsets(attention_mask, n):
         raise ValueError("a static cache serves rows whose padding is a left prefix of the 2-D attention mask "
                          "(as generate() pads); this mask has padding elsewhere. Use the dynamic cache.")
-    mask = None if attention_mask is None else attention_mask[:, :n]
-    if mask is not None and bool(mask.all()):
-        mask = None
+    # left padding only (checked at the first forward): no row padded, no mask (no device read per layer)
+    mask = None if attention_mask is None or not any(layer.offsets) else attention_mask[:, :n]
     out = _attention_op(query, key[:, :, :n], value[:, :, :n], cfg, scale=scaling, attention_mask=mask,
                         layer_idx=layer_idx, sliding_window=sliding_window, mix_weights=mix_weights)
     if not dense:
-        layer.summaries(cfg.block_size, query.shape[2])
+        layer.refresh(cfg.block_size, query.shape[2], length=n)
         if cfg.anchor:
             layer.set_anchor(sparsex_prompt_anchor(query, key, torch.tensor(layer.offsets), n, cfg,
                                                    sliding_window=sliding_window))

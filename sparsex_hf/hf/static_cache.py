@@ -63,6 +63,8 @@ class SparseXStaticLayer(CacheLayerMixin):
         self.offsets: list[int] | None = None
         self.prefilled = False
         self.eager_length = 0  # the length after the last eager update, read on the host there (see update)
+        self.eager_updated = False  # the last update was eager: eager_length is the device length
+        self.forward_length: int | None = None  # the length at the start of this eager forward (stamp_lengths)
 
     @classmethod
     def adopt(cls, layer: StaticLayer) -> SparseXStaticLayer:
@@ -102,8 +104,10 @@ class SparseXStaticLayer(CacheLayerMixin):
             raise ValueError(f"this static cache holds batch {self.keys.shape[0]} with {self.keys.shape[1]} KV heads; "
                              f"got keys {tuple(key_states.shape)}. Build a new cache for another batch size.")
         n = key_states.shape[-2]
-        if not torch.compiler.is_compiling():  # eager: one host read, kept for this forward's attention (a compiled
-            self.eager_length = self.host_length() + n  # step trusts generate()'s capacity and reads nothing)
+        if not torch.compiler.is_compiling():  # eager: the length on the host, kept for this forward's attention (a
+            # compiled step trusts generate()'s capacity and reads nothing); stamped once per forward, else read
+            base, self.forward_length, self.eager_updated = self.forward_length, None, True
+            self.eager_length = (self.host_length() if base is None else base) + n
             if self.eager_length > self.max_cache_len:
                 raise ValueError(f"the static cache holds {self.max_cache_len} tokens; this call brings it to "
                                  f"{self.eager_length}. Build it with a larger max_cache_len (prompt + new tokens).")
@@ -116,6 +120,12 @@ class SparseXStaticLayer(CacheLayerMixin):
     def host_length(self) -> int:
         """The cache length read on the host (a device sync: eager prefill only)."""
         return int(self.cumulative_length) if self.is_initialized else 0
+
+    def length_after_update(self) -> int:
+        """The cache length after this forward's update: kept on the host by an eager update (once: the next call
+        reads it again), else read (a sync)."""
+        kept, self.eager_updated = self.eager_updated, False
+        return self.eager_length if kept else self.host_length()
 
     def get_seq_length(self):
         return self.cumulative_length if self.is_initialized else 0
@@ -167,10 +177,12 @@ class SparseXStaticLayer(CacheLayerMixin):
         """``(kmin, kmax, kmean)`` brought up to date after ``tq`` new tokens (default: every cached one): the
         blocks they touch (tensor ops), or, at the first use or with another block size, every cached token into
         newly allocated summaries (eager)."""
-        self._refresh(block_size, self.host_length() if tq is None else tq)
+        self.refresh(block_size, self.host_length() if tq is None else tq)
         return self.kmin, self.kmax, self.kmean
 
-    def _refresh(self, block_size: int, tq: int) -> None:
+    def refresh(self, block_size: int, tq: int, length: int | None = None) -> None:
+        """:meth:`summaries` without the return; ``length``: the cache length if the caller knows it on the host
+        (at the first use it is read otherwise: a device sync)."""
         if self.block_size == block_size:
             self.summarise(tq)
             return
@@ -183,7 +195,7 @@ class SparseXStaticLayer(CacheLayerMixin):
                                             for _ in range(3))
         _static(self.kmin, self.kmax, self.kmean)
         self.block_size = block_size
-        n = self.host_length()
+        n = self.host_length() if length is None else length
         if n and self.offsets is not None:
             self.summarise(n)
 
@@ -273,6 +285,16 @@ class SparseXStaticCache(Cache):
     def __init__(self, config, max_cache_len: int, **kwargs) -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         super().__init__(layers=[SparseXStaticLayer(max_cache_len) for _ in range(text.num_hidden_layers)])
+
+
+def stamp_lengths(cache) -> None:
+    """Before an eager forward over a static cache: its length read on the host once (one device sync) and given to
+    every Sparse-X static layer, whose updates would otherwise each read it (a sync per layer stalls the GPU)."""
+    layers = [layer for layer in getattr(cache, "layers", ()) if isinstance(layer, SparseXStaticLayer)]
+    if layers:
+        n = layers[0].host_length()
+        for layer in layers:
+            layer.forward_length = n
 
 
 def convertible_static_layer(cache, layer_idx: int) -> bool:

@@ -27,7 +27,7 @@ from ..ops.attention import MAX_DECODE_QUERIES
 from ..patches import MODEL_TABLE, attention_class, check_model_type, model_class
 from .cache import upgrade_layer
 from .generation import wrap_generation
-from .static_cache import convertible_static_layer, static_layer
+from .static_cache import convertible_static_layer, stamp_lengths, static_layer
 
 ATTN_NAME = "sparsex"
 
@@ -91,9 +91,11 @@ def _wrap_model_forward(original):
         q_len = None if ids is None and hidden is None else (ids if ids is not None else hidden).shape[1]
         if kwargs.get("position_ids") is None and len(args) <= 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-        if torch.compiler.is_compiling() and q_len is not None and q_len > MAX_DECODE_QUERIES:
-            return _eager_call(original, self, *args, **kwargs)
-        return original(self, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            if q_len is not None and q_len > MAX_DECODE_QUERIES:
+                return _eager_call(_stamped, original, self, *args, **kwargs)
+            return original(self, *args, **kwargs)
+        return _stamped(original, self, *args, **kwargs)
 
     forward.__sparsex_original__ = original
     return forward
@@ -102,6 +104,12 @@ def _wrap_model_forward(original):
 @torch.compiler.disable
 def _eager_call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
+
+
+def _stamped(original, self, *args, **kwargs):
+    """An eager forward of the stack: a static cache's length read once for all its layers (``stamp_lengths``)."""
+    stamp_lengths(kwargs.get("cache", kwargs.get("past_key_values")))
+    return original(self, *args, **kwargs)
 
 
 def _wrap(cls, wrapper) -> None:

@@ -215,3 +215,24 @@ def test_both_cache_layers_speak_one_protocol():
         assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), name
     wrap_src = inspect.getsource(__import__("sparsex_hf.hf.wrap", fromlist=["x"]))
     assert wrap_src.count("original(self, *args, sparsex_layer=") == 2 and "_sparsex_layer" not in wrap_src
+
+
+def test_an_eager_prefill_reads_the_static_caches_length_once_per_forward(monkeypatch):
+    """A prompt's chunks run eagerly; each forward reads the cache length on the host once, for all the layers (a
+    read is a device sync: one per layer stalled the GPU at every layer), and the logits are the dynamic cache's."""
+    from sparsex_hf.hf.wrap import wrap_class
+
+    wrap_class("llama")
+    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL), num_hidden_layers=4)
+    ids, mask = padded_prompts(length=300)
+    reads = []
+    real = SparseXStaticLayer.host_length
+    monkeypatch.setattr(SparseXStaticLayer, "host_length", lambda self: reads.append(self.is_initialized) or real(self))
+    static, dynamic = SparseXStaticCache(sparse.config, max_cache_len=320), SparseXCache()
+    with torch.no_grad():
+        for (a, b), syncs in (((0, 200), 0), ((200, 300), 1)):
+            got = sparse(ids[:, a:b], attention_mask=mask[:, :b], **{CACHE_KWARG: static}).logits
+            assert sum(reads) == syncs, (a, reads)
+            reads.clear()
+            want = sparse(ids[:, a:b], attention_mask=mask[:, :b], **{CACHE_KWARG: dynamic}).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
