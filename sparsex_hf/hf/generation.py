@@ -36,7 +36,13 @@ def static_capacity(tokens: int) -> int:
     return -(-tokens // step) * step
 
 
-def automatic_cache(model, generation_config, model_kwargs: dict, max_cache_length: int) -> SparseXStaticCache | None:
+# the generation modes that take the automatic static cache: not assisted generation (its draft model and rollback)
+# nor the rarer searches, which keep Transformers' own cache
+STATIC_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")
+
+
+def automatic_cache(model, generation_config, model_kwargs: dict, max_cache_length: int,
+                    generation_mode=None) -> SparseXStaticCache | None:
     """The static cache to give a call of ``model.generate`` that names no cache, or None for Transformers' own
     choice (see the module docstring)."""
     if getattr(model.config, "_attn_implementation", None) != "sparsex":
@@ -44,6 +50,8 @@ def automatic_cache(model, generation_config, model_kwargs: dict, max_cache_leng
     mode = get_sparsex_config(model.config).generate_cache
     if (mode == "dynamic" or model_kwargs.get(CACHE_KWARG) is not None
             or generation_config.cache_implementation is not None or generation_config.use_cache is False
+            or getattr(generation_config, "is_assistant", False)
+            or (generation_mode is not None and getattr(generation_mode, "value", generation_mode) not in STATIC_MODES)
             or (mode == "auto" and (model.device.type != "cuda" or generation_config.disable_compile))):
         return None
     capacity = max(static_capacity(max_cache_length), getattr(model, _CAPACITY, 0))
@@ -60,8 +68,9 @@ def automatic_cache(model, generation_config, model_kwargs: dict, max_cache_leng
 def _wrap_prepare(original):
     @functools.wraps(original)
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
-        max_cache_length = args[2] if len(args) > 2 else kwargs["max_cache_length"]
-        cache = automatic_cache(self, generation_config, model_kwargs, max_cache_length)
+        mode, max_cache_length = (args[0], args[2]) if len(args) > 2 else (kwargs["generation_mode"],
+                                                                          kwargs["max_cache_length"])
+        cache = automatic_cache(self, generation_config, model_kwargs, max_cache_length, mode)
         if cache is None:
             return original(self, generation_config, model_kwargs, *args, **kwargs)
         model_kwargs[CACHE_KWARG] = cache

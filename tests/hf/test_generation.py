@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
 from utils import SPARSE_SMALL, model_pair, padded_prompts
 
 from sparsex_hf import SparseXConfig, SparseXStaticCache
@@ -59,6 +60,16 @@ def test_the_plain_call_takes_the_static_cache_and_gives_the_dynamic_caches_toke
     assert len(logged) == 1 and "cache_implementation='dynamic'" in logged[0]
 
 
+def test_the_plain_call_with_beams_and_chunks_gives_the_dynamic_caches_tokens():
+    sparse = _model("static")
+    ids, mask = padded_prompts(length=260)
+    for extra in (dict(num_beams=3), dict(prefill_chunk_size=64)):
+        kw = dict(KW, attention_mask=mask, **extra)
+        plain = sparse.generate(ids, **kw)
+        assert isinstance(_cache(plain), SparseXStaticCache), extra
+        assert torch.equal(plain.sequences, sparse.generate(ids, cache_implementation="dynamic", **kw).sequences)
+
+
 def test_what_the_call_names_wins():
     sparse = _model("static")
     ids, mask = padded_prompts(length=120)
@@ -76,12 +87,14 @@ def test_auto_takes_the_static_cache_on_cuda_only():
     ids, mask = padded_prompts(length=120)
     assert _dynamic(_cache(sparse.generate(ids, attention_mask=mask, **KW)))  # a CPU model
 
-    def choice(mode, device, **gen):
+    def choice(mode, device, generation_mode="greedy_search", **gen):
         config = SimpleNamespace(_attn_implementation="sparsex", sparsex=SparseXConfig(generate_cache=mode).to_dict())
         model = SimpleNamespace(config=SimpleNamespace(**vars(config), num_hidden_layers=2,
                                                        get_text_config=lambda decoder: model.config),
                                 device=torch.device(device))
-        return automatic_cache(model, GenerationConfig(**gen), {}, 5000)
+        generation = GenerationConfig(**gen)
+        generation.is_assistant = gen.get("is_assistant", False)
+        return automatic_cache(model, generation, {}, 5000, GenerationMode(generation_mode))
 
     assert isinstance(choice("auto", "cuda"), SparseXStaticCache)
     assert choice("auto", "cuda").layers[0].max_cache_len == static_capacity(5000) == 5120
@@ -90,6 +103,9 @@ def test_auto_takes_the_static_cache_on_cuda_only():
     assert choice("dynamic", "cuda") is None
     assert choice("auto", "cuda", cache_implementation="static") is None  # Transformers builds what was named
     assert isinstance(choice("static", "cpu"), SparseXStaticCache)
+    assert isinstance(choice("auto", "cuda", "beam_search"), SparseXStaticCache)
+    assert choice("auto", "cuda", "assisted_generation") is None  # the draft model's rollback: Transformers' cache
+    assert choice("auto", "cuda", is_assistant=True) is None
 
 
 def test_a_sliding_window_model_gets_a_cache_that_keeps_every_position():
