@@ -90,11 +90,12 @@ class SparseXConfig:
             ``prefill_chunk_size``), so activation memory stays bounded; 0 turns chunking off. Set on the
             model's generation config by ``sparsex_hf.from_pretrained`` and ``apply_sparsex``.
         generate_cache: the cache ``generate()`` builds when the call names none (no ``cache_implementation``, no
-            cache object). ``"auto"`` (default): on a CUDA device, a :class:`~sparsex_hf.SparseXStaticCache` whose
-            capacity is the call's length rounded up (at most a quarter more; a later call reuses the largest), and
-            Transformers compiles the decode step into a CUDA graph; on other devices Transformers' default.
-            ``"static"``: the static cache on every device (compiled where Transformers compiles). ``"dynamic"``:
-            Transformers' default, the dynamic cache (made a Sparse-X cache at the first forward). Logged once.
+            cache object). ``"auto"`` (default): on a CUDA device, for greedy, sampling and beam search (not assisted
+            generation), a :class:`~sparsex_hf.SparseXStaticCache` whose capacity is the call's length rounded up (at
+            most a quarter more; a later call reuses the largest), and Transformers compiles the decode step into a CUDA
+            graph; on other devices Transformers' default. ``"static"``: the static cache on every device (compiled
+            where Transformers compiles). ``"dynamic"``: Transformers' default, the dynamic cache (made a Sparse-X cache
+            at the first forward). Logged once.
     """
 
     block_size: int = 64
