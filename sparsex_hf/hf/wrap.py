@@ -43,7 +43,7 @@ def _wrap_forward(original):
     def forward(self, *args, **kwargs):
         if getattr(self.config, "_attn_implementation", None) != ATTN_NAME:
             return original(self, *args, **kwargs)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache_of(kwargs)
         static = static_layer(cache, self.layer_idx)  # (traceable: a compiled step finds it with no graph break)
         if static is None and convertible_static_layer(cache, self.layer_idx):  # Transformers' own static layer
             static = _upgrade_eagerly(cache, self.layer_idx, self.config)
@@ -61,6 +61,11 @@ def _wrap_forward(original):
 
     forward.__sparsex_original__ = original
     return forward
+
+
+def _cache_of(kwargs):
+    """The cache a forward was given (``cache`` in Transformers 5.2x, ``past_key_values`` before)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 @torch.compiler.disable
@@ -108,7 +113,7 @@ def _eager_call(fn, *args, **kwargs):
 
 def _stamped(original, self, *args, **kwargs):
     """An eager forward of the stack: a static cache's length read once for all its layers (``stamp_lengths``)."""
-    stamp_lengths(kwargs.get("cache", kwargs.get("past_key_values")))
+    stamp_lengths(_cache_of(kwargs))
     return original(self, *args, **kwargs)
 
 
