@@ -1,6 +1,8 @@
-"""The time ``sparsex_attention`` adds to SDPA where SDPA computes the call (every key set covers its causal
-keys): tiny tensors, so SDPA's own work is small and the difference is the wrapper's host work (checks, the
-handoff decision). Median of ``--reps`` calls each, on the CPU (or ``--device cuda``, synchronised per batch).
+"""The host time Sparse-X adds where SDPA computes the call, on tiny tensors (SDPA's own work is small, so the
+difference is host work): ``sparsex_attention`` where every key set covers its causal keys (checks, the handoff
+decision), the decode step's handoff ``dense_decode`` against SDPA's own call, and the model config lookup
+every layer makes (``get_sparsex_config``). Median of ``--reps`` calls each, on the CPU (or ``--device cuda``,
+synchronised per batch).
 
     python benchmarks/wrapper_overhead.py
 """
@@ -13,8 +15,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig
 
-from sparsex_hf import SparseXConfig, sparsex_attention
+from sparsex_hf import SparseXConfig, get_sparsex_config, set_sparsex_config, sparsex_attention
+from sparsex_hf.ops.attention import dense_decode
 
 
 def per_call_us(fn, reps: int, device: str) -> float:
@@ -46,6 +50,15 @@ def main():
                        args.device)
     ours = per_call_us(lambda: sparsex_attention(q, k, v, cfg), args.reps, args.device)
     print(f"{args.device}: SDPA {sdpa:.1f} us, sparsex_attention {ours:.1f} us, wrapper {ours - sdpa:.1f} us per call")
+    qd = q[:, :, -1:]
+    step = per_call_us(lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True), args.reps, args.device)
+    handoff = per_call_us(lambda: dense_decode(qd, k, v, 16, 16), args.reps, args.device)
+    print(f"{args.device}: decode step: SDPA {step:.1f} us, dense_decode {handoff:.1f} us per call")
+    config = LlamaConfig(num_hidden_layers=1)
+    set_sparsex_config(type("Model", (), {"config": config})(), window=64)
+    lookup = per_call_us(lambda: get_sparsex_config(config), args.reps, "cpu")
+    parse = per_call_us(lambda: SparseXConfig.from_any(dict(config.sparsex)), args.reps, "cpu")
+    print(f"config: get_sparsex_config {lookup:.1f} us per call (parsing it: {parse:.1f} us)")
 
 
 if __name__ == "__main__":
