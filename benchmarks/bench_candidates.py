@@ -1,0 +1,220 @@
+"""Candidate attention stages for Sparse-X's key sets, measured on the headline shapes beside SDPA and today's kernels.
+
+Each candidate runs the key sets mapped onto 128-key tiles: per 128-query tile, the sink tile, the window's tiles
+(the diagonal tile causally masked) and 4 selected tiles below the window (the same 512 keys as top-8 blocks of 64;
+random here, Sparse-X's selection costs the same for every candidate and is timed in ``bench_prefill.py``), plus
+the stride keys as a compact second pass (every 256th key gathered, attended without a mask: an upper bound of its
+cost) merged by log-sum-exp. Rows:
+
+- ``fa4_block_sparse``: FlashAttention-4's CuTe DSL forward (``flash_attn.cute``) with per-query-tile lists of full
+  and masked key tiles, the stride pass by the same kernel, the merge in PyTorch;
+- ``flex`` / ``flex_flash``: FlexAttention with the same tile lists (``BlockMask.from_kv_blocks``), on its Triton
+  backend and on its FlashAttention-4 backend (``kernel_options={"BACKEND": "FLASH"}``);
+- ``sparsex``: today's Triton forward (selection included), ``sdpa_flash`` / ``sdpa_cudnn``: dense causal.
+
+Correctness: at 4K tokens each candidate's tile-pattern output against fp32 attention under the same boolean mask.
+A candidate whose package is missing or whose call fails is a row with the error, never a stop. Effective TFLOP/s
+count the keys Sparse-X's headline configuration attends (``bench_prefill.attended_keys``) so rates compare with
+``bench_prefill.py``'s rows.
+
+    python benchmarks/bench_candidates.py --lengths 32768 131072 --out-dir benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from _common import append_csv
+from bench_prefill import HEADLINE, attended_keys, bench
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sparsex_hf
+from sparsex_hf import SparseXConfig, sparsex_attention
+
+TILE = 128
+
+
+def tile_pattern(t: int, window_tiles: int, selected: int, hq: int, hkv: int, device, seed: int = 0):
+    """Per query head and 128-query tile: the full tiles (sink, window interior, selected) and the masked (diagonal)
+    tile, as (count, index) tensors ``[1, hq, M]`` / ``[1, hq, M, N]``; the same lists for every head of a group."""
+    m = t // TILE
+    gen = torch.Generator().manual_seed(seed)
+    full_idx = torch.zeros(hkv, m, m, dtype=torch.int32)
+    full_cnt = torch.zeros(hkv, m, dtype=torch.int32)
+    for h in range(hkv):
+        for i in range(m):
+            lo = max(0, i - window_tiles)
+            tiles = set(range(lo, i))
+            if lo > 1:
+                tiles.add(0)
+                below = torch.randperm(lo - 1, generator=gen)[:selected] + 1
+                tiles.update(below.tolist())
+            tiles = sorted(tiles)
+            full_cnt[h, i] = len(tiles)
+            full_idx[h, i, :len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
+    mask_cnt = torch.ones(hkv, m, dtype=torch.int32)
+    mask_idx = torch.zeros(hkv, m, m, dtype=torch.int32)
+    mask_idx[:, :, 0] = torch.arange(m, dtype=torch.int32)
+    g = hq // hkv
+    expand = lambda x: x.repeat_interleave(g, 0)[None].contiguous().to(device)  # noqa: E731
+    return expand(mask_cnt), expand(mask_idx), expand(full_cnt), expand(full_idx)
+
+
+def dense_mask(pattern, t: int) -> torch.Tensor:
+    """The boolean [hq, t, t] mask of a tile pattern (for the 4K correctness check only)."""
+    mask_cnt, mask_idx, full_cnt, full_idx = (x[0].cpu() for x in pattern)
+    hq, m = full_cnt.shape
+    allowed = torch.zeros(hq, m, m, dtype=torch.bool)
+    for h in range(hq):
+        for i in range(m):
+            allowed[h, i, full_idx[h, i, :full_cnt[h, i]].long()] = True
+            allowed[h, i, mask_idx[h, i, :mask_cnt[h, i]].long()] = True
+    mask = allowed.repeat_interleave(TILE, 1).repeat_interleave(TILE, 2)
+    return mask & torch.ones(t, t, dtype=torch.bool).tril()
+
+
+def stride_keys(k, v, stride):
+    return k[:, :, ::stride].contiguous(), v[:, :, ::stride].contiguous()
+
+
+def merge(o1, lse1, o2, lse2):
+    """Two partial softmaxes over disjoint key sets merged by log-sum-exp (o: [B, T, H, D], lse: [B, H, T])."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).transpose(1, 2)[..., None]
+    w2 = torch.exp(lse2 - lse).transpose(1, 2)[..., None]
+    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+
+
+def fa4_call(q, k, v, pattern, stride, with_stride=True):
+    """FlashAttention-4 block-sparse forward over [B, H, T, D] inputs; returns [B, H, T, D]."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from flash_attn.cute.interface import flash_attn_func
+
+    mask_cnt, mask_idx, full_cnt, full_idx = pattern
+    bst = BlockSparseTensorsTorch(mask_cnt, mask_idx, full_cnt, full_idx, block_size=(TILE, TILE))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    o, lse = flash_attn_func(qt, kt, vt, causal=True, block_sparse_tensors=bst, return_lse=True)[:2]
+    if with_stride:
+        ks, vs = stride_keys(k, v, stride)
+        o2, lse2 = flash_attn_func(qt, ks.transpose(1, 2), vs.transpose(1, 2), return_lse=True)[:2]
+        o = merge(o, lse, o2, lse2)
+    return o.transpose(1, 2)
+
+
+def flex_call(backend: str):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    opts = {"BACKEND": backend} if backend != "TRITON" else None
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def call(q, k, v, pattern, stride, with_stride=True):
+        mask_cnt, mask_idx, full_cnt, full_idx = pattern
+        bm = BlockMask.from_kv_blocks(mask_cnt, mask_idx, full_cnt, full_idx, BLOCK_SIZE=TILE, mask_mod=causal)
+        o, aux = compiled(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts, return_aux=_lse_aux())
+        if not with_stride:
+            return o
+        ks, vs = stride_keys(k, v, stride)
+        o2, aux2 = compiled(q, ks, vs, enable_gqa=True, kernel_options=opts, return_aux=_lse_aux())
+        # flex returns o as [B, H, T, D] and lse as [B, H, T] in natural log
+        return merge(o.transpose(1, 2), aux.lse, o2.transpose(1, 2), aux2.lse).transpose(1, 2)
+
+    return call
+
+
+def _lse_aux():
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    return AuxRequest(lse=True)
+
+
+def check(call, dev, window_tiles=8, t=4096, stride=256) -> float:
+    """Max abs error of the forward (tile pattern + the stride pass, merged) against fp32 attention over the same
+    keys: the pattern under its boolean mask and the gathered stride keys appended, unmasked."""
+    hq, hkv, d = 8, 2, 128
+    gen = torch.Generator(device=dev).manual_seed(1)
+    q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv))
+    pattern = tile_pattern(t, window_tiles, 4, hq, hkv, dev)
+    out = call(q, k, v, pattern, stride)
+    mask = torch.cat([dense_mask(pattern, t), torch.ones(hq, t, t // stride, dtype=torch.bool)], -1).to(dev)
+    kr, vr = (torch.cat([x, x[:, :, ::stride]], 2).repeat_interleave(hq // hkv, 1).float() for x in (k, v))
+    ref = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=mask[None])
+    return (out.float() - ref).abs().max().item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--candidates", nargs="+", default=["fa4_block_sparse", "flex", "flex_flash"])
+    ap.add_argument("--tag", default="candidates")
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cfg = SparseXConfig.preset("default", **HEADLINE).replace(dense_when_faster=False)
+    meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, sparsex=sparsex_hf.__version__, tag=args.tag)
+    calls = {"fa4_block_sparse": lambda: fa4_call, "flex": lambda: flex_call("TRITON"),
+             "flex_flash": lambda: flex_call("FLASH")}
+    rows = []
+
+    def record(impl, t, ms, keys, note=""):
+        hq, d = 32, 128
+        rate = round(4 * hq * d * keys / ms / 1e9, 1) if ms else ""
+        rows.append(dict(meta, impl=impl, tokens=t, ms=ms, eff_tflops=rate, note=note))
+        print(f"{impl:>18} T={t:>8} {ms if ms == '' else f'{ms:9.3f} ms'} {rate:>7} TFLOP/s {note}", flush=True)
+
+    built = {}
+    for name in args.candidates:
+        try:
+            built[name] = calls[name]()
+            err = check(built[name], dev)
+            record(name, 4096, "", 0, f"max abs err vs fp32 over the same keys: {err:.2e}")
+        except Exception as e:  # a missing package or a failing call is a row, not a stop
+            traceback.print_exc()
+            built.pop(name, None)
+            record(name, 4096, "", 0, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    for t in args.lengths:
+        hq, hkv, d = 32, 8, 128
+        gen = torch.Generator(device=dev).manual_seed(t)
+        q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv))
+        keys = attended_keys(t, cfg)
+        record("sparsex", t, bench(lambda: sparsex_attention(q, k, v, cfg, backend="triton"), 400), keys,
+               "today's Triton forward, selection included")
+        kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+        dense_keys = t * (t + 1) / 2
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def dense(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+            record(name, t, bench(dense, 400), dense_keys, "dense causal (rate: all keys)")
+        kr = vr = None  # free before the candidates run
+        t0 = time.time()
+        pattern = tile_pattern(t, HEADLINE["window"] // TILE, 4, hq, hkv, dev)
+        tile_keys = float(pattern[2].float().sum() / hq * TILE * TILE + t * TILE / 2)
+        print(f"tile lists built in {time.time() - t0:.1f} s; {tile_keys / t:.0f} keys/query on tiles "
+              f"(Sparse-X attends {keys / t:.0f})", flush=True)
+        for name, call in built.items():
+            try:
+                ms_tiles = bench(lambda: call(q, k, v, pattern, cfg.stride, with_stride=False), 400)
+                ms_all = bench(lambda: call(q, k, v, pattern, cfg.stride), 400)
+                record(name, t, ms_all, keys, f"tiles alone {ms_tiles:.3f} ms = "
+                       f"{4 * hq * d * tile_keys / ms_tiles / 1e9:.0f} TFLOP/s on the tiles' own keys")
+            except Exception as e:
+                traceback.print_exc()
+                record(name, t, "", 0, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)
+        rows.clear()
+
+
+if __name__ == "__main__":
+    main()
