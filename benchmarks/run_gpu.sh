@@ -34,7 +34,10 @@ if ls -d .whl* >/dev/null 2>&1; then
     ls /root/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
         --no-cache-dir --upgrade --target /tmp/site /root/whl/*.whl
 fi
-[ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d /tmp/site ]; then  # a site directory, so that its .pth files run (nvidia-cutlass-dsl's adds its packages)
+    mkdir -p /tmp/site_boot && echo 'import site; site.addsitedir("/tmp/site")' > /tmp/site_boot/sitecustomize.py
+    export PYTHONPATH="/tmp/site_boot:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
     || { cat "$out/install.log"; exit 1; }
 
