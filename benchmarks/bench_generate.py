@@ -8,14 +8,14 @@ Same 1B-shaped model as ``bench_e2e.py`` (random bf16 weights). For each prompt 
   (``mode="reduce-overhead"``: CUDA graphs), one backend forced: the strongest Transformers setup;
 * ``sparsex_plain``: Sparse-X through the plain call ``model.generate(ids, max_new_tokens=...)``: on CUDA the
   package gives it a Sparse-X static cache and Transformers compiles the decode step (``generate_cache="auto"``);
-* ``sparsex_dynamic``: Sparse-X with ``cache_implementation="dynamic"``, eager (the plain call before 0.4);
+* ``sparsex_dynamic``: Sparse-X with ``cache_implementation="dynamic"``, eager (the plain call before 0.3);
 * ``sparsex_static``: Sparse-X with ``cache_implementation="static"``, decode step compiled the same way.
 
 Decode tokens/s is timed on the GPU's own clock: a logits processor records a CUDA event at every step, and the rate
 is (steps - 1) / (time from the first step's event to the last's), so the prefill is outside it and any host time
 that starves the GPU is inside it. Each setup runs once to warm up (compilation there: its wall time is the row's
-``first call`` note) and once timed; the prefill column is the timed run's start to its first step. Rows go to
-``generate.csv``.
+``first call`` note) and once timed; the prefill column is the timed run's start to its first step (the time to
+the first token), and the note holds the timed run's peak GPU memory. Rows go to ``generate.csv``.
 
     python benchmarks/bench_generate.py --lengths 32768 131072 --new-tokens 64 --out-dir benchmarks/results
 """
@@ -56,9 +56,9 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float, float]:
-    """(decode tokens/s, prefill ms: start to the first step, the first call's wall seconds) of ``model.generate``
-    on ``ids``."""
+def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float, float, float]:
+    """(decode tokens/s, prefill ms: start to the first step, the first call's wall seconds, the timed call's peak
+    GPU memory in GiB: weights, cache and transients) of ``model.generate`` on ``ids``."""
     def run():
         clock = StepClock()
         start = torch.cuda.Event(enable_timing=True)
@@ -72,9 +72,10 @@ def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float, float]
     first = time.perf_counter()
     run()  # warm-up: compiles where asked
     first = time.perf_counter() - first
+    torch.cuda.reset_peak_memory_stats()
     start, ev = run()
     decode_ms = ev[0].elapsed_time(ev[-1])
-    return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0]), first
+    return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0]), first, torch.cuda.max_memory_allocated() / 2**30
 
 
 def profile_steps(model, ids, steps: int = 16, **kw) -> str:
@@ -159,8 +160,8 @@ def main() -> int:
                 transformers=transformers.__version__, sparsex=sparsex_hf.__version__, tag=args.tag)
     path = os.path.join(args.out_dir, "generate.csv")
 
-    def record(impl, t, rate, prefill_ms, first_s, note=""):
-        note = f"{note}; first call {first_s:.1f} s"
+    def record(impl, t, rate, prefill_ms, first_s, peak_gib, note=""):
+        note = f"{note}; first call {first_s:.1f} s; peak GPU memory {peak_gib:.1f} GiB"
         append_csv(path, [dict(meta, impl=impl, tokens=t, batch=args.batch, new_tokens=args.new_tokens,
                                decode_tok_s=round(rate, 2), ms_per_step=round(1000 / rate, 3),
                                prefill_ms=round(prefill_ms, 1), note=note)])
