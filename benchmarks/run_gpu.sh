@@ -8,6 +8,7 @@
 #          tests-part K/N                        the K-th of N contiguous shares of the whole test suite (8-14 workers)
 #          matrix                                the GPU matrix (tests/ops/test_matrix.py): every head dim x block size x
 #                                                dtype, forward + backward + decode against the reference + ARGS
+#                                                (one process per CPU core, at most 16; each cell named in the log)
 #          tests-fast                            the fast GPU subset: every realistic-size GPU case and kernel variant
 #                                                (84 tests, 137 s on the H200 with 14 workers, 2026-12-02) + ARGS
 #          eval                                  sparsex-eval --output OUT/eval ARGS...
@@ -54,7 +55,8 @@ case "$name" in
 low_precision_selection or exact_scores or oracle or loaders or from_pretrained_helper or unsupported or save_load or \
 cached_decode or group_loop or static or custom_op or device_tensor or covers or tile_shapes or tuning" "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
-    matrix) export SPARSEX_FITTED_LOG="$out/fitted.jsonl"; "${limit[@]}" python3 -m pytest -p no:cacheprovider -rf -n "$workers" -q tests/ops/test_matrix.py "$@" 2>&1 \
+    matrix) export SPARSEX_FITTED_LOG="$out/fitted.jsonl"  # small compile-bound cells: one process per CPU core
+        "${limit[@]}" python3 -m pytest -p no:cacheprovider -rf -n "$(( $(nproc) < 16 ? $(nproc) : 16 ))" -v tests/ops/test_matrix.py "$@" 2>&1 \
         | tee "$out/pytest.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -rs "$@" 2>&1 | tee "$out/pytest.log" ;;
     tests-part) part="${1:?usage: run_gpu.sh tests-part K/N [ARGS...]}"; shift
