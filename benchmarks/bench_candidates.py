@@ -27,6 +27,7 @@ import datetime
 import os
 import time
 import traceback
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,42 +42,56 @@ from sparsex_hf import SparseXConfig, sparsex_attention
 TILE = 128
 
 
-def tile_pattern(t: int, window_tiles: int, selected: int, hq: int, hkv: int, device, seed: int = 0):
-    """Per query head and 128-query tile: the full tiles (sink, window interior, selected) and the masked (diagonal)
-    tile, as (count, index) tensors ``[1, hq, M]`` / ``[1, hq, M, N]``; the same lists for every head of a group."""
-    m = t // TILE
+class Pattern(NamedTuple):
+    """Per query head and query tile: the masked (diagonal) and full key tiles as (count, index) tensors
+    ``[1, hq, M]`` / ``[1, hq, M, N]``, and the query tile (a multiple of the 128-key tile)."""
+
+    mask_cnt: torch.Tensor
+    mask_idx: torch.Tensor
+    full_cnt: torch.Tensor
+    full_idx: torch.Tensor
+    q_tile: int
+
+
+def tile_pattern(t: int, window_tiles: int, selected: int, hq: int, hkv: int, device, q_tile: int = TILE,
+                 seed: int = 0) -> Pattern:
+    """Per 128-query row of tiles: the sink tile, the window's tiles below the diagonal and ``selected`` random tiles
+    below the window are full, the diagonal tile masked (causal). A query tile of ``q_tile`` rows takes the union of
+    its 128-row tiles' lists (the diagonal tiles masked). The same lists for every head of a group."""
+    m, r = t // TILE, q_tile // TILE
     gen = torch.Generator().manual_seed(seed)
-    full_idx = torch.zeros(hkv, m, m, dtype=torch.int32)
-    full_cnt = torch.zeros(hkv, m, dtype=torch.int32)
+    full_idx = torch.zeros(hkv, m // r, m, dtype=torch.int32)
+    full_cnt = torch.zeros(hkv, m // r, dtype=torch.int32)
     for h in range(hkv):
-        for i in range(m):
-            lo = max(0, i - window_tiles)
-            tiles = set(range(lo, i))
-            if lo > 1:
-                tiles.add(0)
-                below = torch.randperm(lo - 1, generator=gen)[:selected] + 1
-                tiles.update(below.tolist())
-            tiles = sorted(tiles)
+        for i in range(m // r):
+            tiles = set()
+            for row in range(i * r, (i + 1) * r):
+                lo = max(0, row - window_tiles)
+                tiles.update(range(lo, row))
+                if lo > 1:
+                    tiles.add(0)
+                    tiles.update((torch.randperm(lo - 1, generator=gen)[:selected] + 1).tolist())
+            tiles = sorted(tiles - set(range(i * r, (i + 1) * r)))
             full_cnt[h, i] = len(tiles)
             full_idx[h, i, :len(tiles)] = torch.tensor(tiles, dtype=torch.int32)
-    mask_cnt = torch.ones(hkv, m, dtype=torch.int32)
-    mask_idx = torch.zeros(hkv, m, m, dtype=torch.int32)
-    mask_idx[:, :, 0] = torch.arange(m, dtype=torch.int32)
+    mask_cnt = torch.full((hkv, m // r), r, dtype=torch.int32)
+    mask_idx = torch.zeros(hkv, m // r, m, dtype=torch.int32)
+    mask_idx[:, :, :r] = torch.arange(m, dtype=torch.int32).view(m // r, r)
     g = hq // hkv
     expand = lambda x: x.repeat_interleave(g, 0)[None].contiguous().to(device)  # noqa: E731
-    return expand(mask_cnt), expand(mask_idx), expand(full_cnt), expand(full_idx)
+    return Pattern(expand(mask_cnt), expand(mask_idx), expand(full_cnt), expand(full_idx), q_tile)
 
 
-def dense_mask(pattern, t: int) -> torch.Tensor:
+def dense_mask(pattern: Pattern, t: int) -> torch.Tensor:
     """The boolean [hq, t, t] mask of a tile pattern (for the 4K correctness check only)."""
-    mask_cnt, mask_idx, full_cnt, full_idx = (x[0].cpu() for x in pattern)
+    mask_cnt, mask_idx, full_cnt, full_idx = (x[0].cpu() for x in pattern[:4])
     hq, m = full_cnt.shape
-    allowed = torch.zeros(hq, m, m, dtype=torch.bool)
+    allowed = torch.zeros(hq, m, t // TILE, dtype=torch.bool)
     for h in range(hq):
         for i in range(m):
             allowed[h, i, full_idx[h, i, :full_cnt[h, i]].long()] = True
             allowed[h, i, mask_idx[h, i, :mask_cnt[h, i]].long()] = True
-    mask = allowed.repeat_interleave(TILE, 1).repeat_interleave(TILE, 2)
+    mask = allowed.repeat_interleave(pattern.q_tile, 1).repeat_interleave(TILE, 2)
     return mask & torch.ones(t, t, dtype=torch.bool).tril()
 
 
@@ -97,8 +112,8 @@ def fa4_call(q, k, v, pattern, stride, with_stride=True):
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     from flash_attn.cute.interface import flash_attn_func
 
-    mask_cnt, mask_idx, full_cnt, full_idx = pattern
-    bst = BlockSparseTensorsTorch(mask_cnt, mask_idx, full_cnt, full_idx, block_size=(TILE, TILE))
+    mask_cnt, mask_idx, full_cnt, full_idx, q_tile = pattern
+    bst = BlockSparseTensorsTorch(mask_cnt, mask_idx, full_cnt, full_idx, block_size=(q_tile, TILE))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     o, lse = flash_attn_func(qt, kt, vt, causal=True, block_sparse_tensors=bst, return_lse=True)[:2]
     if with_stride:
@@ -118,8 +133,9 @@ def flex_call(backend: str):
         return q_idx >= kv_idx
 
     def call(q, k, v, pattern, stride, with_stride=True):
-        mask_cnt, mask_idx, full_cnt, full_idx = pattern
-        bm = BlockMask.from_kv_blocks(mask_cnt, mask_idx, full_cnt, full_idx, BLOCK_SIZE=TILE, mask_mod=causal)
+        mask_cnt, mask_idx, full_cnt, full_idx, q_tile = pattern
+        bm = BlockMask.from_kv_blocks(mask_cnt, mask_idx, full_cnt, full_idx, BLOCK_SIZE=(q_tile, TILE),
+                                      mask_mod=causal)
         o, aux = compiled(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts, return_aux=_lse_aux())
         if not with_stride:
             return o
@@ -137,18 +153,83 @@ def _lse_aux():
     return AuxRequest(lse=True)
 
 
-def check(call, dev, window_tiles=8, t=4096, stride=256) -> float:
+def check(call, dev, q_tile: int = TILE, window_tiles=8, t=4096, stride=256) -> float:
     """Max abs error of the forward (tile pattern + the stride pass, merged) against fp32 attention over the same
     keys: the pattern under its boolean mask and the gathered stride keys appended, unmasked."""
     hq, hkv, d = 8, 2, 128
     gen = torch.Generator(device=dev).manual_seed(1)
     q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv))
-    pattern = tile_pattern(t, window_tiles, 4, hq, hkv, dev)
+    pattern = tile_pattern(t, window_tiles, 4, hq, hkv, dev, q_tile)
     out = call(q, k, v, pattern, stride)
     mask = torch.cat([dense_mask(pattern, t), torch.ones(hq, t, t // stride, dtype=torch.bool)], -1).to(dev)
     kr, vr = (torch.cat([x, x[:, :, ::stride]], 2).repeat_interleave(hq // hkv, 1).float() for x in (k, v))
     ref = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=mask[None])
     return (out.float() - ref).abs().max().item()
+
+
+def _failure(e: Exception) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def build_candidates(names, dev, record) -> dict:
+    """``{name: (call, query tile)}`` of the candidates whose 4K check ran (each check is a row). A kernel that needs
+    larger query tiles than 128 (a block-sparse forward whose tile is 2 x 128 rows) is checked again with 256."""
+    makers = {"fa4_block_sparse": lambda: fa4_call, "flex": lambda: flex_call("TRITON"),
+              "flex_flash": lambda: flex_call("FLASH")}
+    built = {}
+    for name in names:
+        try:
+            call = makers[name]()
+            for q_tile in (TILE, 2 * TILE):
+                try:
+                    err = check(call, dev, q_tile)
+                    break
+                except ValueError as e:
+                    if q_tile != TILE or "multiple of" not in str(e):
+                        raise
+                    print(f"{name}: {e}; trying {2 * TILE}-query tiles", flush=True)
+            built[name] = (call, q_tile)
+            record(name, 4096, "", 0, f"max abs err vs fp32 over the same keys: {err:.2e} ({q_tile}-query tiles)")
+        except Exception as e:  # a missing package or a failing call is a row, not a stop
+            traceback.print_exc()
+            record(name, 4096, "", 0, _failure(e))
+    return built
+
+
+def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record) -> None:
+    """Today's forward, SDPA flash and cuDNN, and each candidate (its tile pass alone and with the stride pass)."""
+    hq, hkv, d = 32, 8, 128
+    gen = torch.Generator(device=dev).manual_seed(t)
+    q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv))
+    keys = attended_keys(t, cfg)
+    record("sparsex", t, bench(lambda: sparsex_attention(q, k, v, cfg, backend="triton"), 400), keys,
+           "today's Triton forward, selection included")
+    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def dense(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        record(name, t, bench(dense, 400), t * (t + 1) / 2, "dense causal (rate: all keys)")
+    kr = vr = None  # free before the candidates run
+    patterns = {}
+    for name, (call, q_tile) in built.items():
+        if q_tile not in patterns:
+            t0 = time.time()
+            pattern = tile_pattern(t, HEADLINE["window"] // TILE, 4, hq, hkv, dev, q_tile)
+            tile_keys = float(pattern.full_cnt.float().sum() / hq * q_tile * TILE + t * q_tile / 2)
+            patterns[q_tile] = pattern, tile_keys
+            print(f"{q_tile}-query tile lists built in {time.time() - t0:.1f} s; {tile_keys / t:.0f} keys/query on "
+                  f"tiles (Sparse-X attends {keys / t:.0f})", flush=True)
+        pattern, tile_keys = patterns[q_tile]
+        try:
+            ms_tiles = bench(lambda: call(q, k, v, pattern, cfg.stride, with_stride=False), 400)
+            ms_all = bench(lambda: call(q, k, v, pattern, cfg.stride), 400)
+            record(name, t, ms_all, keys, f"{q_tile}-query tiles alone {ms_tiles:.3f} ms = "
+                   f"{4 * hq * d * tile_keys / ms_tiles / 1e9:.0f} TFLOP/s on the tiles' own keys")
+        except Exception as e:
+            traceback.print_exc()
+            record(name, t, "", 0, _failure(e))
 
 
 def main():
@@ -162,8 +243,6 @@ def main():
     cfg = SparseXConfig.preset("default", **HEADLINE).replace(dense_when_faster=False)
     meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, sparsex=sparsex_hf.__version__, tag=args.tag)
-    calls = {"fa4_block_sparse": lambda: fa4_call, "flex": lambda: flex_call("TRITON"),
-             "flex_flash": lambda: flex_call("FLASH")}
     rows = []
 
     def record(impl, t, ms, keys, note=""):
@@ -172,48 +251,12 @@ def main():
         rows.append(dict(meta, impl=impl, tokens=t, ms=ms, eff_tflops=rate, note=note))
         print(f"{impl:>18} T={t:>8} {ms if ms == '' else f'{ms:9.3f} ms'} {rate:>7} TFLOP/s {note}", flush=True)
 
-    built = {}
-    for name in args.candidates:
-        try:
-            built[name] = calls[name]()
-            err = check(built[name], dev)
-            record(name, 4096, "", 0, f"max abs err vs fp32 over the same keys: {err:.2e}")
-        except Exception as e:  # a missing package or a failing call is a row, not a stop
-            traceback.print_exc()
-            built.pop(name, None)
-            record(name, 4096, "", 0, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    built = build_candidates(args.candidates, dev, record)
     for t in args.lengths:
-        hq, hkv, d = 32, 8, 128
-        gen = torch.Generator(device=dev).manual_seed(t)
-        q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv))
-        keys = attended_keys(t, cfg)
-        record("sparsex", t, bench(lambda: sparsex_attention(q, k, v, cfg, backend="triton"), 400), keys,
-               "today's Triton forward, selection included")
-        kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
-        dense_keys = t * (t + 1) / 2
-        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-            def dense(backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
-
-            record(name, t, bench(dense, 400), dense_keys, "dense causal (rate: all keys)")
-        kr = vr = None  # free before the candidates run
-        t0 = time.time()
-        pattern = tile_pattern(t, HEADLINE["window"] // TILE, 4, hq, hkv, dev)
-        tile_keys = float(pattern[2].float().sum() / hq * TILE * TILE + t * TILE / 2)
-        print(f"tile lists built in {time.time() - t0:.1f} s; {tile_keys / t:.0f} keys/query on tiles "
-              f"(Sparse-X attends {keys / t:.0f})", flush=True)
-        for name, call in built.items():
-            try:
-                ms_tiles = bench(lambda: call(q, k, v, pattern, cfg.stride, with_stride=False), 400)
-                ms_all = bench(lambda: call(q, k, v, pattern, cfg.stride), 400)
-                record(name, t, ms_all, keys, f"tiles alone {ms_tiles:.3f} ms = "
-                       f"{4 * hq * d * tile_keys / ms_tiles / 1e9:.0f} TFLOP/s on the tiles' own keys")
-            except Exception as e:
-                traceback.print_exc()
-                record(name, t, "", 0, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        time_length(t, built, cfg, dev, record)
         append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)
         rows.clear()
+    append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)  # the checks' rows when no length ran
 
 
 if __name__ == "__main__":
