@@ -1,8 +1,8 @@
 """The host time Sparse-X adds where SDPA computes the call, on tiny tensors (SDPA's own work is small, so the
 difference is host work): ``sparsex_attention`` where every key set covers its causal keys (checks, the handoff
-decision), the decode step's handoff ``dense_decode`` against SDPA's own call, and the model config lookup
-every layer makes (``get_sparsex_config``). Median of ``--reps`` calls each, on the CPU (or ``--device cuda``,
-synchronised per batch).
+decision), the decode step's handoff ``dense_decode`` against SDPA's own call and what the public decode function
+adds before it (its input checks, the cost decision), and the model config lookup every layer makes
+(``get_sparsex_config``). Median of ``--reps`` calls each, on the CPU (or ``--device cuda``, synchronised per batch).
 
     python benchmarks/wrapper_overhead.py
 """
@@ -19,6 +19,8 @@ from transformers import LlamaConfig
 
 from sparsex_hf import SparseXConfig, get_sparsex_config, set_sparsex_config, sparsex_attention
 from sparsex_hf.ops.attention import dense_decode
+from sparsex_hf.ops.attention.api import _check_decode
+from sparsex_hf.ops.attention.rules import cost
 
 
 def per_call_us(fn, reps: int, device: str) -> float:
@@ -54,6 +56,14 @@ def main():
     step = per_call_us(lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True), args.reps, args.device)
     handoff = per_call_us(lambda: dense_decode(qd, k, v, 16, 16), args.reps, args.device)
     print(f"{args.device}: decode step: SDPA {step:.1f} us, dense_decode {handoff:.1f} us per call")
+    # what sparsex_decode_attention adds before its handoff: the checks of its inputs and the cost model's decision
+    summaries = tuple(torch.zeros(1, 2, 1, 16, device=args.device) for _ in range(3))
+    offsets = torch.zeros(1, dtype=torch.long, device=args.device)
+    checks = per_call_us(lambda: _check_decode(qd, k, v, summaries, offsets, 16, cfg, 16, None, None, None, None),
+                         args.reps, "cpu")
+    decide = per_call_us(lambda: cost.decode_dense_is_faster(cfg, 16, 2, 16, 1, "NVIDIA H100 80GB HBM3", False),
+                         args.reps, "cpu")
+    print(f"decode step: sparsex_decode_attention's input checks {checks:.1f} us, cost decision {decide:.1f} us per call")
     config = LlamaConfig(num_hidden_layers=1)
     set_sparsex_config(type("Model", (), {"config": config})(), window=64)
     lookup = per_call_us(lambda: get_sparsex_config(config), args.reps, "cpu")
