@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import datetime
 import json
 import os
+import pstats
+import statistics
 import time
 
 import torch
@@ -56,9 +59,11 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float, float, float]:
+def decode_rate(model, ids, new_tokens: int, host_profile: str | None = None, **kw) -> tuple:
     """(decode tokens/s, prefill ms: start to the first step, the first call's wall seconds, the timed call's peak
-    GPU memory in GiB: weights, cache and transients) of ``model.generate`` on ``ids``."""
+    GPU memory in GiB: weights, cache and transients, the step times: the first three and the median) of
+    ``model.generate`` on ``ids``; ``host_profile``: a file for the Python profile of one more call (top 30 by own
+    time)."""
     def run():
         clock = StepClock()
         start = torch.cuda.Event(enable_timing=True)
@@ -74,8 +79,17 @@ def decode_rate(model, ids, new_tokens: int, **kw) -> tuple[float, float, float,
     first = time.perf_counter() - first
     torch.cuda.reset_peak_memory_stats()
     start, ev = run()
+    peak = torch.cuda.max_memory_allocated() / 2**30
     decode_ms = ev[0].elapsed_time(ev[-1])
-    return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0]), first, torch.cuda.max_memory_allocated() / 2**30
+    steps = [a.elapsed_time(b) for a, b in zip(ev, ev[1:])]
+    steps_note = (f"steps {', '.join(f'{s:.2f}' for s in steps[:3])} ... median {statistics.median(steps):.2f} ms"
+                  if steps else "")
+    if host_profile:
+        prof = cProfile.Profile()
+        prof.runcall(run)
+        with open(host_profile, "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(30)
+    return 1000 * (len(ev) - 1) / decode_ms, start.elapsed_time(ev[0]), first, peak, steps_note
 
 
 def profile_steps(model, ids, steps: int = 16, **kw) -> str:
@@ -148,6 +162,8 @@ def main() -> int:
     ap.add_argument("--sparsex-config", default="{}", help="SparseXConfig fields as JSON, e.g. '{\"rerank\": 2}'")
     ap.add_argument("--profile", action="store_true", help="also profile 16 decode steps of each setup: host calls "
                     "that launch work (graph replays vs single kernels) and the GPU's busy time per step")
+    ap.add_argument("--host-profile", action="store_true", help="also write the Python profile of one more call "
+                    "of each setup (host_IMPL_T_bB.txt: the 30 functions with the most own time)")
     ap.add_argument("--report", nargs="+", metavar="TAG", help="no timing: the table and generate.png from the CSV "
                     "rows of these tags (the latest row of each setup, length and batch)")
     ap.add_argument("--tag", default="generate")
@@ -160,8 +176,8 @@ def main() -> int:
                 transformers=transformers.__version__, sparsex=sparsex_hf.__version__, tag=args.tag)
     path = os.path.join(args.out_dir, "generate.csv")
 
-    def record(impl, t, rate, prefill_ms, first_s, peak_gib, note=""):
-        note = f"{note}; first call {first_s:.1f} s; peak GPU memory {peak_gib:.1f} GiB"
+    def record(impl, t, rate, prefill_ms, first_s, peak_gib, steps, note=""):
+        note = f"{note}; first call {first_s:.1f} s; peak GPU memory {peak_gib:.1f} GiB; {steps}"
         append_csv(path, [dict(meta, impl=impl, tokens=t, batch=args.batch, new_tokens=args.new_tokens,
                                decode_tok_s=round(rate, 2), ms_per_step=round(1000 / rate, 3),
                                prefill_ms=round(prefill_ms, 1), note=note)])
@@ -192,7 +208,9 @@ def main() -> int:
                 torch._dynamo.utils.counters.clear()
                 try:
                     with torch.no_grad(), (sdpa_kernel(BACKENDS[backend]) if backend else contextlib.nullcontext()):
-                        rate = decode_rate(model, ids, args.new_tokens, attention_mask=mask, **kw)
+                        prof = (os.path.join(args.out_dir, f"host_{impl}_{t}_b{args.batch}.txt")
+                                if args.host_profile else None)
+                        rate = decode_rate(model, ids, args.new_tokens, prof, attention_mask=mask, **kw)
                 except Exception as e:  # a backend that refuses a shape, or memory
                     print(f"{impl} T={t}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     torch.cuda.empty_cache()

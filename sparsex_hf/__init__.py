@@ -16,6 +16,7 @@ from .config import SparseXConfig
 from .hf.attention import get_sparsex_config
 from .hf.attention import register as _register
 from .hf.cache import SparseXCache
+from .hf.generation import release_generation_cache
 from .hf.model import (
     apply_sparsex,
     from_pretrained,
@@ -42,6 +43,7 @@ __all__ = [
     "apply_sparsex",
     "from_pretrained",
     "get_sparsex_config",
+    "release_generation_cache",
     "revert_sparsex",
     "save_pretrained",
     "set_sparsex_config",

@@ -204,7 +204,8 @@ def test_the_public_surface_is_what_a_user_calls():
 
     assert sorted(sparsex_hf.__all__) == sorted([
         "SUPPORTED_MODEL_TYPES", "SparseXCache", "SparseXConfig", "SparseXStaticCache", "SparseXStats",
-        "apply_sparsex", "from_pretrained", "get_sparsex_config", "revert_sparsex", "save_pretrained",
+        "apply_sparsex", "from_pretrained", "get_sparsex_config", "release_generation_cache", "revert_sparsex",
+        "save_pretrained",
         "set_sparsex_config", "sparsex_attention", "sparsex_decode_attention", "sparsex_select"])
     for name in sparsex_hf.__all__:
         assert getattr(sparsex_hf, name) is not None

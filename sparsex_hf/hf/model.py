@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..config import SparseXConfig
 from ..patches import check_model_type
 from .attention import TYPE_DEFAULTS, get_sparsex_config
+from .generation import release_generation_cache
 from .training import drop_gguf_marker
 from .wrap import ATTN_NAME, unwrap_class, wrap_class
 
@@ -143,6 +144,7 @@ def revert_sparsex(model_or_model_type) -> None:
     model.set_attn_implementation(saved["attn"])
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.prefill_chunk_size = saved["prefill_chunk_size"]
+    release_generation_cache(model)
     del model._sparsex_saved
 
 

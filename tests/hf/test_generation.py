@@ -10,6 +10,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import GenerationMode
 from utils import SPARSE_SMALL, model_pair, padded_prompts
 
+import sparsex_hf
 from sparsex_hf import SparseXConfig, SparseXStaticCache
 from sparsex_hf.hf import CACHE_KWARG, SparseXLayer
 from sparsex_hf.hf.generation import automatic_cache, static_capacity
@@ -108,6 +109,49 @@ def test_auto_takes_the_static_cache_on_cuda_only():
     assert choice("auto", "cuda", is_assistant=True) is None
 
 
+def test_a_call_that_returns_no_cache_leaves_it_for_the_next_call():
+    """Same capacity and batch: the next call empties and reuses the cache (its buffers keep their addresses, so a
+    compiled step replays its CUDA graph), with the dynamic cache's tokens; a call that returns its cache, another
+    batch size or release_generation_cache leave none behind to reuse."""
+    sparse = _model("static")
+    ids, mask = padded_prompts(length=200)
+    kw = dict(KW, attention_mask=mask, return_dict_in_generate=False)
+    want = sparse.generate(ids, cache_implementation="dynamic", **kw)
+    first = sparse.generate(ids, **kw)
+    kept = sparse._sparsex_static_cache
+    assert isinstance(kept, SparseXStaticCache)
+    address = kept.layers[0].keys.data_ptr()
+    second = sparse.generate(ids, **kw)
+    assert sparse._sparsex_static_cache is kept and kept.layers[0].keys.data_ptr() == address
+    assert torch.equal(first, want) and torch.equal(second, want)
+    assert torch.equal(sparse.generate(ids[1:], **dict(kw, attention_mask=mask[1:])), want[1:])  # another batch
+    assert sparse._sparsex_static_cache is not kept
+    returned = _cache(sparse.generate(ids, **dict(kw, return_dict_in_generate=True)))
+    assert sparse._sparsex_static_cache is None and isinstance(returned, SparseXStaticCache)
+    sparse.generate(ids, **kw)
+    sparsex_hf.release_generation_cache(sparse)
+    assert sparse._sparsex_static_cache is None
+
+
+def test_the_compiled_call_runs_prompt_chunks_eagerly():
+    """generate() runs chunked prefill through its compiled call: for a Sparse-X model a forward of more than
+    MAX_DECODE_QUERIES tokens goes to the eager model, a decode step to the compiled one; other models unchanged."""
+    from sparsex_hf.ops.attention import MAX_DECODE_QUERIES
+
+    sparse = _model("static")
+    seen = []
+    sparse._compiled_call = lambda **kw: seen.append(sorted(kw)) or "compiled"
+    call = sparse.get_compiled_call(None)
+    ids = torch.randint(3, 100, (2, MAX_DECODE_QUERIES + 1))
+    out = call(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert seen == [] and torch.equal(out.logits, sparse(input_ids=ids).logits)
+    assert call(input_ids=ids[:, :MAX_DECODE_QUERIES]) == "compiled" and seen == [["input_ids"]]
+    assert call(input_ids=None, inputs_embeds=torch.zeros(2, 1, 8)) == "compiled" and len(seen) == 2
+    dense = model_pair("llama")[0]
+    dense._compiled_call = sparse._compiled_call
+    assert dense.get_compiled_call(None) is sparse._compiled_call
+
+
 def test_a_sliding_window_model_gets_a_cache_that_keeps_every_position():
     """Transformers' static cache would keep only the window of a Mistral-style layer; the automatic cache is a
     Sparse-X static cache, which keeps every position (Sparse-X applies the window)."""
@@ -135,4 +179,5 @@ def test_gpu_the_plain_call_compiles_the_decode_step_and_gives_the_dynamic_cache
     plain = sparse.generate(ids, **kw)
     assert isinstance(_cache(plain), SparseXStaticCache)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"]  # the prompt ran eagerly, outside the compiled call
     assert torch.equal(plain.sequences, sparse.generate(ids, cache_implementation="dynamic", **kw).sequences)
