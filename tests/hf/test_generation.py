@@ -152,6 +152,32 @@ def test_the_compiled_call_runs_prompt_chunks_eagerly():
     assert dense.get_compiled_call(None) is sparse._compiled_call
 
 
+def test_a_compiled_decode_on_the_cpu_gives_the_dynamic_caches_tokens_with_one_graph():
+    """Transformers' compiled call on the CPU (``CompileConfig._compile_all_devices``): the prompt's chunks run
+    eagerly outside it (no graph break), the decode step compiles into one graph, a second call reuses the cache
+    without compiling again, and the tokens are the eager dynamic cache's, chunked the same way."""
+    from transformers import CompileConfig
+
+    sparse = _model("static")
+    ids, mask = padded_prompts(length=300)
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=mask, prefill_chunk_size=128)
+    want = sparse.generate(ids, cache_implementation="dynamic", **kw)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        first = sparse.generate(ids, compile_config=compile_config, **kw)
+        kept = sparse._sparsex_static_cache
+        second = sparse.generate(ids, compile_config=compile_config, **kw)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        assert sparse._sparsex_static_cache is kept
+        assert torch.equal(first, want) and torch.equal(second, want)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_a_sliding_window_model_gets_a_cache_that_keeps_every_position():
     """Transformers' static cache would keep only the window of a Mistral-style layer; the automatic cache is a
     Sparse-X static cache, which keeps every position (Sparse-X applies the window)."""
