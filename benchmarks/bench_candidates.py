@@ -10,6 +10,9 @@ cost) merged by log-sum-exp. Rows:
   and masked key tiles, the stride pass by the same kernel, the merge in PyTorch;
 - ``flex`` / ``flex_flash``: FlexAttention with the same tile lists (``BlockMask.from_kv_blocks``), on its Triton
   backend and on its FlashAttention-4 backend (``kernel_options={"BACKEND": "FLASH"}``);
+- ``flex_exact`` / ``flex_exact_flash``: Sparse-X's exact sets from its own selection (``exact_sets``: one pass
+  over the keys plus the appended stride keys, tile lists and a membership ``mask_mod``) on FlexAttention's Triton
+  and FlashAttention-4 backends, each compared with today's forward at every length;
 - ``sparsex``: today's Triton forward (selection included), ``sdpa_flash`` / ``sdpa_cudnn``: dense causal.
 
 Correctness: at 4K tokens each candidate's tile-pattern output against fp32 attention under the same boolean mask.
@@ -37,7 +40,7 @@ from bench_prefill import HEADLINE, attended_keys, bench
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparsex_hf
-from sparsex_hf import SparseXConfig, sparsex_attention
+from sparsex_hf import SparseXConfig, sparsex_attention, sparsex_select
 
 TILE = 128
 
@@ -80,6 +83,56 @@ def tile_pattern(t: int, window_tiles: int, selected: int, hq: int, hkv: int, de
     g = hq // hkv
     expand = lambda x: x.repeat_interleave(g, 0)[None].contiguous().to(device)  # noqa: E731
     return Pattern(expand(mask_cnt), expand(mask_idx), expand(full_cnt), expand(full_idx), q_tile)
+
+
+def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
+    """Sparse-X's exact key sets (one document, no padding, ``combine="union"``) as a FlexAttention block mask over
+    ``K' = [K; K[:, :, ::stride]]``: ``(k2, v2, block_mask)``. The appended stride keys make one pass of one
+    softmax: a main key counts where sink, window or a selected block holds it, an appended stride key only where
+    none does (the union, each key once). Tiles of ``q_tile`` queries list the key tiles that window, sink,
+    selected blocks and stride keys touch; ``mask_mod`` keeps the exact members (a selection bitmap per selection
+    tile)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, hq, t, _ = q.shape
+    hkv, dev = k.shape[1], q.device
+    bs, st, stride = cfg.block_size, cfg.select_tile, cfg.stride
+    if t % q_tile or q_tile % st or not stride:
+        raise ValueError(f"exact_sets takes a length that is a multiple of the {q_tile}-query tile, a tile that is a "
+                         f"multiple of select_tile ({st}) and stride > 0; got T={t}, stride={stride}.")
+    sel = sparsex_select(q, k, cfg).long()[:, :, ::st]  # [B, Hkv, T / st, topk], rows of a tile share theirs
+    nblk = -(-t // bs)
+    bits = torch.zeros(b, hkv, sel.shape[2], nblk + 1, dtype=torch.bool, device=dev)
+    bits.scatter_(3, torch.where(sel < 0, nblk, sel), True)
+    bits = bits[..., :nblk].contiguous()
+    ns = -(-t // stride)
+    nk, ntile = t // TILE, -(-ns // TILE)
+    pad = ntile * TILE - ns
+    k2, v2 = (torch.cat([x, x[:, :, ::stride], x.new_zeros(b, hkv, pad, x.shape[-1])], 2) for x in (k, v))
+    m = t // q_tile
+    first = torch.arange(m, device=dev) * q_tile
+    last = first + q_tile - 1
+    cols = torch.arange(nk + ntile, device=dev)
+    need = ((cols[None] >= ((first - cfg.window + 1).clamp(min=0) // TILE)[:, None]) & (cols[None] <= (last // TILE)[:, None]))
+    need |= cols[None] <= (cfg.sink_tokens - 1) // TILE
+    need |= (cols[None] >= nk) & (cols[None] - nk <= (last // stride // TILE)[:, None])
+    need = need[None, None].expand(b, hkv, m, nk + ntile).clone()
+    tiles = (sel.clamp(min=0) * bs // TILE).repeat_interleave(st, 2)[:, :, :t].reshape(b, hkv, m, -1)
+    need.scatter_(3, tiles, True)  # (a -1 entry marks tile 0, which the sink holds anyway)
+    cnt = need.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(need.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    g = hq // hkv
+    cnt, idx = (x.repeat_interleave(g, 1).contiguous() for x in (cnt, idx))
+
+    def member(bi, h, qi, kv):
+        main = kv < t
+        j = torch.where(main, kv, (kv - t) * stride)
+        local = (j < cfg.sink_tokens) | (qi - j < cfg.window)
+        chosen = bits[bi, h // g, qi // st, (j // bs).clamp(max=nblk - 1)]
+        keep = torch.where(main, local | chosen, ~(local | chosen))
+        return keep & (j <= qi) & (kv < t + ns)
+
+    return k2, v2, BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=(q_tile, TILE), mask_mod=member, seq_lengths=(t, k2.shape[2]))
 
 
 def dense_mask(pattern: Pattern, t: int) -> torch.Tensor:
@@ -196,7 +249,36 @@ def build_candidates(names, dev, record) -> dict:
     return built
 
 
-def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record) -> None:
+def exact_call(name: str):
+    """FlexAttention over Sparse-X's exact sets (``exact_sets``) on its Triton or FlashAttention-4 backend."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention)
+    opts = {"BACKEND": "FLASH"} if name.endswith("_flash") else None
+    return lambda q, k2, v2, bm: compiled(q, k2, v2, block_mask=bm, enable_gqa=True, kernel_options=opts)
+
+
+def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record) -> None:
+    """Each exact candidate at length ``t``: its error against today's Triton forward, and its time (the block
+    mask built once, selection included, timed apart)."""
+    ref = sparsex_attention(q, k, v, cfg, backend="triton")
+    t0 = time.time()
+    k2, v2, bm = exact_sets(q, k, v, cfg)
+    torch.cuda.synchronize()
+    build = time.time() - t0
+    for name in names:
+        try:
+            call = exact_call(name)
+            err = (call(q, k2, v2, bm).float() - ref.float()).abs().max().item()
+            record(name, t, bench(lambda: call(q, k2, v2, bm), 400), keys,
+                   f"exact sets, one pass over K + stride keys; max abs diff vs today's forward {err:.2e}; "
+                   f"block mask + selection built in {build:.2f} s (not in the time)")
+        except Exception as e:
+            traceback.print_exc()
+            record(name, t, "", 0, _failure(e))
+
+
+def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=()) -> None:
     """Today's forward, SDPA flash and cuDNN, and each candidate (its tile pass alone and with the stride pass)."""
     hq, hkv, d = 32, 8, 128
     gen = torch.Generator(device=dev).manual_seed(t)
@@ -212,6 +294,8 @@ def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record) -> None:
 
         record(name, t, bench(dense, 400), t * (t + 1) / 2, "dense causal (rate: all keys)")
     kr = vr = None  # free before the candidates run
+    if exact:
+        time_exact(exact, t, q, k, v, cfg, keys, record)
     patterns = {}
     for name, (call, q_tile) in built.items():
         if q_tile not in patterns:
@@ -235,7 +319,10 @@ def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--candidates", nargs="+", default=["fa4_block_sparse", "flex", "flex_flash"])
+    ap.add_argument("--candidates", nargs="+", default=["fa4_block_sparse", "flex", "flex_flash", "flex_exact",
+                                                         "flex_exact_flash"],
+                    help="tile-pattern candidates (fa4_block_sparse, flex, flex_flash) and exact-set ones "
+                         "(flex_exact, flex_exact_flash: Sparse-X's own sets through exact_sets)")
     ap.add_argument("--tag", default="candidates")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -251,9 +338,10 @@ def main():
         rows.append(dict(meta, impl=impl, tokens=t, ms=ms, eff_tflops=rate, note=note))
         print(f"{impl:>18} T={t:>8} {ms if ms == '' else f'{ms:9.3f} ms'} {rate:>7} TFLOP/s {note}", flush=True)
 
-    built = build_candidates(args.candidates, dev, record)
+    exact = [n for n in args.candidates if n.startswith("flex_exact")]
+    built = build_candidates([n for n in args.candidates if n not in exact], dev, record)
     for t in args.lengths:
-        time_length(t, built, cfg, dev, record)
+        time_length(t, built, cfg, dev, record, exact)
         append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)
         rows.clear()
     append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)  # the checks' rows when no length ran
