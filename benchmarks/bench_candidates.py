@@ -176,11 +176,19 @@ def fa4_call(q, k, v, pattern, stride, with_stride=True):
     return o.transpose(1, 2)
 
 
-def flex_call(backend: str):
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+def compiled_flex(backend: str):
+    """``flex_attention`` compiled, on its ``"TRITON"`` or ``"FLASH"`` (FlashAttention-4) backend, GQA on."""
+    from torch.nn.attention.flex_attention import flex_attention
 
     compiled = torch.compile(flex_attention)
     opts = {"BACKEND": backend} if backend != "TRITON" else None
+    return lambda q, k, v, **kw: compiled(q, k, v, enable_gqa=True, kernel_options=opts, **kw)
+
+
+def flex_call(backend: str):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    compiled = compiled_flex(backend)
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
@@ -189,11 +197,11 @@ def flex_call(backend: str):
         mask_cnt, mask_idx, full_cnt, full_idx, q_tile = pattern
         bm = BlockMask.from_kv_blocks(mask_cnt, mask_idx, full_cnt, full_idx, BLOCK_SIZE=(q_tile, TILE),
                                       mask_mod=causal)
-        o, aux = compiled(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts, return_aux=_lse_aux())
+        o, aux = compiled(q, k, v, block_mask=bm, return_aux=_lse_aux())
         if not with_stride:
             return o
         ks, vs = stride_keys(k, v, stride)
-        o2, aux2 = compiled(q, ks, vs, enable_gqa=True, kernel_options=opts, return_aux=_lse_aux())
+        o2, aux2 = compiled(q, ks, vs, return_aux=_lse_aux())
         # flex returns o as [B, H, T, D] and lse as [B, H, T] in natural log
         return merge(o.transpose(1, 2), aux.lse, o2.transpose(1, 2), aux2.lse).transpose(1, 2)
 
@@ -249,15 +257,6 @@ def build_candidates(names, dev, record) -> dict:
     return built
 
 
-def exact_call(name: str):
-    """FlexAttention over Sparse-X's exact sets (``exact_sets``) on its Triton or FlashAttention-4 backend."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention)
-    opts = {"BACKEND": "FLASH"} if name.endswith("_flash") else None
-    return lambda q, k2, v2, bm: compiled(q, k2, v2, block_mask=bm, enable_gqa=True, kernel_options=opts)
-
-
 def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record) -> None:
     """Each exact candidate at length ``t``: its error against today's Triton forward, and its time (the block
     mask built once, selection included, timed apart)."""
@@ -268,9 +267,9 @@ def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record) 
     build = time.time() - t0
     for name in names:
         try:
-            call = exact_call(name)
-            err = (call(q, k2, v2, bm).float() - ref.float()).abs().max().item()
-            record(name, t, bench(lambda: call(q, k2, v2, bm), 400), keys,
+            call = compiled_flex("FLASH" if name.endswith("_flash") else "TRITON")
+            err = (call(q, k2, v2, block_mask=bm).float() - ref.float()).abs().max().item()
+            record(name, t, bench(lambda: call(q, k2, v2, block_mask=bm), 400), keys,
                    f"exact sets, one pass over K + stride keys; max abs diff vs today's forward {err:.2e}; "
                    f"block mask + selection built in {build:.2f} s (not in the time)")
         except Exception as e:

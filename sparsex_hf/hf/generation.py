@@ -118,7 +118,6 @@ def eager_prefill(eager, compiled):
             x = kwargs.get("inputs_embeds")
         return (eager if x is not None and x.shape[1] > MAX_DECODE_QUERIES else compiled)(*args, **kwargs)
 
-    call.__sparsex_compiled__ = compiled
     return call
 
 
