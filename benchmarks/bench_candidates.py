@@ -257,9 +257,30 @@ def build_candidates(names, dev, record) -> dict:
     return built
 
 
-def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record) -> None:
+def fwd_bwd(fn, *inputs):
+    """A call of ``fn(*inputs)`` and its backward (gradients of every input, a fixed random output gradient)."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    do = torch.randn_like(inputs[0])
+    return lambda: torch.autograd.grad(fn(*leaves), leaves, do)
+
+
+def time_backward(t: int, q, k, v, cfg: SparseXConfig, record) -> None:
+    """Forward + backward of today's Triton kernels and of SDPA flash (the 15x target's baseline)."""
+    record("sparsex_fwd_bwd", t, bench(fwd_bwd(lambda *x: sparsex_attention(*x, cfg, backend="triton"), q, k, v), 400),
+           0, "today's Triton forward + backward, selection included")
+    g = q.shape[1] // k.shape[1]
+
+    def dense(q, kr, vr):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+    record("sdpa_flash_fwd_bwd", t, bench(fwd_bwd(dense, q, *(x.repeat_interleave(g, 1) for x in (k, v))), 400), 0,
+           "dense causal forward + backward")
+
+
+def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record, backward=False) -> None:
     """Each exact candidate at length ``t``: its error against today's Triton forward, and its time (the block
-    mask built once, selection included, timed apart)."""
+    mask built once, selection included, timed apart); with ``backward``, also forward + backward."""
     ref = sparsex_attention(q, k, v, cfg, backend="triton")
     t0 = time.time()
     k2, v2, bm = exact_sets(q, k, v, cfg)
@@ -272,12 +293,15 @@ def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record) 
             record(name, t, bench(lambda: call(q, k2, v2, block_mask=bm), 400), keys,
                    f"exact sets, one pass over K + stride keys; max abs diff vs today's forward {err:.2e}; "
                    f"block mask + selection built in {build:.2f} s (not in the time)")
+            if backward:
+                record(f"{name}_fwd_bwd", t, bench(fwd_bwd(lambda *x: call(*x, block_mask=bm), q, k2, v2), 400), 0,
+                       "exact sets, forward + backward (the stride keys' gradients not yet added back into dK, dV)")
         except Exception as e:
             traceback.print_exc()
             record(name, t, "", 0, _failure(e))
 
 
-def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=()) -> None:
+def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=(), backward=False) -> None:
     """Today's forward, SDPA flash and cuDNN, and each candidate (its tile pass alone and with the stride pass)."""
     hq, hkv, d = 32, 8, 128
     gen = torch.Generator(device=dev).manual_seed(t)
@@ -293,8 +317,10 @@ def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=()) 
 
         record(name, t, bench(dense, 400), t * (t + 1) / 2, "dense causal (rate: all keys)")
     kr = vr = None  # free before the candidates run
+    if backward:
+        time_backward(t, q, k, v, cfg, record)
     if exact:
-        time_exact(exact, t, q, k, v, cfg, keys, record)
+        time_exact(exact, t, q, k, v, cfg, keys, record, backward)
     patterns = {}
     for name, (call, q_tile) in built.items():
         if q_tile not in patterns:
@@ -322,6 +348,8 @@ def main():
                                                          "flex_exact_flash"],
                     help="tile-pattern candidates (fa4_block_sparse, flex, flex_flash) and exact-set ones "
                          "(flex_exact, flex_exact_flash: Sparse-X's own sets through exact_sets)")
+    ap.add_argument("--backward", action="store_true", help="also forward + backward: today's kernels, SDPA flash "
+                    "and the exact-set candidates")
     ap.add_argument("--tag", default="candidates")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -340,7 +368,7 @@ def main():
     exact = [n for n in args.candidates if n.startswith("flex_exact")]
     built = build_candidates([n for n in args.candidates if n not in exact], dev, record)
     for t in args.lengths:
-        time_length(t, built, cfg, dev, record, exact)
+        time_length(t, built, cfg, dev, record, exact, args.backward)
         append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)
         rows.clear()
     append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)  # the checks' rows when no length ran
