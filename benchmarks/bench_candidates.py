@@ -90,8 +90,9 @@ def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
     ``K' = [K; K[:, :, ::stride]]``: ``(k2, v2, block_mask)``. The appended stride keys make one pass of one
     softmax: a main key counts where sink, window or a selected block holds it, an appended stride key only where
     none does (the union, each key once). Tiles of ``q_tile`` queries list the key tiles that window, sink,
-    selected blocks and stride keys touch; ``mask_mod`` keeps the exact members (a selection bitmap per selection
-    tile)."""
+    selected blocks and stride keys touch; the tiles inside the window or the sink and below the diagonal are full
+    (no ``mask_mod``: FlashAttention-4's backend needs some), and ``mask_mod`` keeps the exact members of the others
+    (a selection bitmap per selection tile)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     b, hq, t, _ = q.shape
@@ -119,10 +120,17 @@ def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
     need = need[None, None].expand(b, hkv, m, nk + ntile).clone()
     tiles = (sel.clamp(min=0) * bs // TILE).repeat_interleave(st, 2)[:, :, :t].reshape(b, hkv, m, -1)
     need.scatter_(3, tiles, True)  # (a -1 entry marks tile 0, which the sink holds anyway)
-    cnt = need.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(need.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    # full tiles (every key kept for every query: no mask_mod call): inside the window or the sink, below the diagonal
+    a = cols * TILE
+    full = (cols[None] < nk) & (a[None] + TILE - 1 <= first[:, None])
+    full &= ((last[:, None] - a[None]) < cfg.window) | (a[None] + TILE <= cfg.sink_tokens)
+    full = full[None, None].expand_as(need)
     g = hq // hkv
-    cnt, idx = (x.repeat_interleave(g, 1).contiguous() for x in (cnt, idx))
+
+    def lists(x):
+        cnt = x.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(x.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return [y.repeat_interleave(g, 1).contiguous() for y in (cnt, idx)]
 
     def member(bi, h, qi, kv):
         main = kv < t
@@ -132,7 +140,8 @@ def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
         keep = torch.where(main, local | chosen, ~(local | chosen))
         return keep & (j <= qi) & (kv < t + ns)
 
-    return k2, v2, BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=(q_tile, TILE), mask_mod=member, seq_lengths=(t, k2.shape[2]))
+    return k2, v2, BlockMask.from_kv_blocks(*lists(need & ~full), *lists(full), BLOCK_SIZE=(q_tile, TILE),
+                                            mask_mod=member, seq_lengths=(t, k2.shape[2]))
 
 
 def dense_mask(pattern: Pattern, t: int) -> torch.Tensor:
