@@ -113,6 +113,24 @@ def profile_steps(model, ids, steps: int = 16, **kw) -> str:
             f"GPU busy {(b2 - b1) / steps:.3f} ms")
 
 
+def profile_prefill(model, ids, path: str, **kw) -> str:
+    """Profile of a ``generate()`` of one token (the prefill, warm): the operators with the most GPU time and those
+    with the most host time go to ``path``; returns one line (GPU busy, wall)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, **kw)
+        torch.cuda.synchronize()
+    wall = 1000 * (time.perf_counter() - t0)
+    ev = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in ev) / 1000
+    with open(path, "w") as f:
+        f.write(f"prefill (generate of 1 token) under the profiler: wall {wall:.1f} ms, GPU busy {busy:.1f} ms\n\n")
+        f.write(ev.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70) + "\n")
+        f.write(ev.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70) + "\n")
+    return f"prefill profile: GPU busy {busy:.1f} ms of {wall:.1f} ms wall (profiled)"
+
+
 def report(path: str, tags: list[str]) -> None:
     """Markdown table (ms per step and tokens/s per setup and length) and ``generate.png`` from the CSV."""
     import csv
@@ -164,6 +182,8 @@ def main() -> int:
                     "that launch work (graph replays vs single kernels) and the GPU's busy time per step")
     ap.add_argument("--host-profile", action="store_true", help="also write the Python profile of one more call "
                     "of each setup (host_IMPL_T_bB.txt: the 30 functions with the most own time)")
+    ap.add_argument("--prefill-profile", action="store_true", help="also profile one prefill of each setup "
+                    "(prefill_IMPL_T_bB.txt: the operators with the most GPU time and with the most host time)")
     ap.add_argument("--report", nargs="+", metavar="TAG", help="no timing: the table and generate.png from the CSV "
                     "rows of these tags (the latest row of each setup, length and batch)")
     ap.add_argument("--tag", default="generate")
@@ -222,6 +242,10 @@ def main() -> int:
                         print(f"  graph break x{n}: {reason[:200]}", flush=True)
                 if args.profile:
                     note += "; " + profile_steps(model, ids, attention_mask=mask, **kw)
+                if args.prefill_profile:
+                    with torch.no_grad():
+                        note += "; " + profile_prefill(model, ids, os.path.join(
+                            args.out_dir, f"prefill_{impl}_{t}_b{args.batch}.txt"), attention_mask=mask, **kw)
                 record(impl, t, *rate, note=note)
                 torch.cuda.empty_cache()
         model = None
