@@ -24,7 +24,7 @@ import torch
 from transformers import masking_utils
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
-from .static_cache import SparseXStaticLayer
+from .static_cache import SparseXStaticLayer, left_padding
 
 __all__ = ["CACHE_KWARG", "SparseXCache", "SparseXLayer", "upgrade_layer"]
 
@@ -116,23 +116,22 @@ class SparseXLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ summaries
     def record_offsets(self, attention_mask: torch.Tensor | None, kv_length: int, batch_size: int | None = None) -> bool:
-        """Record each row's left padding from the 2-D mask of the first forward (one host sync; without a mask,
+        """Record each row's left padding from the 2-D mask of the first forward (one host read for all the layers:
+        :func:`~sparsex_hf.hf.static_cache.left_padding`; without a mask,
         ``batch_size`` rows of none). Returns False (and records nothing) if some row's padding is not a left
         prefix."""
         if self.offsets is not None:
             return True
+        self._off_t = None
         if attention_mask is None:
             self.offsets = [0] * batch_size
         else:
-            mask = attention_mask[:, -kv_length:].bool()
-            real = mask.sum(1)
-            pad = kv_length - real
-            left = torch.arange(mask.shape[1], device=mask.device)[None, :] >= pad[:, None]
-            if not bool((left == mask).all()):
+            found = left_padding(attention_mask, kv_length, last=True)
+            if found is None:
                 return False
-            self.offsets = [int(x) for x in pad.tolist()]
+            self.offsets = list(found[0])
+            self._off_t = {(found[1].device, torch.int32): found[1]}
         self.counts = [0] * len(self.offsets)
-        self._off_t = None
         return True
 
     def max_doc_len(self) -> int:

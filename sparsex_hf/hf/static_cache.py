@@ -21,10 +21,41 @@ Sparse-X applies the model's sliding window itself).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticLayer
 
 __all__ = ["SparseXStaticCache", "SparseXStaticLayer"]
+
+# the last mask that left_padding read, the columns it read and what it found: every layer of a forward is given
+# its forward's mask, so the first layer's host read serves the others
+_PADDING_MEMO: list = []
+
+
+def left_padding(attention_mask: torch.Tensor, kv_length: int, last: bool = False):
+    """Each row's left padding in ``kv_length`` columns of a 2-D mask (its last ones if ``last``, else its first):
+    ``(offsets as a host list, the same as an int32 tensor on the mask's device)``, or None if some row's padding
+    is not a left prefix. One host read per mask, not per layer: a read at every layer of a prefill would stop the
+    host from queueing the next layer's work while the GPU runs this one's."""
+    if attention_mask.shape[-1] < kv_length:
+        raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} columns, fewer than the "
+                         f"{kv_length} tokens in the cache.")
+    key = (kv_length, last, attention_mask._version)
+    if _PADDING_MEMO and _PADDING_MEMO[0]() is attention_mask and _PADDING_MEMO[1] == key:
+        return _PADDING_MEMO[2]
+    found = _read_padding(attention_mask[:, -kv_length:] if last else attention_mask[:, :kv_length])
+    _PADDING_MEMO[:] = [weakref.ref(attention_mask), key, found]
+    return found
+
+
+def _read_padding(cols: torch.Tensor):
+    """:func:`left_padding`'s host read of the mask columns ``cols`` (a device sync)."""
+    mask = cols.bool().cpu()
+    off = torch.where(mask.any(1), mask.int().argmax(1), mask.shape[1])
+    if not bool((mask == (torch.arange(mask.shape[1])[None, :] >= off[:, None])).all()):
+        return None
+    return [int(x) for x in off.tolist()], off.to(device=cols.device, dtype=torch.int32)
 
 # summary rows past the capacity's complete blocks (never eligible); the last one absorbs the writes of the blocks
 # past the buffer that a step touches (see summarise)
@@ -141,24 +172,20 @@ class SparseXStaticLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ padding and summaries
     def record_offsets(self, attention_mask: torch.Tensor | None, kv_length: int, batch_size: int | None = None) -> bool:
-        """At the first forward, record each row's left padding from the 2-D mask's first ``kv_length`` columns (host
-        read). Returns False (and records nothing) if some row's padding is not a left prefix: a static cache
-        serves left-padded batches only."""
+        """At the first forward, record each row's left padding from the 2-D mask's first ``kv_length`` columns (one
+        host read for all the layers: :func:`left_padding`). Returns False (and records nothing) if some row's
+        padding is not a left prefix: a static cache serves left-padded batches only."""
         if self.offsets is not None:
             return True
-        b = self.keys.shape[0]
         if attention_mask is None:
-            off = torch.zeros(b, dtype=torch.long)
-        else:
-            if attention_mask.shape[-1] < kv_length:
-                raise ValueError(f"the attention mask covers {attention_mask.shape[-1]} columns, fewer than the "
-                                 f"{kv_length} tokens in the cache.")
-            mask = attention_mask[:, :kv_length].bool().cpu()
-            off = torch.where(mask.any(1), mask.int().argmax(1), kv_length)
-            if not bool((mask == (torch.arange(kv_length)[None, :] >= off[:, None])).all()):
-                return False
-        self.offsets = [int(x) for x in off.tolist()]
-        self.offsets_t.copy_(off.to(torch.int32))
+            self.offsets = [0] * self.keys.shape[0]
+            self.offsets_t.zero_()
+            return True
+        found = left_padding(attention_mask, kv_length)
+        if found is None:
+            return False
+        self.offsets = list(found[0])
+        self.offsets_t.copy_(found[1])
         return True
 
     def max_doc_len(self) -> int:

@@ -2,6 +2,8 @@
 search, crop), a decode step that compiles into one graph with the length as a tensor, the summaries kept in
 place, and clear errors where a static cache cannot serve."""
 
+import sys
+
 import pytest
 import torch
 from utils import SPARSE_SMALL, model_pair, padded_prompts
@@ -236,3 +238,35 @@ def test_an_eager_prefill_reads_the_static_caches_length_once_per_forward(monkey
             reads.clear()
             want = sparse(ids[:, a:b], attention_mask=mask[:, :b], **{CACHE_KWARG: dynamic}).logits
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_a_prefill_reads_the_padding_once_for_all_the_layers(monkeypatch, static):
+    """Each row's left padding is read on the host once per mask, not at every layer (a read per layer stalled the
+    GPU at every layer of the plain call's prefill); every layer records the same offsets, and the logits are those
+    of a cache that read them per layer."""
+    from sparsex_hf.hf import static_cache
+
+    _, sparse = model_pair("llama", sparsex=dict(SPARSE_SMALL), num_hidden_layers=4)
+    ids, mask = padded_prompts(length=200, pads=(0, 37))
+    reads = []
+    real = static_cache._read_padding
+    monkeypatch.setattr(static_cache, "_read_padding", lambda cols: reads.append(cols.shape) or real(cols))
+
+    def run():
+        cache = SparseXStaticCache(sparse.config, max_cache_len=256) if static else SparseXCache()
+        with torch.no_grad():
+            logits = sparse(ids, attention_mask=mask, **{CACHE_KWARG: cache}).logits
+        return logits, cache
+
+    got, cache = run()
+    assert len(reads) == 1
+    assert all(layer.offsets == [0, 37] for layer in cache.layers)
+    if static:
+        assert all(layer.offsets_t.tolist() == [0, 37] for layer in cache.layers)
+    monkeypatch.setattr(static_cache, "_PADDING_MEMO", [])
+    monkeypatch.setattr(static_cache, "left_padding", lambda m, n, last=False: real(
+        m[:, -n:] if last else m[:, :n]))  # no memo: a read per layer, as before
+    monkeypatch.setattr(sys.modules["sparsex_hf.hf.cache"], "left_padding", static_cache.left_padding)
+    want, _ = run()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
