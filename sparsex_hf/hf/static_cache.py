@@ -254,9 +254,10 @@ class SparseXStaticLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ consistency
     def crop(self, tokens_to_remove: int) -> None:
-        """``crop(-n)`` removes the last ``n`` tokens; ``crop(n >= 0)`` keeps the first ``n``. In place: the buffers
+        """``crop(-n)`` removes the last ``n`` tokens; ``crop(n > 0)`` keeps the first ``n`` (the older convention);
+        ``crop(0)`` does nothing (Transformers' ``DeferredStopCheck`` calls it at every step). In place: the buffers
         keep their addresses, the blocks that become incomplete are summarised again when they complete."""
-        if not self.is_initialized:
+        if not self.is_initialized or tokens_to_remove == 0:
             return
         if tokens_to_remove < 0:
             self.cumulative_length.sub_(-tokens_to_remove).clamp_(min=0)

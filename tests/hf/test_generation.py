@@ -207,3 +207,58 @@ def test_gpu_the_plain_call_compiles_the_decode_step_and_gives_the_dynamic_cache
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert not torch._dynamo.utils.counters["graph_break"]  # the prompt ran eagerly, outside the compiled call
     assert torch.equal(plain.sequences, sparse.generate(ids, cache_implementation="dynamic", **kw).sequences)
+
+
+def test_the_stop_check_is_read_one_step_late_for_a_sparsex_cache_not_returned():
+    """Transformers' deferred stop check (the host queues the next step while the GPU runs this one) is taken for a
+    Sparse-X cache on CUDA that the call does not return; a returned cache, an assistant, another device or a
+    cache with no Sparse-X layer keep Transformers' own choice."""
+    from transformers import DynamicCache
+    from transformers.generation.utils import DeferredStopCheck
+
+    sparse = _model("static")
+    cache, cuda = SparseXStaticCache(sparse.config, max_cache_len=64), torch.device("cuda")
+    assert DeferredStopCheck.is_supported(cuda, cache, False, is_assistant=False)
+    assert not DeferredStopCheck.is_supported(cuda, cache, True, is_assistant=False)
+    assert not DeferredStopCheck.is_supported(cuda, cache, False, is_assistant=True)
+    assert not DeferredStopCheck.is_supported(torch.device("cpu"), cache, False, is_assistant=False)
+    assert not DeferredStopCheck.is_supported(cuda, DynamicCache(), False, is_assistant=False)
+
+
+class _HostEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_a_stop_read_one_step_late_gives_the_same_tokens(monkeypatch, mode):
+    """With the deferred stop check forced on for the CPU: a call that stops at its end-of-sequence token runs one
+    more forward, which Transformers undoes; the tokens are those of the check read at every step, and a call
+    that runs to max_new_tokens runs no extra forward."""
+    from transformers.generation import utils as generation_utils
+
+    from sparsex_hf.hf import generation
+
+    sparse = _model(mode)
+    ids = padded_prompts(length=150)[0][:1]
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    full = sparse.generate(ids, eos_token_id=None, **kw)  # no end-of-sequence token: 12 new tokens
+    eos = int(full[0, 150 + 5])  # its 6th new token, as the end-of-sequence token
+    stop_at = 150 + int((full[0, 150:] == eos).nonzero()[0]) + 1
+    undone = []
+    finish = generation_utils.DeferredStopCheck.finish
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "finish",
+                        lambda self: undone.append(finish(self)) or undone[-1])
+    monkeypatch.setattr(generation, "DEFER_STOP_DEVICES", ())
+    want = sparse.generate(ids, eos_token_id=eos, **kw)
+    assert not undone and want.shape[1] == stop_at
+    monkeypatch.setattr(generation, "DEFER_STOP_DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "Event", _HostEvent)  # (the CPU has no events; its work is done when queued)
+    assert torch.equal(sparse.generate(ids, eos_token_id=eos, **kw), want) and undone == [1]
+    assert torch.equal(sparse.generate(ids, eos_token_id=None, **kw), full) and undone == [1, 0]
