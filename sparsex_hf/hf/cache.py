@@ -117,9 +117,8 @@ class SparseXLayer(DynamicLayer):
     # ------------------------------------------------------------------ summaries
     def record_offsets(self, attention_mask: torch.Tensor | None, kv_length: int, batch_size: int | None = None) -> bool:
         """Record each row's left padding from the 2-D mask of the first forward (one host read for all the layers:
-        :func:`~sparsex_hf.hf.static_cache.left_padding`; without a mask,
-        ``batch_size`` rows of none). Returns False (and records nothing) if some row's padding is not a left
-        prefix."""
+        :func:`~sparsex_hf.hf.static_cache.left_padding`; without a mask, ``batch_size`` rows of none). Returns False
+        (and records nothing) if some row's padding is not a left prefix."""
         if self.offsets is not None:
             return True
         self._off_t = None

@@ -57,6 +57,7 @@ def _read_padding(cols: torch.Tensor):
         return None
     return [int(x) for x in off.tolist()], off.to(device=cols.device, dtype=torch.int32)
 
+
 # summary rows past the capacity's complete blocks (never eligible); the last one absorbs the writes of the blocks
 # past the buffer that a step touches (see summarise)
 _SPARE_BLOCKS = 3
