@@ -20,7 +20,7 @@ model the compiled call hands any forward of more than ``MAX_DECODE_QUERIES`` to
 break and no CUDA-graph bookkeeping per prompt chunk, and the prefill costs what the dynamic cache's does.
 
 Each step of Transformers' decoding loop asks the GPU whether every row has stopped (``StopCheck``: a device read),
-so the host waits for each step to finish before it prepares the next, and the GPU idles while it does (on the H100
+so the host waits for each step to finish before it prepares the next, and the GPU idles while it does (on an H200
 a compiled 1B-shaped step was busy about half of its 4 ms). Transformers has a check that reads the answer one
 step late (``DeferredStopCheck``: an early stop costs one extra forward, which it undoes) but uses it on ``"mps"``
 only. For a Sparse-X cache on a device of ``DEFER_STOP_DEVICES`` whose cache the call does not return, it is used
