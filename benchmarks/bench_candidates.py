@@ -8,6 +8,8 @@ cost) merged by log-sum-exp. Rows:
 
 - ``fa4_block_sparse``: FlashAttention-4's CuTe DSL forward (``flash_attn.cute``) with per-query-tile lists of full
   and masked key tiles, the stride pass by the same kernel, the merge in PyTorch;
+- ``fa4_one_pass``: the same kernel over ``[stride keys; K]`` in one pass (one softmax, no merge; the stride tiles
+  full), forward and, with ``--backward``, backward from the transposed lists;
 - ``flex`` / ``flex_flash``: FlexAttention with the same tile lists (``BlockMask.from_kv_blocks``), on its Triton
   backend and on its FlashAttention-4 backend (``kernel_options={"BACKEND": "FLASH"}``);
 - ``flex_exact`` / ``flex_exact_flash``: Sparse-X's exact sets from its own selection (``exact_sets``: one pass
@@ -85,6 +87,20 @@ def tile_pattern(t: int, window_tiles: int, selected: int, hq: int, hkv: int, de
     return Pattern(expand(mask_cnt), expand(mask_idx), expand(full_cnt), expand(full_idx), q_tile)
 
 
+def tile_lists(x: torch.Tensor):
+    """A boolean ``[..., M, N]`` of listed tiles as (count ``[..., M]``, indices ``[..., M, N]``, the listed first)."""
+    cnt = x.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(x.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return cnt, idx
+
+
+def listed(cnt: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of ``tile_lists``: a boolean ``[..., M, n]``."""
+    out = torch.zeros(*cnt.shape, n + 1, dtype=torch.bool, device=cnt.device)
+    valid = torch.arange(idx.shape[-1], device=cnt.device) < cnt[..., None]
+    return out.scatter_(-1, torch.where(valid, idx.long(), n), True)[..., :n]
+
+
 def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
     """Sparse-X's exact key sets (one document, no padding, ``combine="union"``) as a FlexAttention block mask over
     ``K' = [K; K[:, :, ::stride]]``: ``(k2, v2, block_mask)``. The appended stride keys make one pass of one
@@ -103,12 +119,15 @@ def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
                          f"multiple of select_tile ({st}) and stride > 0; got T={t}, stride={stride}.")
     sel = sparsex_select(q, k, cfg).long()[:, :, ::st]  # [B, Hkv, T / st, topk], rows of a tile share theirs
     nblk = -(-t // bs)
-    bits = torch.zeros(b, hkv, sel.shape[2], nblk + 1, dtype=torch.bool, device=dev)
-    bits.scatter_(3, torch.where(sel < 0, nblk, sel), True)
-    bits = bits[..., :nblk].contiguous()
     ns = -(-t // stride)
     nk, ntile = t // TILE, -(-ns // TILE)
     pad = ntile * TILE - ns
+    # one bit per block, wide enough for the padding keys' positions too (no clamp in mask_mod: FlexAttention's
+    # FlashAttention-4 backend cannot lower a minimum)
+    wide = -(-(ntile * TILE * stride) // bs) + nblk
+    bits = torch.zeros(b, hkv, sel.shape[2], wide + 1, dtype=torch.bool, device=dev)
+    bits.scatter_(3, torch.where(sel < 0, wide, sel), True)
+    bits = bits[..., :wide].contiguous()
     k2, v2 = (torch.cat([x, x[:, :, ::stride], x.new_zeros(b, hkv, pad, x.shape[-1])], 2) for x in (k, v))
     m = t // q_tile
     first = torch.arange(m, device=dev) * q_tile
@@ -128,15 +147,13 @@ def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
     g = hq // hkv
 
     def lists(x):
-        cnt = x.sum(-1, dtype=torch.int32)
-        idx = torch.argsort(x.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return [y.repeat_interleave(g, 1).contiguous() for y in (cnt, idx)]
+        return [y.repeat_interleave(g, 1).contiguous() for y in tile_lists(x)]
 
     def member(bi, h, qi, kv):
         main = kv < t
         j = torch.where(main, kv, (kv - t) * stride)
         local = (j < cfg.sink_tokens) | (qi - j < cfg.window)
-        chosen = bits[bi, h // g, qi // st, (j // bs).clamp(max=nblk - 1)]
+        chosen = bits[bi, h // g, qi // st, j // bs]
         keep = torch.where(main, local | chosen, ~(local | chosen))
         return keep & (j <= qi) & (kv < t + ns)
 
@@ -185,11 +202,60 @@ def fa4_call(q, k, v, pattern, stride, with_stride=True):
     return o.transpose(1, 2)
 
 
+def one_pass_tiles(pattern: Pattern, t: int, ns: int):
+    """A tile pattern over ``K' = [stride keys; K]`` as booleans ``(full, masked)`` ``[1, H, M, ns / 128 + T / 128]``:
+    the ``ns / 128`` stride tiles full for every query tile, the pattern's tiles shifted past them. With
+    ``causal=True`` and ``ns`` more keys than queries, FlashAttention aligns the causal diagonal to the end of
+    ``K'``, so the main keys stay causal and every stride key is visible (the same upper bound of the stride
+    pass's cost as the two-pass rows)."""
+    if ns % TILE:
+        raise ValueError(f"the one-pass stride tiles need a multiple of {TILE} stride keys; got {ns}")
+    n = t // TILE
+    full, mask = listed(pattern.full_cnt, pattern.full_idx, n), listed(pattern.mask_cnt, pattern.mask_idx, n)
+    pre = torch.ones(*full.shape[:-1], ns // TILE, dtype=torch.bool, device=full.device)
+    return torch.cat([pre, full], -1), torch.cat([torch.zeros_like(pre), mask], -1)
+
+
+def one_pass_lists(pattern: Pattern, t: int, ns: int):
+    """FlashAttention-4's forward and backward (transposed) tile lists of ``one_pass_tiles``."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    full, mask = one_pass_tiles(pattern, t, ns)
+    size = (pattern.q_tile, TILE)
+    fwd = BlockSparseTensorsTorch(*tile_lists(mask), *tile_lists(full), block_size=size)
+    bwd = BlockSparseTensorsTorch(*tile_lists(mask.transpose(-1, -2).contiguous()),
+                                  *tile_lists(full.transpose(-1, -2).contiguous()), block_size=size)
+    return fwd, bwd
+
+
+def fa4_one_pass():
+    """FlashAttention-4 block-sparse forward (and backward) over the stride keys and the pattern's tiles in one pass,
+    one softmax, no merge; ``[B, H, T, D]`` in and out. The lists are built once per pattern."""
+    from flash_attn.cute.interface import flash_attn_func
+
+    cache = {}
+
+    def call(q, k, v, pattern, stride, with_stride=True):
+        if not with_stride:
+            return fa4_call(q, k, v, pattern, stride, with_stride=False)
+        t = q.shape[2]
+        key = (id(pattern), t, stride)
+        if key not in cache:
+            cache[key] = one_pass_lists(pattern, t, -(-t // stride))
+        fwd, bwd = cache[key]
+        k2, v2 = (torch.cat([x[:, :, ::stride], x], 2).transpose(1, 2) for x in (k, v))
+        o = flash_attn_func(q.transpose(1, 2), k2, v2, causal=True, block_sparse_tensors=fwd,
+                            block_sparse_tensors_bwd=bwd)
+        return (o[0] if isinstance(o, tuple) else o).transpose(1, 2)
+
+    return call
+
+
 def compiled_flex(backend: str):
     """``flex_attention`` compiled, on its ``"TRITON"`` or ``"FLASH"`` (FlashAttention-4) backend, GQA on."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    compiled = torch.compile(flex_attention)
+    compiled = torch.compile(flex_attention, dynamic=False)  # the FLASH backend takes no symbolic sizes
     opts = {"BACKEND": backend} if backend != "TRITON" else None
     return lambda q, k, v, **kw: compiled(q, k, v, enable_gqa=True, kernel_options=opts, **kw)
 
@@ -223,28 +289,43 @@ def _lse_aux():
     return AuxRequest(lse=True)
 
 
-def check(call, dev, q_tile: int = TILE, window_tiles=8, t=4096, stride=256) -> float:
-    """Max abs error of the forward (tile pattern + the stride pass, merged) against fp32 attention over the same
-    keys: the pattern under its boolean mask and the gathered stride keys appended, unmasked."""
+def check(call, dev, q_tile: int = TILE, window_tiles=8, t=4096, stride=32, grad=False) -> str:
+    """The forward's max abs error (tile pattern + the stride keys) against fp32 attention over the same keys: the
+    pattern under its boolean mask and the gathered stride keys appended, unmasked (4K tokens, 128 stride keys, so
+    that a one-pass candidate's stride keys fill whole tiles). With ``grad``, also the gradients' largest error
+    relative to the reference gradient's largest value (a failing backward is reported, not raised)."""
     hq, hkv, d = 8, 2, 128
     gen = torch.Generator(device=dev).manual_seed(1)
-    q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, generator=gen) for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(1, h, t, d, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_(grad)
+               for h in (hq, hkv, hkv))
     pattern = tile_pattern(t, window_tiles, 4, hq, hkv, dev, q_tile)
     out = call(q, k, v, pattern, stride)
     mask = torch.cat([dense_mask(pattern, t), torch.ones(hq, t, t // stride, dtype=torch.bool)], -1).to(dev)
-    kr, vr = (torch.cat([x, x[:, :, ::stride]], 2).repeat_interleave(hq // hkv, 1).float() for x in (k, v))
-    ref = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=mask[None])
-    return (out.float() - ref).abs().max().item()
+    q32, k32, v32 = (x.detach().float().requires_grad_(grad) for x in (q, k, v))
+    kr, vr = (torch.cat([x, x[:, :, ::stride]], 2).repeat_interleave(hq // hkv, 1) for x in (k32, v32))
+    ref = F.scaled_dot_product_attention(q32, kr, vr, attn_mask=mask[None])
+    note = f"max abs err vs fp32 over the same keys: {(out.float() - ref).abs().max().item():.2e}"
+    if not grad:
+        return note
+    do = torch.randn(out.shape, device=dev, generator=gen)
+    try:
+        got = torch.autograd.grad(out, (q, k, v), do.to(out.dtype))
+    except Exception as e:
+        return f"{note}; backward {_failure(e)}"
+    want = torch.autograd.grad(ref, (q32, k32, v32), do)
+    errs = [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    return f"{note}; dq / dk / dv max err {' / '.join(f'{e:.1e}' for e in errs)} of the largest"
 
 
 def _failure(e: Exception) -> str:
     return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
-def build_candidates(names, dev, record) -> dict:
-    """``{name: (call, query tile)}`` of the candidates whose 4K check ran (each check is a row). A kernel that needs
-    larger query tiles than 128 (a block-sparse forward whose tile is 2 x 128 rows) is checked again with 256."""
-    makers = {"fa4_block_sparse": lambda: fa4_call, "flex": lambda: flex_call("TRITON"),
+def build_candidates(names, dev, record, backward=False) -> dict:
+    """``{name: (call, query tile, backward checked)}`` of the candidates whose 4K check ran (each check is a row,
+    with the gradients' errors when ``backward``). A kernel that needs larger query tiles than 128 (a block-sparse
+    forward whose tile is 2 x 128 rows) is checked again with 256."""
+    makers = {"fa4_block_sparse": lambda: fa4_call, "fa4_one_pass": fa4_one_pass, "flex": lambda: flex_call("TRITON"),
               "flex_flash": lambda: flex_call("FLASH")}
     built = {}
     for name in names:
@@ -252,14 +333,14 @@ def build_candidates(names, dev, record) -> dict:
             call = makers[name]()
             for q_tile in (TILE, 2 * TILE):
                 try:
-                    err = check(call, dev, q_tile)
+                    note = check(call, dev, q_tile, grad=backward)
                     break
                 except ValueError as e:
                     if q_tile != TILE or "multiple of" not in str(e):
                         raise
                     print(f"{name}: {e}; trying {2 * TILE}-query tiles", flush=True)
-            built[name] = (call, q_tile)
-            record(name, 4096, "", 0, f"max abs err vs fp32 over the same keys: {err:.2e} ({q_tile}-query tiles)")
+            built[name] = (call, q_tile, backward and "backward failed" not in note)
+            record(name, 4096, "", 0, f"{note} ({q_tile}-query tiles)")
         except Exception as e:  # a missing package or a failing call is a row, not a stop
             traceback.print_exc()
             record(name, 4096, "", 0, _failure(e))
@@ -331,7 +412,7 @@ def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=(), 
     if exact:
         time_exact(exact, t, q, k, v, cfg, keys, record, backward)
     patterns = {}
-    for name, (call, q_tile) in built.items():
+    for name, (call, q_tile, grads) in built.items():
         if q_tile not in patterns:
             t0 = time.time()
             pattern = tile_pattern(t, HEADLINE["window"] // TILE, 4, hq, hkv, dev, q_tile)
@@ -345,6 +426,9 @@ def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=(), 
             ms_all = bench(lambda: call(q, k, v, pattern, cfg.stride), 400)
             record(name, t, ms_all, keys, f"{q_tile}-query tiles alone {ms_tiles:.3f} ms = "
                    f"{4 * hq * d * tile_keys / ms_tiles / 1e9:.0f} TFLOP/s on the tiles' own keys")
+            if grads:
+                record(f"{name}_fwd_bwd", t, bench(fwd_bwd(lambda *x: call(*x, pattern, cfg.stride), q, k, v), 400),
+                       0, "tile pattern + stride keys, forward + backward (selection not included)")
         except Exception as e:
             traceback.print_exc()
             record(name, t, "", 0, _failure(e))
@@ -353,12 +437,12 @@ def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=(), 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--candidates", nargs="+", default=["fa4_block_sparse", "flex", "flex_flash", "flex_exact",
-                                                         "flex_exact_flash"],
-                    help="tile-pattern candidates (fa4_block_sparse, flex, flex_flash) and exact-set ones "
+    ap.add_argument("--candidates", nargs="+", default=["fa4_block_sparse", "fa4_one_pass", "flex", "flex_flash",
+                                                         "flex_exact", "flex_exact_flash"],
+                    help="tile-pattern candidates (fa4_block_sparse, fa4_one_pass, flex, flex_flash) and exact-set ones "
                          "(flex_exact, flex_exact_flash: Sparse-X's own sets through exact_sets)")
-    ap.add_argument("--backward", action="store_true", help="also forward + backward: today's kernels, SDPA flash "
-                    "and the exact-set candidates")
+    ap.add_argument("--backward", action="store_true", help="also forward + backward: today's kernels, SDPA flash, "
+                    "the exact-set candidates and each tile-pattern candidate whose 4K gradients were checked")
     ap.add_argument("--tag", default="candidates")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -375,7 +459,7 @@ def main():
         print(f"{impl:>18} T={t:>8} {ms if ms == '' else f'{ms:9.3f} ms'} {rate:>7} TFLOP/s {note}", flush=True)
 
     exact = [n for n in args.candidates if n.startswith("flex_exact")]
-    built = build_candidates([n for n in args.candidates if n not in exact], dev, record)
+    built = build_candidates([n for n in args.candidates if n not in exact], dev, record, args.backward)
     for t in args.lengths:
         time_length(t, built, cfg, dev, record, exact, args.backward)
         append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)

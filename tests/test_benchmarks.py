@@ -74,3 +74,39 @@ def test_exact_sets_give_sparsex_attention_through_flex_attention(window):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     v2[:, :, 512:] = 0
     assert (flex(q, k2, v2, block_mask=mask, enable_gqa=True) - ref).abs().max() > 1e-2
+
+
+def test_one_pass_tiles_and_the_candidates_check_with_gradients():
+    """bench_candidates.one_pass_tiles: the tile pattern over [stride keys; K], causal from the end of K' (as
+    FlashAttention aligns it), keeps exactly the two-pass keys: ``check`` (forward and gradients against fp32 over
+    the pattern's mask and the stride keys) finds a PyTorch one-pass candidate within bf16 rounding, and finds a
+    candidate that drops the stride keys wrong."""
+    import re
+
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_candidates import TILE, check, one_pass_tiles
+
+    def one_pass(q, k, v, pattern, stride, with_stride=True):
+        t, g = q.shape[2], q.shape[1] // k.shape[1]
+        ns = t // stride if with_stride else 0
+        full, masked = one_pass_tiles(pattern, t, ns)
+        assert not (full & masked).any()
+        keep = (full | masked)[0].repeat_interleave(pattern.q_tile, 1).repeat_interleave(TILE, 2)
+        keep &= torch.arange(ns + t)[None] <= torch.arange(t)[:, None] + ns
+        k2, v2 = (torch.cat([x[:, :, ::stride][:, :, :ns], x], 2).repeat_interleave(g, 1) for x in (k, v))
+        return F.scaled_dot_product_attention(q, k2, v2, attn_mask=keep[None])
+
+    def errors(note):
+        return [float(x) for x in re.findall(r"\d\.\d+e[-+]\d+", note)]
+
+    dev = torch.device("cpu")
+    note = check(one_pass, dev, t=1024, window_tiles=2, stride=8, grad=True)
+    assert "dq / dk / dv" in note and len(errors(note)) == 4, note
+    assert max(errors(note)) < 2e-2, note
+    without = check(lambda *a: one_pass(*a, with_stride=False), dev, t=1024, window_tiles=2, stride=8)
+    assert errors(without)[0] > 5e-2, without
+    with pytest.raises(ValueError, match="multiple of 128 stride keys"):
+        check(one_pass, dev, t=1024, window_tiles=2, stride=16)
