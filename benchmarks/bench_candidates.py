@@ -101,14 +101,30 @@ def listed(cnt: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return out.scatter_(-1, torch.where(valid, idx.long(), n), True)[..., :n]
 
 
+def chosen_tiles(bits: torch.Tensor, nk: int, ntile: int, groups: int, bs: int) -> torch.Tensor:
+    """``[B, Hkv, M, nk + ntile]``: the main key tiles that every selection group (``groups`` per query tile) of a
+    query tile selected whole (each block covering the tile), from the per-group block bits ``[B, Hkv, G, >=
+    nk * 128 / bs]``; never an appended stride tile."""
+    b, h, g, _ = bits.shape
+    if TILE % bs == 0:
+        per_tile = bits[..., : nk * TILE // bs].reshape(b, h, g, nk, TILE // bs).all(-1)
+    elif bs % TILE == 0:
+        per_tile = bits[..., torch.arange(nk, device=bits.device) * TILE // bs]
+    else:
+        per_tile = bits.new_zeros(b, h, g, nk)
+    per_tile = per_tile.reshape(b, h, g // groups, groups, nk).all(3)
+    return torch.cat([per_tile, per_tile.new_zeros(b, h, g // groups, ntile)], -1)
+
+
 def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
     """Sparse-X's exact key sets (one document, no padding, ``combine="union"``) as a FlexAttention block mask over
     ``K' = [K; K[:, :, ::stride]]``: ``(k2, v2, block_mask)``. The appended stride keys make one pass of one
     softmax: a main key counts where sink, window or a selected block holds it, an appended stride key only where
     none does (the union, each key once). Tiles of ``q_tile`` queries list the key tiles that window, sink,
     selected blocks and stride keys touch; the tiles inside the window or the sink and below the diagonal are full
-    (no ``mask_mod``: FlashAttention-4's backend needs some), and ``mask_mod`` keeps the exact members of the others
-    (a selection bitmap per selection tile)."""
+    (no ``mask_mod``: FlashAttention-4's backend needs some), as are the tiles below the diagonal that every query
+    of the tile selected whole (``chosen_tiles``), and ``mask_mod`` keeps the exact members of the others (a
+    selection bitmap per selection tile)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     b, hq, t, _ = q.shape
@@ -139,11 +155,12 @@ def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
     need = need[None, None].expand(b, hkv, m, nk + ntile).clone()
     tiles = (sel.clamp(min=0) * bs // TILE).repeat_interleave(st, 2)[:, :, :t].reshape(b, hkv, m, -1)
     need.scatter_(3, tiles, True)  # (a -1 entry marks tile 0, which the sink holds anyway)
-    # full tiles (every key kept for every query: no mask_mod call): inside the window or the sink, below the diagonal
+    # full tiles (every key kept for every query: no mask_mod call), below the diagonal: inside the window or the
+    # sink, or selected whole by every query of the query tile
     a = cols * TILE
-    full = (cols[None] < nk) & (a[None] + TILE - 1 <= first[:, None])
-    full &= ((last[:, None] - a[None]) < cfg.window) | (a[None] + TILE <= cfg.sink_tokens)
-    full = full[None, None].expand_as(need)
+    below = (cols[None] < nk) & (a[None] + TILE - 1 <= first[:, None])
+    full = below & (((last[:, None] - a[None]) < cfg.window) | (a[None] + TILE <= cfg.sink_tokens))
+    full = full[None, None] | (below[None, None] & chosen_tiles(bits, nk, ntile, q_tile // st, bs))
     g = hq // hkv
 
     def lists(x):
@@ -368,17 +385,22 @@ def time_backward(t: int, q, k, v, cfg: SparseXConfig, record) -> None:
            "dense causal forward + backward")
 
 
-def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record, backward=False) -> None:
+def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record, backward=False, label="") -> None:
     """Each exact candidate at length ``t``: its error against today's Triton forward, and its time (the block
-    mask built once, selection included, timed apart); with ``backward``, also forward + backward."""
+    mask built once, selection included, timed apart); with ``backward``, also forward + backward. A ``label``
+    names a configuration other than the headline's: its rows are ``NAME@label``, beside today's forward on it."""
     ref = sparsex_attention(q, k, v, cfg, backend="triton")
+    if label:
+        record(f"sparsex@{label}", t, bench(lambda: sparsex_attention(q, k, v, cfg, backend="triton"), 400), keys,
+               f"today's Triton forward, selection included; {label}")
+        names = [f"{n}@{label}" for n in names]
     t0 = time.time()
     k2, v2, bm = exact_sets(q, k, v, cfg)
     torch.cuda.synchronize()
     build = time.time() - t0
     for name in names:
         try:
-            call = compiled_flex("FLASH" if name.endswith("_flash") else "TRITON")
+            call = compiled_flex("FLASH" if name.split("@")[0].endswith("_flash") else "TRITON")
             err = (call(q, k2, v2, block_mask=bm).float() - ref.float()).abs().max().item()
             record(name, t, bench(lambda: call(q, k2, v2, block_mask=bm), 400), keys,
                    f"exact sets, one pass over K + stride keys; max abs diff vs today's forward {err:.2e}; "
@@ -391,7 +413,8 @@ def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record, 
             record(name, t, "", 0, _failure(e))
 
 
-def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=(), backward=False) -> None:
+def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=(), backward=False,
+                exact_cfg: tuple = ()) -> None:
     """Today's forward, SDPA flash and cuDNN, and each candidate (its tile pass alone and with the stride pass)."""
     hq, hkv, d = 32, 8, 128
     gen = torch.Generator(device=dev).manual_seed(t)
@@ -411,6 +434,8 @@ def time_length(t: int, built: dict, cfg: SparseXConfig, dev, record, exact=(), 
         time_backward(t, q, k, v, cfg, record)
     if exact:
         time_exact(exact, t, q, k, v, cfg, keys, record, backward)
+    for label, other in exact_cfg:
+        time_exact(exact, t, q, k, v, other, attended_keys(t, other), record, backward, label)
     patterns = {}
     for name, (call, q_tile, grads) in built.items():
         if q_tile not in patterns:
@@ -443,6 +468,9 @@ def main():
                          "(flex_exact, flex_exact_flash: Sparse-X's own sets through exact_sets)")
     ap.add_argument("--backward", action="store_true", help="also forward + backward: today's kernels, SDPA flash, "
                     "the exact-set candidates and each tile-pattern candidate whose 4K gradients were checked")
+    ap.add_argument("--exact-config", nargs="*", default=[], metavar="K=V,K=V",
+                    help="also the exact-set candidates on these changes of the headline config, each with today's "
+                         "forward on it, e.g. block_size=128,topk=4,select_tile=128")
     ap.add_argument("--tag", default="candidates")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -459,9 +487,11 @@ def main():
         print(f"{impl:>18} T={t:>8} {ms if ms == '' else f'{ms:9.3f} ms'} {rate:>7} TFLOP/s {note}", flush=True)
 
     exact = [n for n in args.candidates if n.startswith("flex_exact")]
+    exact_cfg = [(c, cfg.replace(**{kv.split("=")[0]: int(kv.split("=")[1]) for kv in c.split(",")}))
+                 for c in args.exact_config]
     built = build_candidates([n for n in args.candidates if n not in exact], dev, record, args.backward)
     for t in args.lengths:
-        time_length(t, built, cfg, dev, record, exact, args.backward)
+        time_length(t, built, cfg, dev, record, exact, args.backward, exact_cfg)
         append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)
         rows.clear()
     append_csv(os.path.join(args.out_dir, "candidates.csv"), rows)  # the checks' rows when no length ran

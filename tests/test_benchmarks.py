@@ -48,12 +48,13 @@ def test_save_fitted_merges_a_matrix_runs_shapes_into_the_table(tmp_path):
     assert res.returncode != 0 and "fitted as" in res.stderr
 
 
-@pytest.mark.parametrize("window", [64, 256])
-def test_exact_sets_give_sparsex_attention_through_flex_attention(window):
+@pytest.mark.parametrize("window, block", [(64, 16), (256, 16), (64, 128)])
+def test_exact_sets_give_sparsex_attention_through_flex_attention(window, block):
     """bench_candidates.exact_sets: FlexAttention over K + the appended stride keys, with its block lists and
     membership test, gives the reference's answer (sink, window, stride and the selected blocks, each key once);
     the appended keys carry the stride set (zeroing their values changes the answer). A window of 256 makes full
-    tiles (no membership test), a window of 64 none."""
+    tiles (no membership test), a window of 64 none; blocks of 128 keys selected per 128 queries (the tiles' own
+    size) are full tiles too."""
     import torch
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -62,12 +63,12 @@ def test_exact_sets_give_sparsex_attention_through_flex_attention(window):
 
     from sparsex_hf import SparseXConfig, sparsex_attention
 
-    cfg = SparseXConfig(window=window, block_size=16, sink_tokens=16, stride=32, topk=3, select_tile=16,
-                        dense_when_faster=False)
+    cfg = SparseXConfig(window=window, block_size=block, sink_tokens=16, stride=32, topk=3 if block < 128 else 1,
+                        select_tile=block, dense_when_faster=False)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 512, 32, generator=gen) for h in (4, 2, 2))
     k2, v2, mask = exact_sets(q, k, v, cfg)
-    assert (int(mask.full_kv_num_blocks.sum()) > 0) == (window == 256)
+    assert (int(mask.full_kv_num_blocks.sum()) > 0) == (window == 256 or block == 128)
     flex = torch.compile(flex_attention, dynamic=False)  # (a dynamic recompile breaks the CPU backend)
     out = flex(q, k2, v2, block_mask=mask, enable_gqa=True)
     ref = sparsex_attention(q, k, v, cfg, backend="torch")
