@@ -398,6 +398,10 @@ def time_exact(names, t: int, q, k, v, cfg: SparseXConfig, keys: float, record, 
     k2, v2, bm = exact_sets(q, k, v, cfg)
     torch.cuda.synchronize()
     build = time.time() - t0
+    at = f"@{label}" if label else ""
+    record(f"select{at}", t, bench(lambda: sparsex_select(q, k, cfg), 400), 0, "Sparse-X's selection alone")
+    record(f"exact_sets{at}", t, bench(lambda: exact_sets(q, k, v, cfg), 400), 0,
+           "the exact stage's set-up: selection, bitmap, tile lists, appended stride keys")
     for name in names:
         try:
             call = compiled_flex("FLASH" if name.split("@")[0].endswith("_flash") else "TRITON")
