@@ -87,6 +87,8 @@ def main():
                     "on the unexpanded K/V (the dense handoff's own call; a GQA model's SDPA layer)")
     ap.add_argument("--preset", default="default", help="the SparseXConfig preset (with the headline budget)")
     ap.add_argument("--config", default="", help="SparseXConfig overrides, e.g. select_tile=1,topk=16")
+    ap.add_argument("--backend", default="triton", choices=["triton", "flash4"],
+                    help="the Sparse-X rows' backend (flash4: rows sparsex_flash4, the FlashAttention-4 stage)")
     ap.add_argument("--tag", default="headline")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--report", nargs="+", metavar="TAG", help="no timing: table and plot from the CSV rows of these tags")
@@ -129,6 +131,7 @@ def main():
               f"peak {row['peak_gb']:7.2f} GB (qkvo {row['qkvo_gb']:.2f}) {note}", flush=True)
 
     d = 128
+    impl = "sparsex" if args.backend == "triton" else f"sparsex_{args.backend}"
     for t in args.lengths + args.sparse_only:
         sparse_only = t in args.sparse_only and t not in args.lengths
         hq, hkv = args.heads_long if (t >= args.long_from or sparse_only) else args.heads
@@ -144,7 +147,7 @@ def main():
 
         keys = attended_keys(t, cfg)
         flops = 4 * hq * d * keys
-        fwd = lambda: sparsex_attention(q, k, v, cfg, backend="triton")  # noqa: E731
+        fwd = lambda: sparsex_attention(q, k, v, cfg, backend=args.backend)  # noqa: E731
         ms = bench(fwd, rep, runs)
         # peak of one plain call (do_bench's 256 MB cache-flush buffer must not count), plus q, k, v
         torch.cuda.synchronize()
@@ -153,13 +156,13 @@ def main():
         fwd()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base + (q.numel() + 2 * k.numel()) * 2
-        record("sparsex", "fwd", t, hq, hkv, d, ms, flops, peak, qkvo, f"{keys / t:.0f} keys/query")
-        if auto_cfg.dense_when_faster and cost.dense_is_faster(auto_cfg, t, hq, d, 1, gpu):
+        record(impl, "fwd", t, hq, hkv, d, ms, flops, peak, qkvo, f"{keys / t:.0f} keys/query")
+        if args.backend == "triton" and auto_cfg.dense_when_faster and cost.dense_is_faster(auto_cfg, t, hq, d, 1, gpu):
             with torch.no_grad():
                 auto = bench(lambda: sparsex_attention(q, k, v, auto_cfg, backend="triton"), rep, runs)
             record("sparsex_auto", "fwd", t, hq, hkv, d, auto, 0, 0, qkvo, "the default: SDPA by the cost model")
         sel = lambda: select_op(q, k, None, None, None, cfg.json, 0)  # noqa: E731
-        record("sparsex", "select", t, hq, hkv, d, bench(sel, rep, runs), 0, 0, qkvo)
+        record(impl, "select", t, hq, hkv, d, bench(sel, rep, runs), 0, 0, qkvo)
         if t <= args.bwd_max:
             qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
             do = torch.randn_like(q)
@@ -167,12 +170,13 @@ def main():
             base = torch.cuda.memory_allocated()
 
             def fwd_bwd():
-                out = sparsex_attention(qg, kg, vg, cfg, backend="triton")
+                out = sparsex_attention(qg, kg, vg, cfg, backend=args.backend)
                 torch.autograd.grad(out, (qg, kg, vg), do)
 
             ms_b = bench(fwd_bwd, rep, runs)
-            record("sparsex", "fwd+bwd", t, hq, hkv, d, ms_b, 3.5 * flops, torch.cuda.max_memory_allocated() - base, qkvo)
-            if auto_cfg.dense_when_faster and cost.dense_is_faster(auto_cfg, t, hq, d, 1, gpu, train=True):
+            record(impl, "fwd+bwd", t, hq, hkv, d, ms_b, 3.5 * flops, torch.cuda.max_memory_allocated() - base, qkvo)
+            if args.backend == "triton" and auto_cfg.dense_when_faster and cost.dense_is_faster(
+                    auto_cfg, t, hq, d, 1, gpu, train=True):
                 def auto_bwd():
                     out = sparsex_attention(qg, kg, vg, auto_cfg, backend="triton")
                     torch.autograd.grad(out, (qg, kg, vg), do)

@@ -24,6 +24,7 @@ from .dense import (
     dense_decode,
     log_once,
 )
+from .flash4 import flash4_attention, flash4_missing
 from .gathered import sparsex_attention_gathered
 from .kernels.tuning import device_name
 from .reference.decode import MAX_DECODE_QUERIES, prompt_anchor
@@ -73,7 +74,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton"
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    raise ValueError(f"backend={backend!r} is invalid: allowed are 'auto', 'torch', 'triton'.")
+    if backend == "flash4":
+        why = flash4_missing(device)
+        if why:
+            raise NotImplementedError(f"backend='flash4' cannot run here: {why} (pip install 'sparsex-hf[flash4]' on a "
+                                      "Hopper or Blackwell GPU); use backend='triton' or 'auto'.")
+        return "flash4"
+    raise ValueError(f"backend={backend!r} is invalid: allowed are 'auto', 'torch', 'triton' and, for "
+                     "sparsex_attention, 'flash4'.")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -117,6 +125,19 @@ def _check_triton(q: torch.Tensor, cfg: SparseXConfig, return_stats: bool) -> No
         raise ValueError("return_stats=True (fidelity metrics) is computed by backend='torch' only.")
 
 
+def _check_flash4(q, cfg: SparseXConfig, attention_mask, cu_seqlens, sliding_window, selected, return_stats) -> None:
+    others = "use backend='triton' (or 'auto'), which takes them"
+    if attention_mask is not None or cu_seqlens is not None:
+        raise ValueError(f"backend='flash4' takes one unpadded document per row: no attention_mask or cu_seqlens; {others}.")
+    if cfg.combine != "union":
+        raise ValueError(f"backend='flash4' computes combine='union' (one softmax), not {cfg.combine!r}; {others}.")
+    if sliding_window is not None or selected is not None or return_stats:
+        raise ValueError(f"backend='flash4' takes no sliding_window, selected_blocks or return_stats; {others}.")
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 256:
+        raise ValueError(f"backend='flash4' takes float16 or bfloat16 and a head_dim that is a multiple of 8 up to 256, "
+                         f"got {q.dtype} and {q.shape[-1]}; {others}.")
+
+
 def sparsex_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -147,6 +168,8 @@ def sparsex_attention(
             other; each starts at position 0). ``cu_seqlens_q`` gives separate query boundaries when
             ``Tq < Tk``.
         backend: ``"torch"`` (reference), ``"triton"`` (kernels) or ``"auto"``; default ``config.backend``.
+            ``"flash4"``: the FlashAttention-4 stage (``ops/attention/flash4.py``, the ``flash4`` extra, Hopper or
+            Blackwell; one unpadded document per row, ``combine="union"``, float16/bfloat16).
         layer_idx: the model layer; layers in ``config.dense_layers`` compute dense causal attention.
         sliding_window: a model's sliding window (Mistral); honoured when ``config.respect_sliding_window``.
         mix_weights: ``[3]`` or ``[Hq, 3]`` branch weights for ``combine="mix"`` (default alpha, beta, gamma).
@@ -183,11 +206,17 @@ def sparsex_attention(
     backend = resolve_backend(backend or cfg.backend, q.device)
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
+    if backend == "flash4":
+        _check_flash4(q, cfg, attention_mask, cu_seqlens, sliding_window, selected_blocks, return_stats)
     if not return_stats:
         out = _handed_to_sdpa(q, k, v, cfg, scale, attention_mask, cu_seqlens_q, cu_seqlens, sliding_window, dense,
                               backend == "triton" and selected_blocks is None)
         if out is not None:
             return out
+    if backend == "flash4":
+        sel = (select_op(q.detach(), k.detach(), None, None, None, cfg.json, 0) if cfg.topk else
+               q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32))
+        return flash4_attention(q, k, v, cfg, sel, scale=float(scale))
     if backend == "triton":
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,

@@ -1,0 +1,192 @@
+"""The FlashAttention-4 stage (``backend="flash4"``): Sparse-X's exact key sets as a FlexAttention block mask, run by
+FlexAttention's FlashAttention-4 backend (the CuTe DSL kernels of the optional ``flash-attn-4`` package, Hopper and
+Blackwell GPUs), forward and backward.
+
+One pass of one softmax over ``K' = [K; pad; K[:, :, ::stride]; pad]`` (the stride keys appended, so the union needs
+no merge and autograd adds their gradients back into ``dK``, ``dV``). Per 128-query tile the block mask lists the key
+tiles that the sink, the window, the selected blocks and the visible stride keys touch. Tiles that every query of
+the tile attends whole (below the diagonal and inside the window or the sink, or selected whole by every selection
+group of the tile) are *full*: the kernel runs them at its dense rate. The others are masked by ``mask_mod``, the
+exact membership test: a main key counts where sink, window or a selected block holds it, an appended stride key
+only where none does (each key once), and every key only where causal. So the stage gives the reference's answer
+for every configuration, and its rate depends on how much of the sets is whole tiles: a configuration whose blocks
+are 128 keys chosen per 128 queries (``block_size=128, select_tile=128``) is nearly all full tiles; 64-key blocks
+chosen per 64 queries are masked tiles (measured: ``docs/kernels.md``).
+
+Scope: one document per row, no padding, ``combine="union"``, no model sliding window (other inputs raise and name
+the backends that take them). The selection is today's (``sparsex_select``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ...config import SparseXConfig
+
+TILE = 128
+
+
+def _ceil(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@functools.cache
+def _packages_missing() -> str | None:
+    for module, package in (("flash_attn.cute", "flash-attn-4"), ("cutlass.cute", "nvidia-cutlass-dsl")):
+        try:
+            if importlib.util.find_spec(module) is None:
+                return f"the package {package} is not installed"
+        except ModuleNotFoundError:
+            return f"the package {package} is not installed"
+    return None
+
+
+def flash4_missing(device: torch.device) -> str | None:
+    """Why ``backend="flash4"`` cannot run on ``device`` (``None`` when it can): a CUDA GPU of compute capability 9
+    or 10 and the ``flash4`` extra's packages."""
+    if device.type != "cuda":
+        return f"it runs on CUDA GPUs, not on {device.type}"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major not in (9, 10):
+        return f"FlashAttention-4 runs on compute capability 9.x (Hopper) and 10.x (Blackwell), not {major}.x"
+    return _packages_missing()
+
+
+@functools.cache
+def _compiled(backend: str):
+    # the FLASH backend takes no symbolic sizes in mask_mod: one compiled graph per padded shape
+    compiled = torch.compile(flex_attention, dynamic=False)
+    options = None if backend == "default" else {"BACKEND": backend}
+    return functools.partial(compiled, enable_gqa=True, kernel_options=options)
+
+
+def _compact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A boolean ``[..., N]`` as (count ``[...]``, the set columns first in increasing order ``[..., N]``), int32."""
+    n = x.shape[-1]
+    cnt = x.sum(-1, dtype=torch.int32)
+    slot = torch.where(x, torch.cumsum(x, -1) - 1, n)
+    cols = torch.arange(n, dtype=torch.int32, device=x.device).expand(x.shape)
+    idx = torch.zeros(*x.shape[:-1], n + 1, dtype=torch.int32, device=x.device)
+    return cnt, idx.scatter_(-1, slot, cols)[..., :n].contiguous()
+
+
+class _Layout:
+    """Sizes of one call: ``tq``/``tk`` queries and keys (the queries the last ``tq`` positions), padded to tiles;
+    ``ns`` stride keys; selection groups ``g0 ...`` (group ``p // select_tile`` of position ``p``)."""
+
+    def __init__(self, tq: int, tk: int, cfg: SparseXConfig):
+        self.tq, self.tk, self.off = tq, tk, tk - tq
+        self.tq_p, self.tk_p = _ceil(tq, TILE), _ceil(tk, TILE)
+        self.ns = -(-tk // cfg.stride) if cfg.stride else 0
+        self.ns_p = _ceil(self.ns, TILE)
+        self.nk, self.m = self.tk_p // TILE, self.tq_p // TILE
+        self.cols = self.nk + self.ns_p // TILE
+        self.g0 = self.off // cfg.select_tile
+        self.groups = (tk - 1) // cfg.select_tile - self.g0 + 1
+        span = max(self.tk_p, self.ns_p * max(cfg.stride, 1))  # every key position mask_mod may look up
+        self.wide = -(-span // cfg.block_size) + 1
+
+
+def _bits(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, groups + slack, wide]``: block ``n`` selected by selection group ``g0 + r`` (row ``r``), from the
+    selection of each group's first query in the call; the slack rows (padding queries' groups) stay empty."""
+    b, hkv, _, topk = sel.shape
+    rows = ((torch.arange(lay.groups, device=sel.device) + lay.g0) * cfg.select_tile - lay.off).clamp(min=0)
+    bits = torch.zeros(b, hkv, lay.groups + TILE // cfg.select_tile + 2, lay.wide + 1, dtype=torch.bool,
+                       device=sel.device)
+    if topk:
+        s = sel[:, :, rows].long()
+        bits[:, :, : lay.groups].scatter_(3, torch.where(s < 0, lay.wide, s), True)
+    return bits[..., : lay.wide].contiguous()
+
+
+def _whole(lay: _Layout, cfg: SparseXConfig, bits: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, m, nk]``: main key tiles that every selection group of a query tile's real rows selected whole."""
+    b, hkv = bits.shape[:2]
+    bs, dev = cfg.block_size, bits.device
+    grp = bits[:, :, : lay.groups]
+    if TILE % bs == 0:
+        per = grp[..., : lay.nk * (TILE // bs)].reshape(b, hkv, lay.groups, lay.nk, TILE // bs).all(-1)
+    elif bs % TILE == 0:
+        per = grp[..., torch.arange(lay.nk, device=dev) * TILE // bs]
+    else:  # pragma: no cover - block sizes are powers of two
+        per = grp.new_zeros(b, hkv, lay.groups, lay.nk)
+    cs = torch.nn.functional.pad(torch.cumsum(per.to(torch.int32), 2), (0, 0, 1, 0))
+    first = lay.off + torch.arange(lay.m, device=dev) * TILE
+    last = (first + TILE - 1).clamp(max=lay.tk - 1)
+    ga, gb = first // cfg.select_tile - lay.g0, last // cfg.select_tile - lay.g0
+    return (cs[:, :, gb + 1] - cs[:, :, ga]) == (gb - ga + 1)[:, None]
+
+
+def _tiles(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor, bits: torch.Tensor):
+    """(masked, full) booleans ``[B, Hkv, m, cols]`` of the key tiles each 128-query tile lists."""
+    dev, b, hkv = sel.device, sel.shape[0], sel.shape[1]
+    col = torch.arange(lay.cols, device=dev)[None]
+    first = (lay.off + torch.arange(lay.m, device=dev) * TILE)[:, None]
+    last, real = first + TILE - 1, (first + TILE - 1).clamp(max=lay.tk - 1)
+    main, a = col < lay.nk, col * TILE
+    need = main & (col >= (first - cfg.window + 1).clamp(min=0) // TILE) & (col <= real // TILE)
+    need |= main & (a < cfg.sink_tokens)
+    if cfg.stride:
+        need |= ~main & ((col - lay.nk) * TILE <= real // cfg.stride)
+    need = need.expand(b, hkv, lay.m, lay.cols).clone()
+    if sel.shape[-1]:
+        per = max(cfg.block_size // TILE, 1)  # tiles a block covers
+        tile = ((sel.long() * cfg.block_size // TILE)[..., None] + torch.arange(per, device=dev)).clamp(max=lay.cols)
+        row = torch.arange(sel.shape[2], device=dev)[:, None, None] // TILE
+        flat = torch.where(sel[..., None] >= 0, row * (lay.cols + 1) + tile, lay.cols).flatten(2)
+        wide = torch.zeros(b, hkv, lay.m * (lay.cols + 1), dtype=torch.bool, device=dev).scatter_(2, flat, True)
+        need |= wide.view(b, hkv, lay.m, lay.cols + 1)[..., : lay.cols]
+    below = main & (a + TILE - 1 <= first)
+    full = below & (((last - a) < cfg.window) | (a + TILE <= cfg.sink_tokens))
+    whole = torch.nn.functional.pad(_whole(lay, cfg, bits), (0, lay.cols - lay.nk))
+    full = full[None, None] | (below[None, None] & whole)
+    return need & ~full, full
+
+
+def block_mask(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool):
+    """The FlexAttention block mask of the exact sets (``group`` query heads per KV head)."""
+    bits = _bits(lay, cfg, sel)
+    masked, full = _tiles(lay, cfg, sel, bits)
+    off, tk, tk_p, ns = lay.off, lay.tk, lay.tk_p, lay.ns
+    stride, st, g0, bs = cfg.stride, cfg.select_tile, lay.g0, cfg.block_size
+    sink, window = cfg.sink_tokens, cfg.window
+
+    def member(bi, h, qi, kv):
+        p = qi + off
+        main = kv < tk_p
+        j = torch.where(main, kv, (kv - tk_p) * stride)
+        held = (j < sink) | (p - j < window) | bits[bi, h // group, p // st - g0, j // bs]
+        real = torch.where(main, kv < tk, kv - tk_p < ns)
+        return torch.where(main, held, ~held) & (j <= p) & real
+
+    def lists(x):
+        return [y.repeat_interleave(group, 1).contiguous() for y in _compact(x)]
+
+    return BlockMask.from_kv_blocks(*lists(masked), *lists(full), BLOCK_SIZE=(TILE, TILE), mask_mod=member,
+                                    seq_lengths=(lay.tq_p, lay.tk_p + lay.ns_p), compute_q_blocks=backward)
+
+
+def flash4_attention(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, *, scale: float,
+                     kernel: str = "FLASH") -> torch.Tensor:
+    """Sparse-X over ``[B, Hq, Tq, D]`` queries (the last ``Tq`` of the ``Tk`` keys) with the selection ``sel``
+    ``[B, Hkv, Tq, topk]``, through FlexAttention on ``kernel`` (``"FLASH"``: FlashAttention-4; ``"default"``:
+    FlexAttention's own lowering, which the CPU tests run). Inputs validated by the caller."""
+    lay = _Layout(q.shape[2], k.shape[2], cfg)
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    mask = block_mask(lay, cfg, sel, q.shape[1] // k.shape[1], backward)
+    qp = torch.nn.functional.pad(q, (0, 0, 0, lay.tq_p - lay.tq))
+    k2, v2 = extended(k, lay, cfg), extended(v, lay, cfg)
+    return _compiled(kernel)(qp, k2, v2, block_mask=mask, scale=scale)[:, :, : lay.tq]
+
+
+def extended(x: torch.Tensor, lay: _Layout, cfg: SparseXConfig) -> torch.Tensor:
+    """``K' = [K; pad; K[:, :, ::stride]; pad]`` (autograd adds the stride keys' gradients back into ``K``'s)."""
+    parts = [x, x.new_zeros(*x.shape[:2], lay.tk_p - lay.tk, x.shape[3])]
+    if lay.ns:
+        parts += [x[:, :, :: cfg.stride], x.new_zeros(*x.shape[:2], lay.ns_p - lay.ns, x.shape[3])]
+    return torch.cat(parts, 2)
