@@ -125,6 +125,21 @@ def _check_triton(q: torch.Tensor, cfg: SparseXConfig, return_stats: bool) -> No
         raise ValueError("return_stats=True (fidelity metrics) is computed by backend='torch' only.")
 
 
+def _check_backend(backend: str, q, cfg: SparseXConfig, attention_mask, cu_seqlens, sliding_window, selected,
+                   return_stats) -> None:
+    if backend == "triton":
+        _check_triton(q, cfg, return_stats)
+    elif backend == "flash4":
+        _check_flash4(q, cfg, attention_mask, cu_seqlens, sliding_window, selected, return_stats)
+
+
+def _run_flash4(q, k, v, cfg: SparseXConfig, scale: float) -> torch.Tensor:
+    """The FlashAttention-4 stage over today's selection (``ops/attention/flash4.py``)."""
+    sel = (select_op(q.detach(), k.detach(), None, None, None, cfg.json, 0) if cfg.topk else
+           q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32))
+    return flash4_attention(q, k, v, cfg, sel, scale=scale)
+
+
 def _check_flash4(q, cfg: SparseXConfig, attention_mask, cu_seqlens, sliding_window, selected, return_stats) -> None:
     others = "use backend='triton' (or 'auto'), which takes them"
     if attention_mask is not None or cu_seqlens is not None:
@@ -204,19 +219,14 @@ def sparsex_attention(
         log_once(f"sparsex: inputs of at most dense_below={cfg.dense_below} keys use dense causal attention.")
         dense = True
     backend = resolve_backend(backend or cfg.backend, q.device)
-    if backend == "triton":
-        _check_triton(q, cfg, return_stats)
-    if backend == "flash4":
-        _check_flash4(q, cfg, attention_mask, cu_seqlens, sliding_window, selected_blocks, return_stats)
+    _check_backend(backend, q, cfg, attention_mask, cu_seqlens, sliding_window, selected_blocks, return_stats)
     if not return_stats:
         out = _handed_to_sdpa(q, k, v, cfg, scale, attention_mask, cu_seqlens_q, cu_seqlens, sliding_window, dense,
                               backend == "triton" and selected_blocks is None)
         if out is not None:
             return out
     if backend == "flash4":
-        sel = (select_op(q.detach(), k.detach(), None, None, None, cfg.json, 0) if cfg.topk else
-               q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32))
-        return flash4_attention(q, k, v, cfg, sel, scale=float(scale))
+        return _run_flash4(q, k, v, cfg, float(scale))
     if backend == "triton":
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,
