@@ -13,7 +13,7 @@ from utils import tiny_model
 import sparsex_hf
 from sparsex_hf.apps.eval import TASKS, EvalSettings, evaluate, make_sample, method_config, score
 from sparsex_hf.apps.eval.cli import main
-from sparsex_hf.apps.eval.fidelity import fidelity
+from sparsex_hf.apps.eval.fidelity import VARIANTS, fidelity
 from sparsex_hf.apps.eval.report import wilson, write_all
 from sparsex_hf.apps.eval.runner import summarize
 from sparsex_hf.apps.loading import load_model, load_tokenizer, resolve
@@ -164,6 +164,16 @@ def test_fidelity_metrics(model_type):
     bigger = fidelity(model, ids, small.replace(topk=12))  # more blocks: more mass, less error
     assert bigger["mass_recall"] > f["mass_recall"]
     assert bigger["output_error"] < f["output_error"]
+
+
+def test_the_whole_tile_variant_keeps_the_default_budget():
+    """--fidelity-variants 'tiles of 128' (the configuration backend='flash4' runs at its full rate) selects the
+    default's keys as whole 128-key tiles per 128 queries: the same selected keys a query, the same total budget."""
+    base = sparsex_hf.SparseXConfig()
+    tiles = base.replace(**VARIANTS["tiles of 128"])
+    assert (tiles.block_size, tiles.select_tile) == (128, 128)
+    assert tiles.topk * tiles.block_size == base.topk * base.block_size
+    assert tiles.keys_per_query(65536) == base.keys_per_query(65536)
 
 
 @needs_smollm2

@@ -25,7 +25,8 @@ from ...hf.model import set_sparsex_config
 from ...ops.attention import sparsex_attention
 
 # selection choices compared by `variants`: one stage (the min/max bound or the mean key, per token or per tile),
-# the two-stage selection, its anchors
+# the two-stage selection, its anchors, and the same selected keys as whole 128-key tiles chosen per 128 queries
+# (the configuration backend="flash4" runs at its full rate: the default's 512 selected keys as 4 blocks of 128)
 ONE = dict(rerank=0, anchor=False)
 VARIANTS = {
     "config": {},
@@ -38,6 +39,7 @@ VARIANTS = {
     "two-stage x4": dict(rerank=4, anchor=False),
     "two-stage x2 + anchor": dict(rerank=2, anchor=True),
     "two-stage x2 + split anchor": dict(rerank=2, anchor="split"),
+    "tiles of 128": dict(block_size=128, select_tile=128, topk=4),
 }
 
 
