@@ -14,7 +14,9 @@ are 128 keys chosen per 128 queries (``block_size=128, select_tile=128``) is nea
 chosen per 64 queries are masked tiles (measured: ``docs/kernels.md``).
 
 Scope: one document per row, no padding, ``combine="union"``, no model sliding window (other inputs raise and name
-the backends that take them). The selection is today's (``sparsex_select``).
+the backends that take them). The selection is today's (``sparsex_select``). Lengths are padded to 128 and each
+padded shape compiles once (FlexAttention's graph and FlashAttention-4's kernels: tens of seconds); Dynamo's
+recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default) bounds how many shapes a process compiles.
 """
 
 from __future__ import annotations
