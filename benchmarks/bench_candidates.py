@@ -43,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparsex_hf
 from sparsex_hf import SparseXConfig, sparsex_attention, sparsex_select
+from sparsex_hf.ops.attention import flash4
 
 TILE = 128
 
@@ -87,95 +88,22 @@ def tile_pattern(t: int, window_tiles: int, selected: int, hq: int, hkv: int, de
     return Pattern(expand(mask_cnt), expand(mask_idx), expand(full_cnt), expand(full_idx), q_tile)
 
 
-def tile_lists(x: torch.Tensor):
-    """A boolean ``[..., M, N]`` of listed tiles as (count ``[..., M]``, indices ``[..., M, N]``, the listed first)."""
-    cnt = x.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(x.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return cnt, idx
-
-
 def listed(cnt: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of ``tile_lists``: a boolean ``[..., M, n]``."""
+    """The inverse of ``flash4.tile_lists``: a boolean ``[..., M, n]``."""
     out = torch.zeros(*cnt.shape, n + 1, dtype=torch.bool, device=cnt.device)
     valid = torch.arange(idx.shape[-1], device=cnt.device) < cnt[..., None]
     return out.scatter_(-1, torch.where(valid, idx.long(), n), True)[..., :n]
 
 
-def chosen_tiles(bits: torch.Tensor, nk: int, ntile: int, groups: int, bs: int) -> torch.Tensor:
-    """``[B, Hkv, M, nk + ntile]``: the main key tiles that every selection group (``groups`` per query tile) of a
-    query tile selected whole (each block covering the tile), from the per-group block bits ``[B, Hkv, G, >=
-    nk * 128 / bs]``; never an appended stride tile."""
-    b, h, g, _ = bits.shape
-    if TILE % bs == 0:
-        per_tile = bits[..., : nk * TILE // bs].reshape(b, h, g, nk, TILE // bs).all(-1)
-    elif bs % TILE == 0:
-        per_tile = bits[..., torch.arange(nk, device=bits.device) * TILE // bs]
-    else:
-        per_tile = bits.new_zeros(b, h, g, nk)
-    per_tile = per_tile.reshape(b, h, g // groups, groups, nk).all(3)
-    return torch.cat([per_tile, per_tile.new_zeros(b, h, g // groups, ntile)], -1)
-
-
-def exact_sets(q, k, v, cfg: SparseXConfig, q_tile: int = TILE):
-    """Sparse-X's exact key sets (one document, no padding, ``combine="union"``) as a FlexAttention block mask over
-    ``K' = [K; K[:, :, ::stride]]``: ``(k2, v2, block_mask)``. The appended stride keys make one pass of one
-    softmax: a main key counts where sink, window or a selected block holds it, an appended stride key only where
-    none does (the union, each key once). Tiles of ``q_tile`` queries list the key tiles that window, sink,
-    selected blocks and stride keys touch; the tiles inside the window or the sink and below the diagonal are full
-    (no ``mask_mod``: FlashAttention-4's backend needs some), as are the tiles below the diagonal that every query
-    of the tile selected whole (``chosen_tiles``), and ``mask_mod`` keeps the exact members of the others (a
-    selection bitmap per selection tile)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    b, hq, t, _ = q.shape
-    hkv, dev = k.shape[1], q.device
-    bs, st, stride = cfg.block_size, cfg.select_tile, cfg.stride
-    if t % q_tile or q_tile % st or not stride:
-        raise ValueError(f"exact_sets takes a length that is a multiple of the {q_tile}-query tile, a tile that is a "
-                         f"multiple of select_tile ({st}) and stride > 0; got T={t}, stride={stride}.")
-    sel = sparsex_select(q, k, cfg).long()[:, :, ::st]  # [B, Hkv, T / st, topk], rows of a tile share theirs
-    nblk = -(-t // bs)
-    ns = -(-t // stride)
-    nk, ntile = t // TILE, -(-ns // TILE)
-    pad = ntile * TILE - ns
-    # one bit per block, wide enough for the padding keys' positions too (no clamp in mask_mod: FlexAttention's
-    # FlashAttention-4 backend cannot lower a minimum)
-    wide = -(-(ntile * TILE * stride) // bs) + nblk
-    bits = torch.zeros(b, hkv, sel.shape[2], wide + 1, dtype=torch.bool, device=dev)
-    bits.scatter_(3, torch.where(sel < 0, wide, sel), True)
-    bits = bits[..., :wide].contiguous()
-    k2, v2 = (torch.cat([x, x[:, :, ::stride], x.new_zeros(b, hkv, pad, x.shape[-1])], 2) for x in (k, v))
-    m = t // q_tile
-    first = torch.arange(m, device=dev) * q_tile
-    last = first + q_tile - 1
-    cols = torch.arange(nk + ntile, device=dev)
-    need = ((cols[None] >= ((first - cfg.window + 1).clamp(min=0) // TILE)[:, None]) & (cols[None] <= (last // TILE)[:, None]))
-    need |= cols[None] <= (cfg.sink_tokens - 1) // TILE
-    need |= (cols[None] >= nk) & (cols[None] - nk <= (last // stride // TILE)[:, None])
-    need = need[None, None].expand(b, hkv, m, nk + ntile).clone()
-    tiles = (sel.clamp(min=0) * bs // TILE).repeat_interleave(st, 2)[:, :, :t].reshape(b, hkv, m, -1)
-    need.scatter_(3, tiles, True)  # (a -1 entry marks tile 0, which the sink holds anyway)
-    # full tiles (every key kept for every query: no mask_mod call), below the diagonal: inside the window or the
-    # sink, or selected whole by every query of the query tile
-    a = cols * TILE
-    below = (cols[None] < nk) & (a[None] + TILE - 1 <= first[:, None])
-    full = below & (((last[:, None] - a[None]) < cfg.window) | (a[None] + TILE <= cfg.sink_tokens))
-    full = full[None, None] | (below[None, None] & chosen_tiles(bits, nk, ntile, q_tile // st, bs))
-    g = hq // hkv
-
-    def lists(x):
-        return [y.repeat_interleave(g, 1).contiguous() for y in tile_lists(x)]
-
-    def member(bi, h, qi, kv):
-        main = kv < t
-        j = torch.where(main, kv, (kv - t) * stride)
-        local = (j < cfg.sink_tokens) | (qi - j < cfg.window)
-        chosen = bits[bi, h // g, qi // st, j // bs]
-        keep = torch.where(main, local | chosen, ~(local | chosen))
-        return keep & (j <= qi) & (kv < t + ns)
-
-    return k2, v2, BlockMask.from_kv_blocks(*lists(need & ~full), *lists(full), BLOCK_SIZE=(q_tile, TILE),
-                                            mask_mod=member, seq_lengths=(t, k2.shape[2]))
+def exact_sets(q, k, v, cfg: SparseXConfig):
+    """Sparse-X's exact key sets (one document, no padding, ``combine="union"``) as the FlashAttention-4 stage
+    builds them (``sparsex_hf/ops/attention/flash4.py``): ``(k2, v2, block_mask)`` over ``K' = [K; pad;
+    K[:, :, ::stride]; pad]`` from Sparse-X's own selection, its full tiles where every query of a 128-query tile
+    attends a tile whole and a membership ``mask_mod`` on the others. (Rows up to tag ``t31g`` were measured with
+    an earlier copy of this construction in the benchmark, which listed tiles by ``argsort``.)"""
+    lay = flash4.Layout(q.shape[2], k.shape[2], cfg)
+    mask = flash4.block_mask(lay, cfg, sparsex_select(q, k, cfg), q.shape[1] // k.shape[1], backward=True)
+    return flash4.extended(k, lay, cfg), flash4.extended(v, lay, cfg), mask
 
 
 def dense_mask(pattern: Pattern, t: int) -> torch.Tensor:
@@ -239,9 +167,9 @@ def one_pass_lists(pattern: Pattern, t: int, ns: int):
 
     full, mask = one_pass_tiles(pattern, t, ns)
     size = (pattern.q_tile, TILE)
-    fwd = BlockSparseTensorsTorch(*tile_lists(mask), *tile_lists(full), block_size=size)
-    bwd = BlockSparseTensorsTorch(*tile_lists(mask.transpose(-1, -2).contiguous()),
-                                  *tile_lists(full.transpose(-1, -2).contiguous()), block_size=size)
+    fwd = BlockSparseTensorsTorch(*flash4.tile_lists(mask), *flash4.tile_lists(full), block_size=size)
+    bwd = BlockSparseTensorsTorch(*flash4.tile_lists(mask.transpose(-1, -2).contiguous()),
+                                  *flash4.tile_lists(full.transpose(-1, -2).contiguous()), block_size=size)
     return fwd, bwd
 
 

@@ -12,7 +12,16 @@ from utils import random_qkv
 
 from sparsex_hf import SparseXConfig, sparsex_attention, sparsex_select
 from sparsex_hf.ops.attention import api
-from sparsex_hf.ops.attention.flash4 import TILE, _Layout, _tiles, block_mask, extended, flash4_attention, flash4_missing
+from sparsex_hf.ops.attention.flash4 import (
+    TILE,
+    Layout,
+    _bits,
+    _tiles,
+    block_mask,
+    extended,
+    flash4_attention,
+    flash4_missing,
+)
 
 BASE = dict(block_size=16, sink_tokens=16, window=64, stride=32, topk=3, select_tile=16, dense_when_faster=False)
 CASES = {  # hq, hkv, tq, tk, config changes
@@ -50,10 +59,10 @@ def _dense_sets(q, k, v, cfg, sel, cut_stride_grads=False):
     detaches the appended stride keys and values (their gradients then never reach dK, dV)."""
     hq, tq = q.shape[1], q.shape[2]
     g = hq // k.shape[1]
-    lay = _Layout(tq, k.shape[2], cfg)
+    lay = Layout(tq, k.shape[2], cfg)
     mask = block_mask(lay, cfg, sel, g, backward=False)
     masked, full = (x.repeat_interleave(g, 1).repeat_interleave(TILE, 2).repeat_interleave(TILE, 3)
-                    for x in _tiles(lay, cfg, sel, _bits_of(mask)))
+                    for x in _tiles(lay, cfg, sel, _bits(lay, cfg, sel)))
     idx = [torch.arange(n).view(*([1] * i), n, *([1] * (3 - i))) for i, n in enumerate(masked.shape)]
     keep = full | (masked & mask.mask_mod(*idx))
     keep[:, :, tq:, 0] = True  # padding query rows (sliced off) attend something: no NaN in their backward
@@ -66,11 +75,6 @@ def _dense_sets(q, k, v, cfg, sel, cut_stride_grads=False):
         return x2.repeat_interleave(g, 1)
 
     return F.scaled_dot_product_attention(qp, keys(k), keys(v), attn_mask=keep, scale=0.2)[:, :, :tq]
-
-
-def _bits_of(mask):
-    cells = dict(zip(mask.mask_mod.__code__.co_freevars, (c.cell_contents for c in mask.mask_mod.__closure__)))
-    return cells["bits"]
 
 
 @pytest.mark.parametrize("name", ["odd-length-gqa-2", "chunk-tq-below-tk-gqa-3", "tile-aligned-blocks"])
@@ -93,8 +97,8 @@ def test_tile_aligned_blocks_make_full_tiles():
     """Blocks of 128 keys selected per 128 queries are whole tiles: every selected tile below the diagonal is full
     (the kernel's dense rate), and the masked tiles are only the diagonal, the window's edge and the stride tiles."""
     cfg, q, k, v, sel = _inputs("tile-aligned-blocks")
-    lay = _Layout(q.shape[2], k.shape[2], cfg)
-    masked, full = _tiles(lay, cfg, sel, _bits_of(block_mask(lay, cfg, sel, 2, backward=False)))
+    lay = Layout(q.shape[2], k.shape[2], cfg)
+    masked, full = _tiles(lay, cfg, sel, _bits(lay, cfg, sel))
     assert not (masked & full).any()
     tiles = (sel[:, :, ::TILE].long() * cfg.block_size // TILE)  # [B, Hkv, m, topk]
     rows = torch.arange(lay.m).view(1, 1, -1, 1).expand_as(tiles)

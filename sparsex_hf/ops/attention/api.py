@@ -148,9 +148,11 @@ def _check_flash4(q, cfg: SparseXConfig, attention_mask, cu_seqlens, sliding_win
         raise ValueError(f"backend='flash4' computes combine='union' (one softmax), not {cfg.combine!r}; {others}.")
     if sliding_window is not None or selected is not None or return_stats:
         raise ValueError(f"backend='flash4' takes no sliding_window, selected_blocks or return_stats; {others}.")
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 256:
-        raise ValueError(f"backend='flash4' takes float16 or bfloat16 and a head_dim that is a multiple of 8 up to 256, "
-                         f"got {q.dtype} and {q.shape[-1]}; {others}.")
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in TRITON_HEAD_DIMS or (
+            cfg.topk and cfg.block_size not in TRITON_BLOCK_SIZES):
+        raise ValueError(f"backend='flash4' takes float16 or bfloat16, head_dim in {TRITON_HEAD_DIMS} and block_size in "
+                         f"{TRITON_BLOCK_SIZES} (its selection runs on the Triton kernels), got {q.dtype}, "
+                         f"{q.shape[-1]} and {cfg.block_size}; {others}.")
 
 
 def sparsex_attention(

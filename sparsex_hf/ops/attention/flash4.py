@@ -66,8 +66,9 @@ def _compiled(backend: str):
     return functools.partial(compiled, enable_gqa=True, kernel_options=options)
 
 
-def _compact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A boolean ``[..., N]`` as (count ``[...]``, the set columns first in increasing order ``[..., N]``), int32."""
+def tile_lists(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A boolean ``[..., N]`` of listed tiles as (count ``[...]``, the listed columns first in increasing order
+    ``[..., N]``), int32: a prefix sum, no sort."""
     n = x.shape[-1]
     cnt = x.sum(-1, dtype=torch.int32)
     slot = torch.where(x, torch.cumsum(x, -1) - 1, n)
@@ -76,7 +77,7 @@ def _compact(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cnt, idx.scatter_(-1, slot, cols)[..., :n].contiguous()
 
 
-class _Layout:
+class Layout:
     """Sizes of one call: ``tq``/``tk`` queries and keys (the queries the last ``tq`` positions), padded to tiles;
     ``ns`` stride keys; selection groups ``g0 ...`` (group ``p // select_tile`` of position ``p``)."""
 
@@ -93,7 +94,7 @@ class _Layout:
         self.wide = -(-span // cfg.block_size) + 1
 
 
-def _bits(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor) -> torch.Tensor:
+def _bits(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor) -> torch.Tensor:
     """``[B, Hkv, groups + slack, wide]``: block ``n`` selected by selection group ``g0 + r`` (row ``r``), from the
     selection of each group's first query in the call; the slack rows (padding queries' groups) stay empty."""
     b, hkv, _, topk = sel.shape
@@ -106,7 +107,7 @@ def _bits(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor) -> torch.Tensor:
     return bits[..., : lay.wide].contiguous()
 
 
-def _whole(lay: _Layout, cfg: SparseXConfig, bits: torch.Tensor) -> torch.Tensor:
+def _whole(lay: Layout, cfg: SparseXConfig, bits: torch.Tensor) -> torch.Tensor:
     """``[B, Hkv, m, nk]``: main key tiles that every selection group of a query tile's real rows selected whole."""
     b, hkv = bits.shape[:2]
     bs, dev = cfg.block_size, bits.device
@@ -124,7 +125,7 @@ def _whole(lay: _Layout, cfg: SparseXConfig, bits: torch.Tensor) -> torch.Tensor
     return (cs[:, :, gb + 1] - cs[:, :, ga]) == (gb - ga + 1)[:, None]
 
 
-def _tiles(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor, bits: torch.Tensor):
+def _tiles(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, bits: torch.Tensor):
     """(masked, full) booleans ``[B, Hkv, m, cols]`` of the key tiles each 128-query tile lists."""
     dev, b, hkv = sel.device, sel.shape[0], sel.shape[1]
     col = torch.arange(lay.cols, device=dev)[None]
@@ -150,7 +151,7 @@ def _tiles(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor, bits: torch.Tens
     return need & ~full, full
 
 
-def block_mask(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool):
+def block_mask(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool):
     """The FlexAttention block mask of the exact sets (``group`` query heads per KV head)."""
     bits = _bits(lay, cfg, sel)
     masked, full = _tiles(lay, cfg, sel, bits)
@@ -167,7 +168,7 @@ def block_mask(lay: _Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, 
         return torch.where(main, held, ~held) & (j <= p) & real
 
     def lists(x):
-        return [y.repeat_interleave(group, 1).contiguous() for y in _compact(x)]
+        return [y.repeat_interleave(group, 1).contiguous() for y in tile_lists(x)]
 
     return BlockMask.from_kv_blocks(*lists(masked), *lists(full), BLOCK_SIZE=(TILE, TILE), mask_mod=member,
                                     seq_lengths=(lay.tq_p, lay.tk_p + lay.ns_p), compute_q_blocks=backward)
@@ -178,7 +179,7 @@ def flash4_attention(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, *, scale: f
     """Sparse-X over ``[B, Hq, Tq, D]`` queries (the last ``Tq`` of the ``Tk`` keys) with the selection ``sel``
     ``[B, Hkv, Tq, topk]``, through FlexAttention on ``kernel`` (``"FLASH"``: FlashAttention-4; ``"default"``:
     FlexAttention's own lowering, which the CPU tests run). Inputs validated by the caller."""
-    lay = _Layout(q.shape[2], k.shape[2], cfg)
+    lay = Layout(q.shape[2], k.shape[2], cfg)
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     mask = block_mask(lay, cfg, sel, q.shape[1] // k.shape[1], backward)
     qp = torch.nn.functional.pad(q, (0, 0, 0, lay.tq_p - lay.tq))
@@ -186,7 +187,7 @@ def flash4_attention(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, *, scale: f
     return _compiled(kernel)(qp, k2, v2, block_mask=mask, scale=scale)[:, :, : lay.tq]
 
 
-def extended(x: torch.Tensor, lay: _Layout, cfg: SparseXConfig) -> torch.Tensor:
+def extended(x: torch.Tensor, lay: Layout, cfg: SparseXConfig) -> torch.Tensor:
     """``K' = [K; pad; K[:, :, ::stride]; pad]`` (autograd adds the stride keys' gradients back into ``K``'s)."""
     parts = [x, x.new_zeros(*x.shape[:2], lay.tk_p - lay.tk, x.shape[3])]
     if lay.ns:
