@@ -104,13 +104,18 @@ def profile_steps(model, ids, steps: int = 16, **kw) -> str:
         graphs = sum(e.count for e in ev if e.key == "cudaGraphLaunch")
         launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
                                                         "cudaLaunchKernelExC"))
-        busy = sum(e.device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) / 1000
-        return graphs, launches, busy
+        return graphs, launches, gpu_busy_ms(ev)
 
     g1, l1, b1 = one(1)
     g2, l2, b2 = one(1 + steps)
     return (f"per step: {(g2 - g1) / steps:.1f} graph replays, {(l2 - l1) / steps:.0f} kernel launches, "
             f"GPU busy {(b2 - b1) / steps:.3f} ms")
+
+
+def gpu_busy_ms(events) -> float:
+    """The GPU's busy time in a profile: the sum of its kernels' times (device events only; an operator's own
+    device time would count its kernels a second time)."""
+    return sum(e.device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1000
 
 
 def profile_prefill(model, ids, path: str, **kw) -> str:
@@ -123,7 +128,7 @@ def profile_prefill(model, ids, path: str, **kw) -> str:
         torch.cuda.synchronize()
     wall = 1000 * (time.perf_counter() - t0)
     ev = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in ev) / 1000
+    busy = gpu_busy_ms(ev)
     with open(path, "w") as f:
         f.write(f"prefill (generate of 1 token) under the profiler: wall {wall:.1f} ms, GPU busy {busy:.1f} ms\n\n")
         f.write(ev.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70) + "\n")
