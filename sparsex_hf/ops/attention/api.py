@@ -24,12 +24,13 @@ from .dense import (
     dense_decode,
     log_once,
 )
-from .flash4 import flash4_attention, flash4_missing
+from .flash4 import Documents, flash4_attention, flash4_missing
 from .gathered import sparsex_attention_gathered
 from .kernels.tuning import device_name
 from .reference.decode import MAX_DECODE_QUERIES, prompt_anchor
 from .reference.naive import SparseXStats, sparsex_attention_naive
 from .rules.common import anchor_scores
+from .rules.layout import kernel_documents
 
 if HAS_TRITON:
     from .kernels.select import anchor_scores_triton
@@ -130,20 +131,22 @@ def _check_backend(backend: str, q, cfg: SparseXConfig, attention_mask, cu_seqle
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
     elif backend == "flash4":
-        _check_flash4(q, cfg, attention_mask, cu_seqlens, sliding_window, selected, return_stats)
+        _check_flash4(q, cfg, sliding_window, selected, return_stats)
 
 
-def _run_flash4(q, k, v, cfg: SparseXConfig, scale: float) -> torch.Tensor:
+def _run_flash4(q, k, v, cfg: SparseXConfig, scale: float, attention_mask, cu_q, cu_k) -> torch.Tensor:
     """The FlashAttention-4 stage over today's selection (``ops/attention/flash4.py``)."""
-    sel = (select_op(q.detach(), k.detach(), None, None, None, cfg.json, 0) if cfg.topk else
+    sel = (select_op(q.detach(), k.detach(), attention_mask, cu_q, cu_k, cfg.json, 0) if cfg.topk else
            q.new_full((q.shape[0], k.shape[1], q.shape[2], 0), -1, dtype=torch.int32))
-    return flash4_attention(q, k, v, cfg, sel, scale=scale)
+    docs = None
+    if attention_mask is not None or cu_k is not None:
+        found = kernel_documents(q.shape[0], q.shape[2], k.shape[2], attention_mask, cu_q, cu_k)
+        docs = Documents(found, q.shape[0], q.shape[2], k.shape[2], cfg, q.device)
+    return flash4_attention(q, k, v, cfg, sel, scale=scale, docs=docs)
 
 
-def _check_flash4(q, cfg: SparseXConfig, attention_mask, cu_seqlens, sliding_window, selected, return_stats) -> None:
+def _check_flash4(q, cfg: SparseXConfig, sliding_window, selected, return_stats) -> None:
     others = "use backend='triton' (or 'auto'), which takes them"
-    if attention_mask is not None or cu_seqlens is not None:
-        raise ValueError(f"backend='flash4' takes one unpadded document per row: no attention_mask or cu_seqlens; {others}.")
     if cfg.combine != "union":
         raise ValueError(f"backend='flash4' computes combine='union' (one softmax), not {cfg.combine!r}; {others}.")
     if sliding_window is not None or selected is not None or return_stats:
@@ -186,7 +189,7 @@ def sparsex_attention(
             ``Tq < Tk``.
         backend: ``"torch"`` (reference), ``"triton"`` (kernels) or ``"auto"``; default ``config.backend``.
             ``"flash4"``: the FlashAttention-4 stage (``ops/attention/flash4.py``, the ``flash4`` extra, Hopper or
-            Blackwell; one unpadded document per row, ``combine="union"``, float16/bfloat16).
+            Blackwell; ``combine="union"``, float16/bfloat16, no model sliding window).
         layer_idx: the model layer; layers in ``config.dense_layers`` compute dense causal attention.
         sliding_window: a model's sliding window (Mistral); honoured when ``config.respect_sliding_window``.
         mix_weights: ``[3]`` or ``[Hq, 3]`` branch weights for ``combine="mix"`` (default alpha, beta, gamma).
@@ -228,7 +231,7 @@ def sparsex_attention(
         if out is not None:
             return out
     if backend == "flash4":
-        return _run_flash4(q, k, v, cfg, float(scale))
+        return _run_flash4(q, k, v, cfg, float(scale), attention_mask, cu_seqlens_q, cu_seqlens)
     if backend == "triton":
         return sparsex_attention_triton(
             q, k, v, cfg, scale=scale, attention_mask=attention_mask, cu_seqlens_q=cu_seqlens_q,

@@ -79,18 +79,21 @@ def tile_lists(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Layout:
     """Sizes of one call: ``tq``/``tk`` queries and keys (the queries the last ``tq`` positions), padded to tiles;
-    ``ns`` stride keys; selection groups ``g0 ...`` (group ``p // select_tile`` of position ``p``)."""
+    ``ns`` stride keys; selection groups ``g0 ...`` (group ``p // select_tile`` of position ``p``). A call of
+    documents (``Documents``) gives its own ``ns`` (the most stride keys of a row) and ``span`` (its longest
+    document)."""
 
-    def __init__(self, tq: int, tk: int, cfg: SparseXConfig):
+    def __init__(self, tq: int, tk: int, cfg: SparseXConfig, ns: int | None = None, span: int | None = None):
         self.tq, self.tk, self.off = tq, tk, tk - tq
         self.tq_p, self.tk_p = _ceil(tq, TILE), _ceil(tk, TILE)
-        self.ns = -(-tk // cfg.stride) if cfg.stride else 0
+        self.ns = ns if ns is not None else -(-tk // cfg.stride) if cfg.stride else 0
         self.ns_p = _ceil(self.ns, TILE)
         self.nk, self.m = self.tk_p // TILE, self.tq_p // TILE
         self.cols = self.nk + self.ns_p // TILE
         self.g0 = self.off // cfg.select_tile
         self.groups = (tk - 1) // cfg.select_tile - self.g0 + 1
-        span = max(self.tk_p, self.ns_p * max(cfg.stride, 1))  # every key position mask_mod may look up
+        if span is None:
+            span = max(self.tk_p, self.ns_p * max(cfg.stride, 1))  # every key position mask_mod may look up
         self.wide = -(-span // cfg.block_size) + 1
 
 
@@ -167,29 +170,164 @@ def block_mask(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, b
         real = torch.where(main, kv < tk, kv - tk_p < ns)
         return torch.where(main, held, ~held) & (j <= p) & real
 
+    return _from_tiles(lay, masked, full, member, group, backward)
+
+
+def _segments(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment, offset inside it) of every element of segments of ``lengths`` laid end to end."""
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    start = torch.cumsum(lengths, 0) - lengths
+    return seg, torch.arange(seg.numel(), device=lengths.device) - start[seg]
+
+
+class Documents:
+    """The tables of a padded or packed call, from its documents ``(b, q_row0, k_col0, m, n)``
+    (``rules/layout.kernel_documents``: keys ``k_col0 ...`` of row ``b``, queries its last ``m`` positions).
+
+    ``qdoc``, ``qrel``, ``qrow`` ``[B, tq_p]`` int32: each query row's document (-2: none), position in it and
+    selection row (one per document and ``select_tile`` group, ``bits``' row); ``kdoc``, ``krel`` ``[B, tk_p + ns_p]``
+    over ``K'`` (-1: padding); ``sidx`` ``[B, ns_p]``: the key column of each appended stride key (each row's
+    documents' stride keys in order). ``qb``, ``qi``, ``qk0``, ``qbase`` per real query: batch row, query row, its
+    document's first key column, the first of its stride keys in ``K'``'s appended part, and its position."""
+
+    def __init__(self, docs: list, bsz: int, tq: int, tk: int, cfg: SparseXConfig, device: torch.device):
+        b, q0, k0, m, n = torch.tensor(docs, dtype=torch.long).reshape(-1, 5).T.contiguous()
+        cnt = -(-n // cfg.stride) if cfg.stride else torch.zeros_like(n)
+        cum = torch.cumsum(cnt, 0) - cnt
+        base = cum - cum[torch.searchsorted(b, b)]  # each document's stride keys after its row's earlier ones'
+        per_row = torch.zeros(bsz, dtype=torch.long).index_add_(0, b, cnt)
+        self.lay = lay = Layout(tq, tk, cfg, ns=int(per_row.max()) if len(docs) else 0,
+                                span=int(n.max()) if len(docs) else 1)
+        st, first = cfg.select_tile, n - m
+        rows = (n - 1) // st - first // st + 1
+        b, q0, k0, m, n, cnt, base, first, rows = (x.to(device) for x in (b, q0, k0, m, n, cnt, base, first, rows))
+        i32 = dict(dtype=torch.int32, device=device)
+        self.kdoc, self.krel = torch.full((bsz, lay.tk_p + lay.ns_p), -1, **i32), torch.zeros(bsz, lay.tk_p + lay.ns_p, **i32)
+        seg, r = _segments(n)
+        self.kdoc[b[seg], k0[seg] + r], self.krel[b[seg], k0[seg] + r] = seg.int(), r.int()
+        seg, u = _segments(cnt)
+        col = base[seg] + u
+        self.kdoc[b[seg], lay.tk_p + col], self.krel[b[seg], lay.tk_p + col] = seg.int(), (u * cfg.stride).int()
+        self.sidx = torch.zeros(bsz, lay.ns_p, dtype=torch.long, device=device)
+        self.sidx[b[seg], col] = k0[seg] + u * cfg.stride
+        seg, r = _segments(m)
+        rel, rbase = first[seg] + r, (torch.cumsum(rows, 0) - rows)[seg]
+        self.qb, self.qi, self.qk0, self.qbase, self.qpos = b[seg], q0[seg] + r, k0[seg], base[seg], rel
+        self.qdoc, self.qrel, self.qrow = torch.full((bsz, lay.tq_p), -2, **i32), *torch.zeros(2, bsz, lay.tq_p, **i32)
+        self.qdoc[self.qb, self.qi], self.qrel[self.qb, self.qi] = seg.int(), rel.int()
+        self.qrow[self.qb, self.qi] = (rbase + rel // st - first[seg] // st).int()
+        seg, j = _segments(rows)  # each selection row's first query
+        rel = torch.maximum(first[seg], (first[seg] // st + j) * st)
+        self.rows = (b[seg], q0[seg] + rel - first[seg])
+
+    def bits(self, sel: torch.Tensor) -> torch.Tensor:
+        """``[Hkv, rows, wide]``: block ``n`` (of its document) selected by selection row ``r``."""
+        s = sel[self.rows[0], :, self.rows[1]].transpose(0, 1).long()  # [Hkv, rows, topk]
+        wide = self.lay.wide
+        bits = torch.zeros(sel.shape[1], s.shape[1] + 1, wide + 1, dtype=torch.bool, device=sel.device)
+        if s.shape[-1]:
+            bits[:, : s.shape[1]].scatter_(2, torch.where(s < 0, wide, s), True)
+        return bits[..., :wide].contiguous()
+
+    def tiles(self, cfg: SparseXConfig, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked, full) ``[B, Hkv, m, cols]``: each query tile lists the key tiles of its queries' column ranges
+        (window, sink, stride keys, selected blocks: +1 / -1 at the ends, a prefix sum); full tiles only where the
+        query tile and the key tile lie in one document, below the diagonal, inside the window or the sink."""
+        lay, dev, (bsz, hkv) = self.lay, sel.device, sel.shape[:2]
+        w, t, pcol = lay.cols + 1, self.qi // TILE, lay.off + self.qi
+        ranges = [(torch.maximum(self.qk0, pcol - cfg.window + 1), pcol)]
+        if cfg.sink_tokens:
+            ranges.append((self.qk0, torch.minimum(self.qk0 + cfg.sink_tokens - 1, pcol)))
+        if cfg.stride:
+            ranges.append((lay.tk_p + self.qbase, lay.tk_p + self.qbase + self.qpos // cfg.stride))
+        diff = torch.zeros(bsz * hkv * lay.m * w, dtype=torch.int32, device=dev)
+        row = ((self.qb * hkv)[:, None] + torch.arange(hkv, device=dev)) * lay.m + t[:, None]  # [Nq, Hkv]
+        for lo, hi in ranges:
+            _mark(diff, row, lo[:, None] // TILE, hi[:, None] // TILE, None, w)
+        if sel.shape[-1]:
+            s = sel[self.qb, :, self.qi].long()  # [Nq, Hkv, topk]
+            lo = self.qk0[:, None, None] + s * cfg.block_size
+            hi = torch.minimum(lo + cfg.block_size - 1, pcol[:, None, None])
+            ok = (s >= 0) & (lo <= hi)
+            _mark(diff, row[..., None], lo.clamp(min=0) // TILE, hi.clamp(min=0) // TILE, ok, w)
+        need = torch.cumsum(diff.view(bsz, hkv, lay.m, w), -1)[..., : lay.cols] > 0
+        first = torch.arange(lay.m, device=dev) * TILE
+        a = torch.arange(lay.nk, device=dev) * TILE
+        qa, ka = self.qdoc[:, first], self.kdoc[:, a]
+        one = (qa == self.qdoc[:, first + TILE - 1]) & (qa >= 0)
+        same = one[..., None] & (ka == self.kdoc[:, a + TILE - 1])[:, None] & (ka[:, None] == qa[..., None])
+        below = (a + TILE - 1)[None] <= (lay.off + first)[:, None]
+        near = ((lay.off + first + TILE - 1)[:, None] - a[None]) < cfg.window
+        full = same & below & (near | (self.krel[:, a + TILE - 1] < cfg.sink_tokens)[:, None])
+        full = torch.nn.functional.pad(full, (0, lay.cols - lay.nk))[:, None] & need
+        return need & ~full, full
+
+
+def _mark(diff: torch.Tensor, row: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ok, w: int) -> None:
+    """Add the tile ranges ``[lo, hi]`` of rows ``row`` (a difference array of rows of ``w``) where ``ok``."""
+    row, lo, hi = torch.broadcast_tensors(row, lo, hi)
+    val = torch.ones_like(lo, dtype=torch.int32) if ok is None else ok.to(torch.int32).expand_as(lo)
+    diff.index_add_(0, (row * w + lo).flatten(), val.flatten())
+    diff.index_add_(0, (row * w + hi + 1).flatten(), -val.flatten())
+
+
+def document_mask(docs: Documents, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool):
+    """The block mask of a padded or packed call: positions, sinks, strides and blocks counted from each document's
+    start; keys of another document or padding never held."""
+    lay, bits = docs.lay, docs.bits(sel)
+    masked, full = docs.tiles(cfg, sel)
+    qdoc, qrel, qrow, kdoc, krel = docs.qdoc, docs.qrel, docs.qrow, docs.kdoc, docs.krel
+    tk_p, bs, sink, window = lay.tk_p, cfg.block_size, cfg.sink_tokens, cfg.window
+
+    def member(bi, h, qi, kv):
+        pr, jr = qrel[bi, qi], krel[bi, kv]
+        held = (jr < sink) | (pr - jr < window) | bits[h // group, qrow[bi, qi], jr // bs]
+        return torch.where(kv < tk_p, held, ~held) & (jr <= pr) & (qdoc[bi, qi] == kdoc[bi, kv])
+
+    return _from_tiles(lay, masked, full, member, group, backward)
+
+
+def _from_tiles(lay: Layout, masked, full, mask_mod, group: int, backward: bool) -> BlockMask:
     def lists(x):
         return [y.repeat_interleave(group, 1).contiguous() for y in tile_lists(x)]
 
-    return BlockMask.from_kv_blocks(*lists(masked), *lists(full), BLOCK_SIZE=(TILE, TILE), mask_mod=member,
+    return BlockMask.from_kv_blocks(*lists(masked), *lists(full), BLOCK_SIZE=(TILE, TILE), mask_mod=mask_mod,
                                     seq_lengths=(lay.tq_p, lay.tk_p + lay.ns_p), compute_q_blocks=backward)
 
 
-def flash4_attention(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, *, scale: float,
-                     kernel: str = "FLASH") -> torch.Tensor:
+def prepare(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, docs: Documents | None = None, backward: bool = False):
+    """The inputs of the FlexAttention call: (queries padded to tiles, ``K'``, ``V'``, the block mask)."""
+    group = q.shape[1] // k.shape[1]
+    if docs is None:
+        lay = Layout(q.shape[2], k.shape[2], cfg)
+        mask, sidx = block_mask(lay, cfg, sel, group, backward), None
+    else:
+        lay, sidx = docs.lay, docs.sidx
+        mask = document_mask(docs, cfg, sel, group, backward)
+    qp = q if lay.tq_p == lay.tq else torch.nn.functional.pad(q, (0, 0, 0, lay.tq_p - lay.tq))
+    return qp, extended(k, lay, cfg, sidx), extended(v, lay, cfg, sidx), mask
+
+
+def flash4_attention(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, *, scale: float, kernel: str = "FLASH",
+                     docs: Documents | None = None) -> torch.Tensor:
     """Sparse-X over ``[B, Hq, Tq, D]`` queries (the last ``Tq`` of the ``Tk`` keys) with the selection ``sel``
     ``[B, Hkv, Tq, topk]``, through FlexAttention on ``kernel`` (``"FLASH"``: FlashAttention-4; ``"default"``:
-    FlexAttention's own lowering, which the CPU tests run). Inputs validated by the caller."""
-    lay = Layout(q.shape[2], k.shape[2], cfg)
+    FlexAttention's own lowering, which the CPU tests run); ``docs``: the tables of a padded or packed call (rows of
+    no document return zeros). Inputs validated by the caller."""
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    mask = block_mask(lay, cfg, sel, q.shape[1] // k.shape[1], backward)
-    qp = torch.nn.functional.pad(q, (0, 0, 0, lay.tq_p - lay.tq))
-    k2, v2 = extended(k, lay, cfg), extended(v, lay, cfg)
-    return _compiled(kernel)(qp, k2, v2, block_mask=mask, scale=scale)[:, :, : lay.tq]
+    qp, k2, v2, mask = prepare(q, k, v, cfg, sel, docs, backward)
+    out = _compiled(kernel)(qp, k2, v2, block_mask=mask, scale=scale)[:, :, : q.shape[2]]
+    if docs is None:
+        return out
+    return torch.where((docs.qdoc[:, : q.shape[2]] >= 0)[:, None, :, None], out, 0)
 
 
-def extended(x: torch.Tensor, lay: Layout, cfg: SparseXConfig) -> torch.Tensor:
-    """``K' = [K; pad; K[:, :, ::stride]; pad]`` (autograd adds the stride keys' gradients back into ``K``'s)."""
+def extended(x: torch.Tensor, lay: Layout, cfg: SparseXConfig, sidx: torch.Tensor | None = None) -> torch.Tensor:
+    """``K' = [K; pad; K[:, :, ::stride]; pad]``, or with ``sidx`` ``[B, ns_p]`` the stride keys of each row's
+    documents (autograd adds the stride keys' gradients back into ``K``'s)."""
     parts = [x, x.new_zeros(*x.shape[:2], lay.tk_p - lay.tk, x.shape[3])]
-    if lay.ns:
+    if sidx is not None and lay.ns_p:
+        parts.append(x.gather(2, sidx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])))
+    elif sidx is None and lay.ns:
         parts += [x[:, :, :: cfg.stride], x.new_zeros(*x.shape[:2], lay.ns_p - lay.ns, x.shape[3])]
     return torch.cat(parts, 2)

@@ -44,8 +44,8 @@ def kernel_documents(bsz, tq, tk, attention_mask=None, cu_seqlens_q=None, cu_seq
     for b, (f, length, ok) in enumerate(rows):
         if not ok:
             raise ValueError(
-                f"backend='triton' needs the real tokens of each row to be contiguous (left or right padding); "
-                f"row {b} of attention_mask has holes. Use backend='torch' for such masks."
+                f"the kernels (backend='triton' or 'flash4') need the real tokens of each row to be contiguous (left "
+                f"or right padding); row {b} of attention_mask has holes. Use backend='torch' for such masks."
             )
         q_start = max(f, offset)
         m = max(0, f + length - q_start)
