@@ -205,6 +205,33 @@ def test_documents_keep_full_tiles_inside_one_document():
     assert (cols * TILE + TILE - 1 <= m * TILE).all()
 
 
+def test_lengths_of_one_padded_shape_compile_once(monkeypatch):
+    """Lengths enter the block mask as tables: lengths that pad to one shape reuse one compiled graph; past
+    ``MAX_SHAPES`` shapes a new one is refused with an error (never FlexAttention's unfused O(T^2) fallback)."""
+    from torch._dynamo.utils import counters
+
+    from sparsex_hf.ops.attention import flash4
+
+    cfg = SparseXConfig(**BASE)
+
+    def run(t):
+        q, k, v = random_qkv(1, 2, 1, t, t, 32, dtype=torch.float32, seed=t)
+        sel = sparsex_select(q, k, cfg, backend="torch")
+        out = flash4_attention(q, k, v, cfg, sel, scale=0.2, kernel="default")
+        torch.testing.assert_close(out, sparsex_attention(q, k, v, cfg, scale=0.2, backend="torch"), atol=2e-5,
+                                   rtol=1e-4)
+
+    run(260)
+    graphs = counters["stats"]["unique_graphs"]
+    run(300)
+    run(384)
+    assert counters["stats"]["unique_graphs"] == graphs
+    monkeypatch.setattr(flash4, "MAX_SHAPES", len(flash4._SHAPES))
+    run(260)
+    with pytest.raises(RuntimeError, match="compiled .* input shapes in this process"):
+        run(500)
+
+
 def test_flash4_is_refused_clearly_where_it_cannot_run():
     cfg = SparseXConfig(**BASE)
     q, k, v = random_qkv(1, 2, 1, 64, 64, 32, dtype=torch.float32)

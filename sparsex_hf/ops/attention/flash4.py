@@ -30,6 +30,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ...config import SparseXConfig
 
 TILE = 128
+MAX_SHAPES = 64  # input shapes one process compiles (Dynamo's recompile limit is raised to this for the calls)
+_SHAPES: set = set()
 
 
 def _ceil(x: int, m: int) -> int:
@@ -79,11 +81,12 @@ def tile_lists(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Layout:
     """Sizes of one call: ``tq``/``tk`` queries and keys (the queries the last ``tq`` positions), padded to tiles;
-    ``ns`` stride keys; selection groups ``g0 ...`` (group ``p // select_tile`` of position ``p``). A call of
-    documents (``Documents``) gives its own ``ns`` (the most stride keys of a row) and ``span`` (its longest
-    document)."""
+    ``ns`` stride keys; selection groups ``g0 ...`` (group ``p // select_tile`` of position ``p``), ``rows`` of the
+    selection bitmap and ``wide`` blocks in a row (sizes of the padded shape only, so that one compiled graph serves
+    every length of a padded shape). A call of documents (``Documents``) gives its own ``ns`` (the most stride keys
+    of a row)."""
 
-    def __init__(self, tq: int, tk: int, cfg: SparseXConfig, ns: int | None = None, span: int | None = None):
+    def __init__(self, tq: int, tk: int, cfg: SparseXConfig, ns: int | None = None):
         self.tq, self.tk, self.off = tq, tk, tk - tq
         self.tq_p, self.tk_p = _ceil(tq, TILE), _ceil(tk, TILE)
         self.ns = ns if ns is not None else -(-tk // cfg.stride) if cfg.stride else 0
@@ -92,18 +95,17 @@ class Layout:
         self.cols = self.nk + self.ns_p // TILE
         self.g0 = self.off // cfg.select_tile
         self.groups = (tk - 1) // cfg.select_tile - self.g0 + 1
-        if span is None:
-            span = max(self.tk_p, self.ns_p * max(cfg.stride, 1))  # every key position mask_mod may look up
+        self.rows = self.tq_p // cfg.select_tile + TILE // cfg.select_tile + 3  # >= groups of the padded queries
+        span = max(self.tk_p, self.ns_p * max(cfg.stride, 1))  # every key position mask_mod may look up
         self.wide = -(-span // cfg.block_size) + 1
 
 
 def _bits(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor) -> torch.Tensor:
-    """``[B, Hkv, groups + slack, wide]``: block ``n`` selected by selection group ``g0 + r`` (row ``r``), from the
-    selection of each group's first query in the call; the slack rows (padding queries' groups) stay empty."""
+    """``[B, Hkv, rows, wide]``: block ``n`` selected by selection group ``g0 + r`` (row ``r``), from the selection
+    of each group's first query in the call; the rows past ``groups`` (padding queries' groups) stay empty."""
     b, hkv, _, topk = sel.shape
     rows = ((torch.arange(lay.groups, device=sel.device) + lay.g0) * cfg.select_tile - lay.off).clamp(min=0)
-    bits = torch.zeros(b, hkv, lay.groups + TILE // cfg.select_tile + 2, lay.wide + 1, dtype=torch.bool,
-                       device=sel.device)
+    bits = torch.zeros(b, hkv, lay.rows, lay.wide + 1, dtype=torch.bool, device=sel.device)
     if topk:
         s = sel[:, :, rows].long()
         bits[:, :, : lay.groups].scatter_(3, torch.where(s < 0, lay.wide, s), True)
@@ -158,17 +160,20 @@ def block_mask(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, b
     """The FlexAttention block mask of the exact sets (``group`` query heads per KV head)."""
     bits = _bits(lay, cfg, sel)
     masked, full = _tiles(lay, cfg, sel, bits)
-    off, tk, tk_p, ns = lay.off, lay.tk, lay.tk_p, lay.ns
-    stride, st, g0, bs = cfg.stride, cfg.select_tile, lay.g0, cfg.block_size
+    dev, tk_p, stride, bs = sel.device, lay.tk_p, cfg.stride, cfg.block_size
     sink, window = cfg.sink_tokens, cfg.window
+    # lengths enter as tables, never as numbers in mask_mod: one compiled graph per padded shape
+    pos = torch.arange(lay.tq_p, dtype=torch.int32, device=dev) + lay.off
+    qrow = pos // cfg.select_tile - lay.g0
+    kv = torch.arange(lay.tk_p + lay.ns_p, device=dev)
+    real = torch.where(kv < lay.tk_p, kv < lay.tk, kv - lay.tk_p < lay.ns)
 
     def member(bi, h, qi, kv):
-        p = qi + off
+        p = pos[qi]
         main = kv < tk_p
         j = torch.where(main, kv, (kv - tk_p) * stride)
-        held = (j < sink) | (p - j < window) | bits[bi, h // group, p // st - g0, j // bs]
-        real = torch.where(main, kv < tk, kv - tk_p < ns)
-        return torch.where(main, held, ~held) & (j <= p) & real
+        held = (j < sink) | (p - j < window) | bits[bi, h // group, qrow[qi], j // bs]
+        return torch.where(main, held, ~held) & (j <= p) & real[kv]
 
     return _from_tiles(lay, masked, full, member, group, backward)
 
@@ -196,8 +201,7 @@ class Documents:
         cum = torch.cumsum(cnt, 0) - cnt
         base = cum - cum[torch.searchsorted(b, b)]  # each document's stride keys after its row's earlier ones'
         per_row = torch.zeros(bsz, dtype=torch.long).index_add_(0, b, cnt)
-        self.lay = lay = Layout(tq, tk, cfg, ns=int(per_row.max()) if len(docs) else 0,
-                                span=int(n.max()) if len(docs) else 1)
+        self.lay = lay = Layout(tq, tk, cfg, ns=int(per_row.max()) if len(docs) else 0)
         st, first = cfg.select_tile, n - m
         rows = (n - 1) // st - first // st + 1
         b, q0, k0, m, n, cnt, base, first, rows = (x.to(device) for x in (b, q0, k0, m, n, cnt, base, first, rows))
@@ -224,7 +228,8 @@ class Documents:
         """``[Hkv, rows, wide]``: block ``n`` (of its document) selected by selection row ``r``."""
         s = sel[self.rows[0], :, self.rows[1]].transpose(0, 1).long()  # [Hkv, rows, topk]
         wide = self.lay.wide
-        bits = torch.zeros(sel.shape[1], s.shape[1] + 1, wide + 1, dtype=torch.bool, device=sel.device)
+        rows = self.lay.rows if s.shape[1] < self.lay.rows else 1 << s.shape[1].bit_length()  # (few sizes)
+        bits = torch.zeros(sel.shape[1], rows, wide + 1, dtype=torch.bool, device=sel.device)
         if s.shape[-1]:
             bits[:, : s.shape[1]].scatter_(2, torch.where(s < 0, wide, s), True)
         return bits[..., :wide].contiguous()
@@ -316,7 +321,18 @@ def flash4_attention(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, *, scale: f
     no document return zeros). Inputs validated by the caller."""
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     qp, k2, v2, mask = prepare(q, k, v, cfg, sel, docs, backward)
-    out = _compiled(kernel)(qp, k2, v2, block_mask=mask, scale=scale)[:, :, : q.shape[2]]
+    bits = mask.mask_mod.__closure__  # the tables' shapes are guarded on as well
+    shape = (kernel, qp.shape, k2.shape, qp.dtype, str(qp.device), backward, docs is None,
+             tuple(c.cell_contents.shape for c in bits if isinstance(c.cell_contents, torch.Tensor)))
+    if shape not in _SHAPES and len(_SHAPES) >= MAX_SHAPES:
+        raise RuntimeError(
+            f"backend='flash4' has compiled {MAX_SHAPES} input shapes in this process (each new shape, lengths padded "
+            "to 128, compiles FlexAttention's graph and FlashAttention-4's kernels); past Dynamo's recompile limit "
+            "FlexAttention would run unfused with O(T^2) memory. Use backend='triton' for inputs of many lengths, or "
+            "raise sparsex_hf.ops.attention.flash4.MAX_SHAPES.")
+    _SHAPES.add(shape)
+    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, MAX_SHAPES + 8)):
+        out = _compiled(kernel)(qp, k2, v2, block_mask=mask, scale=scale)[:, :, : q.shape[2]]
     if docs is None:
         return out
     return torch.where((docs.qdoc[:, : q.shape[2]] >= 0)[:, None, :, None], out, 0)
