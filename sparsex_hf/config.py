@@ -17,7 +17,7 @@ from typing import Any
 
 COMBINE_MODES = ("union", "mix")
 SELECTION_SCORES = ("minmax", "mean")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flash4")
 GENERATE_CACHES = ("auto", "static", "dynamic")
 ANCHORS = (False, "last", "split")
 
@@ -84,8 +84,10 @@ class SparseXConfig:
         respect_sliding_window: when the model passes a ``sliding_window`` (Mistral), keys further
             than the window are excluded from every set, as the model was trained. ``False`` lets
             Sparse-X reach beyond it.
-        backend: ``"auto"`` (by device), ``"torch"`` (the reference) or ``"triton"`` (the kernels). A setting of
-            the machine, not of the model: never saved with a checkpoint (``RUNTIME_FIELDS``).
+        backend: ``"auto"`` (by device), ``"torch"`` (the reference), ``"triton"`` (the kernels) or ``"flash4"``
+            (prefill on the FlashAttention-4 stage, ``ops/attention/flash4.py``, the ``flash4`` extra on a Hopper or
+            Blackwell GPU; the selection and decode steps on the Triton kernels). A setting of the machine, not of
+            the model: never saved with a checkpoint (``RUNTIME_FIELDS``).
         prefill_chunk: ``generate()`` prefills a longer prompt chunk by chunk into the cache (Transformers'
             ``prefill_chunk_size``), so activation memory stays bounded; 0 turns chunking off. Set on the
             model's generation config by ``sparsex_hf.from_pretrained`` and ``apply_sparsex``.

@@ -155,6 +155,8 @@ def test_what_only_the_model_or_the_machine_can_tell_is_refused_at_load(tmp_path
         sparsex_hf.from_pretrained(tmp_path, sparsex={"backend": "triton"})
     with pytest.raises(ValueError, match="backend='triton'"):
         sparsex_hf.set_sparsex_config(model, backend="triton")
+    with pytest.raises(ValueError, match="backend='flash4' cannot run here: no CUDA GPU is visible here"):
+        sparsex_hf.from_pretrained(tmp_path, sparsex={"backend": "flash4"})
 
 
 @pytest.mark.parametrize("stored", ["dict", "set"])

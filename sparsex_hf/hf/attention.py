@@ -23,8 +23,8 @@ from ..ops.attention import (
     cu_seqlens_from_position_ids,
     decode_goes_dense,
     dense_decode,
+    kernel_backend,
     log_once,
-    resolve_backend,
     sparsex_attention,
     sparsex_decode_attention,
     sparsex_prompt_anchor,
@@ -188,7 +188,7 @@ def _cached_decode(query, layer, cfg: SparseXConfig, scaling, sliding_window, mi
     """A decode step over a :class:`SparseXLayer`: SDPA where its rows share one offset and the cost model says so
     (``dense_when_faster``; the summaries catch up at the next sparse step), else Sparse-X's decode op."""
     n = layer.max_doc_len()
-    if (max(layer.offsets) == min(layer.offsets) and resolve_backend(cfg.backend, query.device) == "triton"
+    if (max(layer.offsets) == min(layer.offsets) and kernel_backend(cfg.backend, query.device) == "triton"
             and decode_goes_dense(query, layer.keys, n, cfg, sliding_window)):  # (a GPU's cost model: the kernels')
         return dense_decode(query, layer.keys, layer.values, layer.get_seq_length(), n, scale=scaling)
     return sparsex_decode_attention(

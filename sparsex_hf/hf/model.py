@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..config import SparseXConfig
+from ..ops.attention.flash4 import flash4_missing
 from ..patches import check_model_type
 from .attention import TYPE_DEFAULTS, get_sparsex_config
 from .generation import release_generation_cache
@@ -37,7 +38,8 @@ def set_sparsex_config(model: Any, config: SparseXConfig | Mapping[str, Any] | s
 
 def check_for_model(cfg: SparseXConfig, config) -> None:
     """What a config alone cannot check, against the model and the machine: ``dense_layers`` name layers the model
-    has, and ``backend="triton"`` has a GPU (or the interpreter) to run on."""
+    has, ``backend="triton"`` has a GPU (or the interpreter) to run on and ``backend="flash4"`` its GPU and
+    packages."""
     n = getattr(config, "num_hidden_layers", None)
     if n is not None and any(i >= n for i in cfg.dense_layers):
         raise ValueError(f"dense_layers={list(cfg.dense_layers)} names layers the model does not have: it has {n} "
@@ -47,6 +49,11 @@ def check_for_model(cfg: SparseXConfig, config) -> None:
         raise ValueError("backend='triton' runs the Triton kernels, which need a CUDA GPU (none is visible here) or "
                          "TRITON_INTERPRET=1 (slow, for tests); use backend='auto' (the kernels on a GPU, the "
                          "reference elsewhere) or 'torch'.")
+    if cfg.backend == "flash4":
+        why = flash4_missing(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA GPU is visible here"
+        if why:
+            raise ValueError(f"backend='flash4' cannot run here: {why} (pip install 'sparsex-hf[flash4]' on a Hopper "
+                             "or Blackwell GPU); use backend='auto' or 'triton'.")
 
 
 def from_pretrained(

@@ -81,8 +81,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise NotImplementedError(f"backend='flash4' cannot run here: {why} (pip install 'sparsex-hf[flash4]' on a "
                                       "Hopper or Blackwell GPU); use backend='triton' or 'auto'.")
         return "flash4"
-    raise ValueError(f"backend={backend!r} is invalid: allowed are 'auto', 'torch', 'triton' and, for "
-                     "sparsex_attention, 'flash4'.")
+    raise ValueError(f"backend={backend!r} is invalid: allowed are 'auto', 'torch', 'triton' and 'flash4'.")
+
+
+def kernel_backend(backend: str, device: torch.device) -> str:
+    """The backend of the stages that ``"flash4"`` leaves to the Triton kernels (selection, decode, anchor)."""
+    resolved = resolve_backend(backend, device)
+    return "triton" if resolved == "flash4" else resolved
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -292,7 +297,7 @@ def sparsex_select(
     shape = (q.shape[0], k.shape[1], q.shape[2], cfg.topk)
     if q.numel() == 0 or cfg.topk == 0:
         return torch.full(shape, -1, dtype=torch.int32, device=q.device)
-    if resolve_backend(backend or cfg.backend, q.device) == "triton":
+    if kernel_backend(backend or cfg.backend, q.device) == "triton":
         _check_triton(q, cfg, False)
         return select_op(q.detach(), k.detach(), attention_mask, cu_seqlens_q, cu_seqlens, cfg.json,
                          int(sliding_window or 0))
@@ -381,7 +386,7 @@ def sparsex_decode_attention(
         scale = d**-0.5
     if not cfg.respect_sliding_window:
         sliding_window = None
-    backend = resolve_backend(backend or cfg.backend, q.device)
+    backend = kernel_backend(backend or cfg.backend, q.device)
     if backend == "triton" and k_cache.device == q.device:
         _check_triton(q, cfg, False)
         if not isinstance(seq_len, torch.Tensor) and bsz == 1 and decode_goes_dense(q, k_cache, max_doc_len, cfg,
@@ -487,7 +492,7 @@ def sparsex_prompt_anchor(
     if not cfg.respect_sliding_window:
         sliding_window = None
     scores = anchor_scores
-    if resolve_backend(backend or cfg.backend, q.device) == "triton":
+    if kernel_backend(backend or cfg.backend, q.device) == "triton":
         _check_triton(q, cfg, False)
         scores = anchor_scores_triton
     return prompt_anchor(q, k_cache.to(q.device), offsets, seq_len, cfg, sliding_window, scores)
