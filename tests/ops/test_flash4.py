@@ -20,7 +20,9 @@ from sparsex_hf.ops.attention.flash4 import (
     _tiles,
     flash4_attention,
     flash4_missing,
+    list_bound,
     prepare,
+    tile_lists,
 )
 from sparsex_hf.ops.attention.rules.layout import kernel_documents
 
@@ -232,6 +234,21 @@ def test_lengths_of_one_padded_shape_compile_once(monkeypatch):
         run(500)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_compact_tile_lists_hold_every_listed_tile(name):
+    """A forward's lists on FlashAttention-4 are ``list_bound`` long (O(T) memory): the bound holds every query
+    tile's listed tiles, and the compact lists are the whole lists' first entries."""
+    cfg, q, k, v, sel = _inputs(name)
+    lay = Layout(q.shape[2], k.shape[2], cfg)
+    for x in _tiles(lay, cfg, sel, _bits(lay, cfg, sel)):
+        cnt, idx = tile_lists(x)
+        bound = list_bound(lay, cfg)
+        assert cnt.max() <= bound
+        small_cnt, small = tile_lists(x, bound)
+        assert torch.equal(small_cnt, cnt) and small.shape[-1] == min(bound, lay.cols)
+        assert torch.equal(small, idx[..., : small.shape[-1]])
+
+
 def test_flash4_is_refused_clearly_where_it_cannot_run():
     cfg = SparseXConfig(**BASE)
     q, k, v = random_qkv(1, 2, 1, 64, 64, 32, dtype=torch.float32)
@@ -287,5 +304,8 @@ def test_flash4_gpu_forward_backward_against_the_reference(changes, tq, layout):
         got = torch.autograd.grad(out, x, do)
         errors[backend] = [(out.float() - ref).abs().max().item()] + [(a.float() - b).abs().max().item()
                                                                       for a, b in zip(got, want)]
+    with torch.no_grad():  # a forward alone: FlashAttention-4 on the compact tile lists
+        errors["flash4"].append((sparsex_attention(q, k, v, cfg, backend="flash4", **kw).float() - ref).abs().max().item())
+    errors["triton"].append(errors["triton"][0])
     for mine, theirs in zip(errors["flash4"], errors["triton"]):
         assert mine <= 2 * theirs + 1e-3, errors

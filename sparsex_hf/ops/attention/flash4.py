@@ -68,15 +68,18 @@ def _compiled(backend: str):
     return functools.partial(compiled, enable_gqa=True, kernel_options=options)
 
 
-def tile_lists(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_lists(x: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A boolean ``[..., N]`` of listed tiles as (count ``[...]``, the listed columns first in increasing order
-    ``[..., N]``), int32: a prefix sum, no sort."""
+    ``[..., width]``, ``width`` >= every count, default ``N``), int32: a prefix sum, no sort."""
     n = x.shape[-1]
+    width = n if width is None else min(width, n)
     cnt = x.sum(-1, dtype=torch.int32)
-    slot = torch.where(x, torch.cumsum(x, -1) - 1, n)
+    if width < n:  # (checked on the device: no host sync)
+        torch._assert_async((cnt <= width).all(), "sparsex flash4: a tile list is longer than its bound")
+    slot = torch.where(x, torch.cumsum(x, -1, dtype=torch.int32) - 1, width).clamp_(max=width)
     cols = torch.arange(n, dtype=torch.int32, device=x.device).expand(x.shape)
-    idx = torch.zeros(*x.shape[:-1], n + 1, dtype=torch.int32, device=x.device)
-    return cnt, idx.scatter_(-1, slot, cols)[..., :n].contiguous()
+    idx = torch.zeros(*x.shape[:-1], width + 1, dtype=torch.int32, device=x.device)
+    return cnt, idx.scatter_(-1, slot.long(), cols)[..., :width].contiguous()
 
 
 class Layout:
@@ -156,8 +159,9 @@ def _tiles(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, bits: torch.Tenso
     return need & ~full, full
 
 
-def block_mask(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool):
-    """The FlexAttention block mask of the exact sets (``group`` query heads per KV head)."""
+def block_mask(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool, compact: bool = False):
+    """The FlexAttention block mask of the exact sets (``group`` query heads per KV head; ``compact``: lists as long
+    as ``list_bound``, for a forward on FlashAttention-4)."""
     bits = _bits(lay, cfg, sel)
     masked, full = _tiles(lay, cfg, sel, bits)
     dev, tk_p, stride, bs = sel.device, lay.tk_p, cfg.stride, cfg.block_size
@@ -175,7 +179,15 @@ def block_mask(lay: Layout, cfg: SparseXConfig, sel: torch.Tensor, group: int, b
         held = (j < sink) | (p - j < window) | bits[bi, h // group, qrow[qi], j // bs]
         return torch.where(main, held, ~held) & (j <= p) & real[kv]
 
-    return _from_tiles(lay, masked, full, member, group, backward)
+    return _from_tiles(lay, masked, full, member, group, backward, list_bound(lay, cfg) if compact else None)
+
+
+def list_bound(lay: Layout, cfg: SparseXConfig) -> int:
+    """The most key tiles a query tile of one document lists: the window's, the sink's, every stride tile, and the
+    selected blocks' tiles of each selection group it meets (a bound of the padded shape, never of the data)."""
+    groups = -(-TILE // cfg.select_tile) + 1
+    blocks = groups * cfg.topk * max(cfg.block_size // TILE, 1)
+    return -(-(cfg.window + TILE - 1) // TILE) + 1 + -(-cfg.sink_tokens // TILE) + lay.ns_p // TILE + blocks
 
 
 def _segments(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +288,8 @@ def _mark(diff: torch.Tensor, row: torch.Tensor, lo: torch.Tensor, hi: torch.Ten
     diff.index_add_(0, (row * w + hi + 1).flatten(), -val.flatten())
 
 
-def document_mask(docs: Documents, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool):
+def document_mask(docs: Documents, cfg: SparseXConfig, sel: torch.Tensor, group: int, backward: bool,
+                  compact: bool = False):
     """The block mask of a padded or packed call: positions, sinks, strides and blocks counted from each document's
     start; keys of another document or padding never held."""
     lay, bits = docs.lay, docs.bits(sel)
@@ -289,26 +302,33 @@ def document_mask(docs: Documents, cfg: SparseXConfig, sel: torch.Tensor, group:
         held = (jr < sink) | (pr - jr < window) | bits[h // group, qrow[bi, qi], jr // bs]
         return torch.where(kv < tk_p, held, ~held) & (jr <= pr) & (qdoc[bi, qi] == kdoc[bi, kv])
 
-    return _from_tiles(lay, masked, full, member, group, backward)
+    width = None
+    if compact and not backward:  # no bound for documents: the longest list, rounded up to a power of two
+        width = 1 << max(int(torch.maximum(masked.sum(-1), full.sum(-1)).max()) - 1, 0).bit_length()
+    return _from_tiles(lay, masked, full, member, group, backward, width)
 
 
-def _from_tiles(lay: Layout, masked, full, mask_mod, group: int, backward: bool) -> BlockMask:
+def _from_tiles(lay: Layout, masked, full, mask_mod, group: int, backward: bool, width: int | None) -> BlockMask:
+    """The block mask of the tile booleans. With ``width`` a forward's lists are that long (at least the most tiles
+    a query tile lists: O(T) memory; FlashAttention-4 takes such lists, FlexAttention's own lowerings do not); a
+    backward's are whole rows (FlexAttention transposes them into the backward's lists)."""
     def lists(x):
-        return [y.repeat_interleave(group, 1).contiguous() for y in tile_lists(x)]
+        return [y.repeat_interleave(group, 1).contiguous() for y in tile_lists(x, None if backward else width)]
 
     return BlockMask.from_kv_blocks(*lists(masked), *lists(full), BLOCK_SIZE=(TILE, TILE), mask_mod=mask_mod,
                                     seq_lengths=(lay.tq_p, lay.tk_p + lay.ns_p), compute_q_blocks=backward)
 
 
-def prepare(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, docs: Documents | None = None, backward: bool = False):
+def prepare(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, docs: Documents | None = None, backward: bool = False,
+            compact: bool = False):
     """The inputs of the FlexAttention call: (queries padded to tiles, ``K'``, ``V'``, the block mask)."""
     group = q.shape[1] // k.shape[1]
     if docs is None:
         lay = Layout(q.shape[2], k.shape[2], cfg)
-        mask, sidx = block_mask(lay, cfg, sel, group, backward), None
+        mask, sidx = block_mask(lay, cfg, sel, group, backward, compact), None
     else:
         lay, sidx = docs.lay, docs.sidx
-        mask = document_mask(docs, cfg, sel, group, backward)
+        mask = document_mask(docs, cfg, sel, group, backward, compact)
     qp = q if lay.tq_p == lay.tq else torch.nn.functional.pad(q, (0, 0, 0, lay.tq_p - lay.tq))
     return qp, extended(k, lay, cfg, sidx), extended(v, lay, cfg, sidx), mask
 
@@ -320,9 +340,9 @@ def flash4_attention(q, k, v, cfg: SparseXConfig, sel: torch.Tensor, *, scale: f
     FlexAttention's own lowering, which the CPU tests run); ``docs``: the tables of a padded or packed call (rows of
     no document return zeros). Inputs validated by the caller."""
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    qp, k2, v2, mask = prepare(q, k, v, cfg, sel, docs, backward)
+    qp, k2, v2, mask = prepare(q, k, v, cfg, sel, docs, backward, compact=kernel == "FLASH")
     bits = mask.mask_mod.__closure__  # the tables' shapes are guarded on as well
-    shape = (kernel, qp.shape, k2.shape, qp.dtype, str(qp.device), backward, docs is None,
+    shape = (kernel, qp.shape, k2.shape, mask.kv_indices.shape, qp.dtype, str(qp.device), backward, docs is None,
              tuple(c.cell_contents.shape for c in bits if isinstance(c.cell_contents, torch.Tensor)))
     if shape not in _SHAPES and len(_SHAPES) >= MAX_SHAPES:
         raise RuntimeError(
