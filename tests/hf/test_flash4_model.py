@@ -15,10 +15,10 @@ CONFIG = dict(block_size=64, sink_tokens=64, window=512, stride=64, topk=4, dens
 @pytest.mark.skipif(not torch.cuda.is_available() or flash4.flash4_missing(torch.device("cuda")) is not None,
                     reason="needs a Hopper or Blackwell GPU with the flash4 extra")
 def test_gpu_flash4_model_prefills_on_flash4_and_matches_triton(monkeypatch):
-    """A tiny Llama (head dim 64, 4/2 heads), a left-padded batch of two 2500-token prompts: the bf16 logits of
+    """A tiny Llama (head dim 128, 4/2 heads), a left-padded batch of two 2500-token prompts: the bf16 logits of
     ``backend="flash4"`` are within 2x the Triton backend's own error against the fp32 reference model's, its
     prefill runs the stage (on the padded batch's document tables) and ``generate()`` decodes after it."""
-    _, model = model_pair("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, sparsex=CONFIG)
+    _, model = model_pair("llama", hidden_size=512, num_attention_heads=4, num_key_value_heads=2, sparsex=CONFIG)
     model = model.cuda()
     ids, mask = (t.cuda() for t in padded_prompts(length=2500, pads=(0, 300)))
     real_rows = mask.bool()

@@ -264,6 +264,8 @@ def test_flash4_is_refused_clearly_where_it_cannot_run():
         api._check_flash4(q.bfloat16(), cfg.replace(combine="mix"), None, None, False)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         api._check_flash4(q, cfg, None, None, False)
+    with pytest.raises(ValueError, match=r"head_dim in \(128,\) \(the head dims its GPU tests verify"):
+        api._check_flash4(q.bfloat16(), cfg, None, None, False)
     holes = torch.tensor([[True, False, True, True]])
     with pytest.raises(ValueError, match="'flash4'\\) need the real tokens of each row to be contiguous"):
         kernel_documents(1, 4, 4, holes)
