@@ -13,10 +13,15 @@ for every configuration, and its rate depends on how much of the sets is whole t
 are 128 keys chosen per 128 queries (``block_size=128, select_tile=128``) is nearly all full tiles; 64-key blocks
 chosen per 64 queries are masked tiles (measured: ``docs/kernels.md``).
 
-Scope: one document per row, no padding, ``combine="union"``, no model sliding window (other inputs raise and name
-the backends that take them). The selection is today's (``sparsex_select``). Lengths are padded to 128 and each
-padded shape compiles once (FlexAttention's graph and FlashAttention-4's kernels: tens of seconds); Dynamo's
-recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default) bounds how many shapes a process compiles.
+Padded rows and packed documents (``Documents``): per-token tables give each query and key its document and
+position in it, the stride keys are gathered per document, ``mask_mod`` compares documents, and only tiles inside
+one document are full. Scope: ``combine="union"``, no model sliding window, head dim 128 (other inputs raise and
+name the backends that take them). The selection is today's (``sparsex_select``). Lengths are padded to 128 and
+enter ``mask_mod`` as tables, so each padded shape compiles once (FlexAttention's graph and FlashAttention-4's
+kernels: tens of seconds); past ``MAX_SHAPES`` shapes a new one raises (Dynamo's recompile limit, raised to it for
+these calls, would otherwise send FlexAttention to its unfused O(T^2) path). A forward's tile lists are compact
+(``list_bound``); the tile booleans they come from are still O((T / 128)^2), which keeps 10M tokens on the Triton
+kernels.
 """
 
 from __future__ import annotations
