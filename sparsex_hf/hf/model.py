@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..config import SparseXConfig
-from ..ops.attention.flash4 import flash4_missing
+from ..ops.attention.flash4 import flash4_missing, flash4_refusal
 from ..patches import check_model_type
 from .attention import TYPE_DEFAULTS, get_sparsex_config
 from .generation import release_generation_cache
@@ -52,8 +52,7 @@ def check_for_model(cfg: SparseXConfig, config) -> None:
     if cfg.backend == "flash4":
         why = flash4_missing(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA GPU is visible here"
         if why:
-            raise ValueError(f"backend='flash4' cannot run here: {why} (pip install 'sparsex-hf[flash4]' on a Hopper "
-                             "or Blackwell GPU); use backend='auto' or 'triton'.")
+            raise ValueError(flash4_refusal(why))
 
 
 def from_pretrained(

@@ -194,6 +194,19 @@ def test_documents_give_the_reference_gradients(name):
     assert all((a - b).abs().max() > 1e-3 for a, b in zip(cut, want[1:]))
 
 
+@pytest.mark.parametrize("name", list(DOC_CASES))
+def test_document_tile_lists_fit_their_bound(name):
+    """A padded or packed forward's lists are ``list_bound(..., docs_per_tile)`` long (found on the host, no device
+    sync): the bound holds every query tile's listed tiles."""
+    cfg, q, k, v, kw, sel = _doc_inputs(name)
+    docs = _documents(q, k, cfg, kw)
+    masked, full = docs.tiles(cfg, sel)
+    bound = list_bound(docs.lay, cfg, docs.docs_per_tile)
+    assert max(masked.sum(-1).max(), full.sum(-1).max()) <= bound
+    per_tile = [len(set(t.tolist()) - {-2}) for t in docs.qdoc.view(-1, TILE)]  # documents met by each query tile
+    assert docs.docs_per_tile == max(per_tile)
+
+
 def test_documents_keep_full_tiles_inside_one_document():
     """Full tiles (the dense rate) appear in a padded call, and each lies inside one document, below its queries."""
     cfg, q, k, v, kw, sel = _doc_inputs("packed-tile-aligned-blocks")

@@ -24,7 +24,7 @@ from .dense import (
     dense_decode,
     log_once,
 )
-from .flash4 import Documents, flash4_attention, flash4_missing
+from .flash4 import Documents, flash4_attention, flash4_missing, flash4_refusal
 from .gathered import sparsex_attention_gathered
 from .kernels.tuning import device_name
 from .reference.decode import MAX_DECODE_QUERIES, prompt_anchor
@@ -78,8 +78,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "flash4":
         why = flash4_missing(device)
         if why:
-            raise NotImplementedError(f"backend='flash4' cannot run here: {why} (pip install 'sparsex-hf[flash4]' on a "
-                                      "Hopper or Blackwell GPU); use backend='triton' or 'auto'.")
+            raise NotImplementedError(flash4_refusal(why))
         return "flash4"
     raise ValueError(f"backend={backend!r} is invalid: allowed are 'auto', 'torch', 'triton' and 'flash4'.")
 
@@ -131,8 +130,7 @@ def _check_triton(q: torch.Tensor, cfg: SparseXConfig, return_stats: bool) -> No
         raise ValueError("return_stats=True (fidelity metrics) is computed by backend='torch' only.")
 
 
-def _check_backend(backend: str, q, cfg: SparseXConfig, attention_mask, cu_seqlens, sliding_window, selected,
-                   return_stats) -> None:
+def _check_backend(backend: str, q, cfg: SparseXConfig, sliding_window, selected, return_stats) -> None:
     if backend == "triton":
         _check_triton(q, cfg, return_stats)
     elif backend == "flash4":
@@ -232,7 +230,7 @@ def sparsex_attention(
         log_once(f"sparsex: inputs of at most dense_below={cfg.dense_below} keys use dense causal attention.")
         dense = True
     backend = resolve_backend(backend or cfg.backend, q.device)
-    _check_backend(backend, q, cfg, attention_mask, cu_seqlens, sliding_window, selected_blocks, return_stats)
+    _check_backend(backend, q, cfg, sliding_window, selected_blocks, return_stats)
     if not return_stats:
         out = _handed_to_sdpa(q, k, v, cfg, scale, attention_mask, cu_seqlens_q, cu_seqlens, sliding_window, dense,
                               backend == "triton" and selected_blocks is None)
